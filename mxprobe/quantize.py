@@ -1,0 +1,423 @@
+"""The MX quantizer: one exact function that every part of mxprobe calls.
+
+``quantize_mx`` fake-quantizes a tensor (same shape and dtype out) following DESIGN.md §3:
+blocks of ``block_size`` elements along ``axis`` share an E8M0 power-of-two scale, elements are
+rounded to the element format, saturating. All arithmetic is done on fp32 bit patterns or by
+exact power-of-two scalings, so the result is defined to the bit and identical across the
+eager torch path, the compiled torch path and the Triton kernel.
+
+``mx_encode`` / ``mx_decode`` give the real packed form (one element code per byte, one E8M0
+scale byte per block). ``round_to`` emulates elementwise bf16/fp16 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from mxprobe.formats import ElementFormat, mx_format
+
+SCALE_MODES = ("floor", "rceil", "ceil", "even")
+ROUNDINGS = ("even", "nearest", "floor", "stochastic")
+BACKENDS = ("auto", "torch", "triton")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NAN_SCALE_BYTE = 255
+
+# Below this many elements the compiled CPU path is not worth its dispatch overhead.
+_COMPILE_MIN_NUMEL = 1 << 16
+
+
+def _check_choice(value: str, valid: tuple[str, ...], what: str) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(valid)}")
+    return value
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """2^e as fp32 for integer e in [-127, 127], built from bits (2^-127 is subnormal)."""
+    bits = torch.where(e >= -126, (e + 127) << 23, torch.full_like(e, 0x00400000))
+    return bits.view(torch.float32)
+
+
+def _exponent(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2|x|) of fp32 values read from their bits; zero and subnormals give -127."""
+    return ((x.view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _normalized(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v scaled into the fp32 normal range, the log2 of that scaling) for v >= 0.
+
+    Scaling fp32 subnormals by 2^64 is exact and lets every log2 below be read from bits.
+    """
+    small = v < 2.0**-126
+    return torch.where(small, v * 2.0**64, v), small.to(torch.int32) * 64
+
+
+def _floor_log2(v: torch.Tensor) -> torch.Tensor:
+    n, shift = _normalized(v)
+    return _exponent(n) - shift
+
+
+def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
+    n, shift = _normalized(v)
+    return _exponent(n) + ((n.view(torch.int32) & 0x7FFFFF) != 0).to(torch.int32) - shift
+
+
+def block_scale_exponent(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str) -> torch.Tensor:
+    """The shared scale exponent S (int32, clamped to E8M0's [-127, 127]) of blocks with max ``amax``.
+
+    - ``floor`` (OCP v1.0): S = floor(log2 amax) - emax.
+    - ``ceil`` (torchao CEIL): S = ceil(log2 amax) - emax, one more than floor unless amax is a
+      power of two.
+    - ``even`` (torchao EVEN): amax is first rounded half-up to the element's mantissa width
+      (``mbits`` bits after the leading one); S = floor(log2 of that) - emax. It differs from
+      floor only when amax lies within half an element ulp of the next power of two.
+    - ``rceil`` (NVIDIA): the smallest S with amax / 2^S <= max_norm, computed as
+      ceil(log2(fp32(amax * fp32(1/max_norm)))).
+
+    Every log2 is exact, fp32 subnormals included (torchao's bit formulas treat a subnormal
+    amax as if it were 2^-127 times its mantissa; after the clamp this matters only for int8,
+    a format torchao does not have). Zero amax gives S = -127.
+    """
+    if scale_mode == "floor":
+        s = _floor_log2(amax) - fmt.emax
+    elif scale_mode == "ceil":
+        s = _ceil_log2(amax) - fmt.emax
+    elif scale_mode == "even":
+        n, shift = _normalized(amax)
+        bumped = ((n.view(torch.int32) + (1 << (22 - fmt.mbits))) & 0x7F800000).view(torch.float32)
+        s = _exponent(bumped) - shift - fmt.emax
+    else:  # rceil
+        inv_max = torch.tensor(1.0 / fmt.max_norm, dtype=torch.float32).item()
+        s = _ceil_log2(amax * inv_max)
+    return s.clamp(-127, 127)
+
+
+def _round_magnitude(r: torch.Tensor, rounding: str, noise: torch.Tensor | None) -> torch.Tensor:
+    """Round non-negative fp32 ``r`` (< 2^24) to an integer; every branch is exact."""
+    if rounding == "even":
+        return torch.round(r)
+    q = torch.floor(r)
+    if rounding == "floor":
+        return q
+    frac = r - q  # exact: r and q share an exponent range
+    if rounding == "nearest":
+        return q + (frac >= 0.5).to(r.dtype)
+    return q + (noise < frac).to(r.dtype)  # stochastic: P(up) = frac, unbiased
+
+
+def _quantize_blocks(
+    xb: torch.Tensor,
+    fmt: ElementFormat,
+    scale_mode: str,
+    rounding: str,
+    noise: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    elements: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quantize blocks ``xb`` of shape (nblocks, block_size), computing in fp32.
+
+    Returns the dequantized values in ``out_dtype`` (with ``elements``: the signed fp32 element
+    values before scaling) and the scale exponents S (int32, one per block), S = 128 marking a
+    NaN/Inf block. The dtype casts live here so that the compiled path fuses them.
+    """
+    xb = xb.float()
+    a = xb.abs()
+    # NaN becomes +Inf before the max so one reduction finds both poisons of a block.
+    amax = torch.where(torch.isnan(a), float("inf"), a).amax(dim=-1, keepdim=True)
+    bad = amax == float("inf")
+    s = block_scale_exponent(amax, fmt, scale_mode)
+    y = xb * _pow2(-s)  # exact: multiplying by a power of two
+    p = _exponent(y).clamp_min(fmt.emin)
+    step_exp = p - fmt.mbits
+    r = y.abs() * _pow2(-step_exp)
+    q = _round_magnitude(r, rounding, noise)
+    v = torch.copysign(torch.clamp_max(q * _pow2(step_exp), fmt.max_norm), y)
+    if elements:
+        return v, torch.where(bad, 128, s).squeeze(-1)
+    out_max = torch.finfo(out_dtype).max
+    out = (v * _pow2(s)).clamp(-out_max, out_max)  # past the dtype's range: saturate, never Inf
+    out = torch.where(bad, float("nan"), out)
+    return out.to(out_dtype), torch.where(bad, 128, s).squeeze(-1)
+
+
+_compiled_blocks = None
+_compile_failed = False
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("MXPROBE_COMPILE", "1") not in ("0", "false", "False", "")
+
+
+def _blocks_fn(numel: int, device: torch.device):
+    """The eager block function, or its torch.compile'd twin for large CPU tensors."""
+    global _compiled_blocks, _compile_failed
+    if device.type != "cpu" or numel < _COMPILE_MIN_NUMEL or _compile_failed:
+        return _quantize_blocks
+    if not _compile_enabled() or torch.compiler.is_compiling():
+        return _quantize_blocks
+    if _compiled_blocks is None:
+        _compiled_blocks = torch.compile(_quantize_blocks, dynamic=True)
+    return _compiled_blocks
+
+
+def _run_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype):
+    global _compile_failed
+    fn = _blocks_fn(xb.numel(), xb.device)
+    if fn is _quantize_blocks:
+        return fn(xb, fmt, scale_mode, rounding, noise, out_dtype)
+    try:
+        return fn(xb, fmt, scale_mode, rounding, noise, out_dtype)
+    except Exception as err:  # a broken C++ toolchain must cost speed, not correctness
+        _compile_failed = True
+        warnings.warn(
+            f"torch.compile of the MX quantizer failed ({type(err).__name__}: {err}); "
+            "falling back to eager torch",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return _quantize_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype)
+
+
+def _check_common(x, fmt, block_size, axis, scale_mode, rounding, backend):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"unsupported dtype {x.dtype}; expected one of float32, bfloat16, float16"
+        )
+    fmt = mx_format(fmt)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+    if x.dim() == 0:
+        raise ValueError("cannot quantize a 0-d tensor along an axis; reshape it to 1-d")
+    if not -x.dim() <= axis < x.dim():
+        raise IndexError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
+    _check_choice(scale_mode, SCALE_MODES, "scale_mode")
+    _check_choice(rounding, ROUNDINGS, "rounding")
+    _check_choice(backend, BACKENDS, "backend")
+    return fmt, axis % x.dim()
+
+
+def _to_blocks(x: torch.Tensor, axis: int, block_size: int) -> tuple[torch.Tensor, tuple, int]:
+    """(nblocks, block_size) view of ``x`` along ``axis`` (a copy only when needed), tail
+    zero-padded."""
+    moved = x.movedim(axis, -1)
+    shape = moved.shape
+    length = shape[-1]
+    rows = moved.reshape(-1, length)
+    pad = (-length) % block_size
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+    return rows.reshape(-1, block_size), shape, length
+
+
+def _from_blocks(blocks: torch.Tensor, shape: tuple, length: int, axis: int) -> torch.Tensor:
+    rows = blocks.reshape(-1, blocks.numel() // max(1, _prod(shape[:-1])))[:, :length]
+    return rows.reshape(shape).movedim(-1, axis)
+
+
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _dtype_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def _stochastic_noise(xb: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(xb.shape, generator=generator, device=xb.device, dtype=torch.float32)
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator):
+    """The dequantized tensor, in ``x``'s dtype and shape."""
+    if _resolve_backend(backend, x) == "triton":
+        from mxprobe.triton_kernels import quantize_mx_triton
+
+        return quantize_mx_triton(
+            x, fmt, block_size, axis, scale_mode, rounding, generator
+        )
+    xb, shape, length = _to_blocks(x, axis, block_size)
+    noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
+    out, _ = _run_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype)
+    return _from_blocks(out, shape, length, axis)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Quantize in the forward pass; pass the gradient through unchanged (STE)."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, block_size, axis, scale_mode, rounding, backend, generator):
+        return _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None, None, None, None
+
+
+def quantize_mx(
+    x: torch.Tensor,
+    fmt: str | ElementFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    scale_mode: str = "floor",
+    rounding: str = "even",
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` to an MX format: same shape and dtype, values on the MX grid.
+
+    Args:
+        x: fp32, bf16 or fp16 tensor, any shape, contiguous or not (computed in fp32).
+        fmt: element format name or alias (``"fp8_e4m3"``, ``"e4m3"``, ... ``"int8"``).
+        block_size: elements per shared scale along ``axis``; a short tail block is zero-padded.
+        axis: the axis along which blocks are formed.
+        scale_mode: ``floor`` (OCP), ``rceil`` (NVIDIA), ``ceil`` or ``even`` (torchao).
+        rounding: ``even`` (ties to even), ``nearest`` (ties away from zero), ``floor``
+            (toward zero) or ``stochastic`` (unbiased; reproducible with ``generator``).
+        backend: ``torch``, ``triton`` or ``auto`` (Triton for CUDA tensors, torch otherwise).
+        generator: random source for stochastic rounding.
+
+    A block holding a NaN or ±Inf comes out all NaN; other values saturate at the element's
+    max normal (and at the dtype's largest finite value), never Inf; -0 stays -0. When ``x``
+    requires grad the gradient passes straight through.
+
+    Raises:
+        TypeError: non-tensor input or a dtype other than fp32/bf16/fp16.
+        ValueError: unknown format, scale mode, rounding or backend; ``block_size < 1``.
+        IndexError: ``axis`` out of range.
+    """
+    fmt, axis = _check_common(x, fmt, block_size, axis, scale_mode, rounding, backend)
+    if x.numel() == 0:
+        return x.clone()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _StraightThrough.apply(
+            x, fmt, block_size, axis, scale_mode, rounding, backend, generator
+        )
+    return _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
+
+
+def _element_codes(v: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """uint8 codes of element values ``v`` (already on the element grid, fp32)."""
+    neg = torch.signbit(v)
+    m = v.abs()
+    if fmt.is_int:
+        k = torch.round(m * 64).to(torch.int32)
+        return torch.where(neg, -k, k).to(torch.int8).view(torch.uint8)
+    e = _exponent(m).clamp_min(fmt.emin)
+    is_normal = m >= 2.0**fmt.emin
+    mant = torch.round(m * _pow2(fmt.mbits - e)).to(torch.int32)  # in [0, 2^(mbits+1))
+    efield = torch.where(is_normal, e - fmt.emin + 1, torch.zeros_like(e))
+    mfield = torch.where(is_normal, mant - (1 << fmt.mbits), mant)
+    code = (efield << fmt.mbits) | mfield
+    return (code | (neg.to(torch.int32) << (fmt.ebits + fmt.mbits))).to(torch.uint8)
+
+
+def _element_values(codes: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """fp32 element values of uint8 ``codes``."""
+    if fmt.is_int:
+        return codes.view(torch.int8).to(torch.float32) / 64.0
+    c = codes.to(torch.int32)
+    mfield = c & ((1 << fmt.mbits) - 1)
+    efield = (c >> fmt.mbits) & ((1 << fmt.ebits) - 1)
+    sign = (c >> (fmt.ebits + fmt.mbits)) & 1
+    sub = mfield.to(torch.float32) * 2.0 ** (fmt.emin - fmt.mbits)
+    normal = (mfield + (1 << fmt.mbits)).to(torch.float32) * _pow2(
+        efield + fmt.emin - 1 - fmt.mbits
+    )
+    mag = torch.where(efield == 0, sub, normal)
+    return torch.where(sign == 1, -mag, mag)
+
+
+def mx_encode(
+    x: torch.Tensor,
+    fmt: str | ElementFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    scale_mode: str = "floor",
+    rounding: str = "even",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``x`` into MX: (element codes, E8M0 scale bytes), both ``torch.uint8``.
+
+    ``codes`` has ``x``'s shape, one code per byte (sign, exponent, mantissa bits right-aligned;
+    int8 in two's complement). ``scales`` has ``x``'s shape with ``axis`` replaced by the number
+    of blocks; byte = S + 127 and 0xFF marks a NaN block. ``mx_decode(codes, scales, ...,
+    dtype=x.dtype)`` equals ``quantize_mx`` bit for bit, except that int8 has no code for -0
+    (its zeros decode as +0). Runs the torch path on ``x``'s device.
+    """
+    fmt, axis = _check_common(x, fmt, block_size, axis, scale_mode, rounding, "torch")
+    x = x.detach()
+    moved_shape = list(x.movedim(axis, -1).shape)
+    moved_shape[-1] = -(-moved_shape[-1] // block_size)
+    if x.numel() == 0:
+        scales = torch.zeros(moved_shape, dtype=torch.uint8, device=x.device)
+        return torch.zeros_like(x, dtype=torch.uint8), scales.movedim(-1, axis)
+    xb, shape, length = _to_blocks(x, axis, block_size)
+    noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
+    elems, s = _quantize_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype, elements=True)
+    codes = _element_codes(torch.nan_to_num(elems, nan=0.0), fmt)
+    scales = torch.where(s == 128, _NAN_SCALE_BYTE, s + 127).to(torch.uint8)
+    return _from_blocks(codes, shape, length, axis), scales.reshape(moved_shape).movedim(-1, axis)
+
+
+def mx_decode(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: str | ElementFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Decode MX (element codes, E8M0 scale bytes) from ``mx_encode`` back to ``dtype`` values."""
+    fmt = mx_format(fmt)
+    if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"codes and scales must be uint8, got {codes.dtype} and {scales.dtype}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"unsupported dtype {dtype}; expected one of float32, bfloat16, float16")
+    axis = axis % codes.dim()
+    if codes.numel() == 0:
+        return torch.zeros(codes.shape, dtype=dtype)
+    vb, shape, length = _to_blocks(_element_values(codes, fmt), axis, block_size)
+    sbytes = scales.movedim(axis, -1).reshape(-1, 1).to(torch.int32)
+    if sbytes.shape[0] != vb.shape[0]:
+        raise ValueError(
+            f"scales hold {sbytes.shape[0]} blocks but codes need {vb.shape[0]} "
+            f"(block_size={block_size}, axis={axis})"
+        )
+    out = vb * _pow2((sbytes - 127).clamp(-127, 127))
+    out = out.clamp(-_dtype_max(dtype), _dtype_max(dtype))
+    out = torch.where(sbytes == _NAN_SCALE_BYTE, float("nan"), out)
+    return _from_blocks(out, shape, length, axis).to(dtype)
+
+
+def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Elementwise round-to-nearest-even to ``"bf16"`` / ``"fp16"`` (returned in ``x``'s dtype).
+
+    ``"fp32"`` returns ``x`` unchanged. The gradient passes straight through.
+    """
+    if fmt == "fp32":
+        return x
+    if fmt not in ("bf16", "fp16"):
+        raise ValueError(f"unknown elementwise format {fmt!r}; expected one of bf16, fp16, fp32")
+    target = torch.bfloat16 if fmt == "bf16" else torch.float16
+    if x.dtype == target:
+        return x
+    rounded = x.to(target).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return x + (rounded - x).detach()
+    return rounded

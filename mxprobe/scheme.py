@@ -1,0 +1,454 @@
+"""Precision schemes: which format every tensor role of a module uses.
+
+A :class:`PrecisionScheme` gives one format per role (see DESIGN.md section 4): an MX element
+format (``fp8_e4m3`` ... ``int8``), ``bf16``/``fp16`` (elementwise rounding) or ``fp32``
+(untouched), plus the block size, scale mode, rounding and whether backprop is quantized.
+
+Presets (all: ``block_size=32``, ``scale_mode="floor"``, ``rounding="even"``; columns are the
+string-form keys below: ``w`` = weight, ``g_dgrad`` = grad_dgrad, ``norm`` = norm_affine,
+``elem`` = elementwise, ``backprop`` = quantize_backprop, ...):
+
+| preset                | w    | a    | w_bp | a_bp | g_wgrad | g_dgrad | norm | elem | backprop |
+|-----------------------|------|------|------|------|---------|---------|------|------|----------|
+| `fp32`                | fp32 | fp32 | fp32 | fp32 | fp32    | fp32    | fp32 | fp32 | true     |
+| `bf16`                | bf16 | bf16 | bf16 | bf16 | bf16    | bf16    | bf16 | bf16 | true     |
+| `mxfp8_e4m3`          | e4m3 | e4m3 | e4m3 | e4m3 | e4m3    | e4m3    | e4m3 | bf16 | true     |
+| `mxfp8_e5m2`          | e5m2 | e5m2 | e5m2 | e5m2 | e5m2    | e5m2    | e5m2 | bf16 | true     |
+| `mxfp6_e2m3`          | e2m3 | e2m3 | e2m3 | e2m3 | e2m3    | e2m3    | e2m3 | bf16 | true     |
+| `mxfp6_e3m2`          | e3m2 | e3m2 | e3m2 | e3m2 | e3m2    | e3m2    | e3m2 | bf16 | true     |
+| `mxfp4_e2m1`          | e2m1 | e2m1 | e2m1 | e2m1 | e2m1    | e2m1    | e2m1 | bf16 | true     |
+| `mx_mix`              | e4m3 | e4m3 | e5m2 | e5m2 | e5m2    | e5m2    | e4m3 | bf16 | true     |
+| `w_e4m3_a_bf16`       | e4m3 | bf16 | e4m3 | bf16 | bf16    | bf16    | bf16 | bf16 | true     |
+| `mxfp8_e4m3_fwd_only` | e4m3 | e4m3 | fp32 | fp32 | fp32    | fp32    | e4m3 | bf16 | false    |
+
+`w_e4m3_a_bf16` and `mxfp8_e4m3_fwd_only` are the paper's mitigations (e4m3 weights with bf16
+activations; MX in the forward pass only).
+
+String form (``PrecisionScheme.parse``, ``str(scheme)``): a preset name, comma-separated
+``key=value`` items, or a preset followed by items that amend it, e.g. ``"mxfp8_e4m3,norm=bf16"``
+or ``"w=e4m3,a=e4m3,bp=e5m2,scale=rceil"``. Keys: ``w``, ``a``, ``w_bp``, ``a_bp``, ``g_wgrad``,
+``g_dgrad``, ``bp`` (all four backward roles), ``norm``, ``elem``, ``block``, ``scale``,
+``round``, ``backprop``. Roles not named are ``fp32``; later items override earlier ones.
+
+Per-layer overrides are an ordered mapping ``{glob on the qualified module name: scheme or
+partial string}``; the first matching glob wins and a partial string amends the base scheme.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from typing import Any
+
+from mxprobe.formats import PLAIN_FORMATS, canonical_format
+
+ROLES = (
+    "weight",
+    "act",
+    "weight_bp",
+    "act_bp",
+    "grad_wgrad",
+    "grad_dgrad",
+    "norm_affine",
+    "elementwise",
+)
+BACKWARD_ROLES = ("weight_bp", "act_bp", "grad_wgrad", "grad_dgrad")
+GEMM_ROLES = ("weight", "act", *BACKWARD_ROLES)
+SCALE_MODES = ("floor", "rceil", "ceil", "even")
+ROUNDINGS = ("even", "nearest", "floor", "stochastic")
+
+# String key -> the fields it sets.
+_KEYS: dict[str, tuple[str, ...]] = {
+    "w": ("weight",),
+    "a": ("act",),
+    "w_bp": ("weight_bp",),
+    "a_bp": ("act_bp",),
+    "g_wgrad": ("grad_wgrad",),
+    "g_dgrad": ("grad_dgrad",),
+    "bp": BACKWARD_ROLES,
+    "norm": ("norm_affine",),
+    "elem": ("elementwise",),
+    "block": ("block_size",),
+    "scale": ("scale_mode",),
+    "round": ("rounding",),
+    "backprop": ("quantize_backprop",),
+}
+_TRUE = ("true", "1", "yes")
+_FALSE = ("false", "0", "no")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionScheme:
+    """The format of every tensor role of a module, and how MX blocks are scaled and rounded.
+
+    Role fields take an MX element format or alias (``"e4m3"`` becomes ``"fp8_e4m3"``),
+    ``"bf16"``, ``"fp16"``, or ``"fp32"``/``None`` (untouched); ``elementwise`` takes only the
+    plain formats. Construct directly, with :meth:`parse`, :meth:`from_dict` or
+    :meth:`from_mx_specs`; use a preset from :data:`PRESETS`.
+
+    Raises:
+        ValueError: for a bad value; the message names the field, the value and the choices.
+        TypeError: for a ``block_size`` that is not an int or a non-bool ``quantize_backprop``.
+
+    Example::
+
+        >>> s = PrecisionScheme.parse("mxfp8_e4m3,norm=bf16")
+        >>> s.weight, s.norm_affine, str(s.amend("norm=e4m3"))
+        ('fp8_e4m3', 'bf16', 'mxfp8_e4m3')
+    """
+
+    weight: str = "fp32"
+    """W in the forward GEMM."""
+    act: str = "fp32"
+    """X in the forward GEMM."""
+    weight_bp: str = "fp32"
+    """W in the grad-input GEMM."""
+    act_bp: str = "fp32"
+    """X in the grad-weight GEMM."""
+    grad_wgrad: str = "fp32"
+    """dY in the grad-weight GEMM."""
+    grad_dgrad: str = "fp32"
+    """dY in the grad-input GEMM."""
+    norm_affine: str = "fp32"
+    """LayerNorm/RMSNorm affine weight (and bias)."""
+    elementwise: str = "fp32"
+    """Norm/activation/softmax internals and GEMM outputs: ``bf16``, ``fp16`` or ``fp32``."""
+    block_size: int = 32
+    """Elements sharing one E8M0 scale."""
+    scale_mode: str = "floor"
+    """How the shared scale is chosen: one of :data:`SCALE_MODES`."""
+    rounding: str = "even"
+    """How elements round: one of :data:`ROUNDINGS`."""
+    quantize_backprop: bool = True
+    """When false the backward GEMMs see unquantized operands whatever the backward roles say
+    (microxcaling's ``quantize_backprop``)."""
+
+    def __post_init__(self) -> None:
+        # object.__setattr__ because the dataclass is frozen; canonical names make == meaningful.
+        for role in ROLES:
+            try:
+                value = canonical_format(getattr(self, role))
+            except ValueError as exc:
+                raise ValueError(f"{role}: {exc}") from None
+            object.__setattr__(self, role, value)
+        if self.elementwise not in PLAIN_FORMATS:
+            raise ValueError(
+                f"elementwise must be one of {', '.join(PLAIN_FORMATS)}, got "
+                f"{self.elementwise!r}: MX formats need blocks and apply only to GEMM operands "
+                "and norm_affine"
+            )
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise TypeError(f"block_size must be an int, got {self.block_size!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        for field, choices in (("scale_mode", SCALE_MODES), ("rounding", ROUNDINGS)):
+            value = getattr(self, field)
+            if str(value).lower() not in choices:
+                raise ValueError(f"unknown {field} {value!r}; expected one of {', '.join(choices)}")
+            object.__setattr__(self, field, str(value).lower())
+        if not isinstance(self.quantize_backprop, bool):
+            raise TypeError(f"quantize_backprop must be a bool, got {self.quantize_backprop!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> PrecisionScheme:
+        """Parse the string form (see the module docstring); ``parse(str(s)) == s``."""
+        return cls().amend(text)
+
+    def amend(self, text: str) -> PrecisionScheme:
+        """A copy with the ``key=value`` items of ``text`` applied.
+
+        A leading preset name replaces this scheme entirely before the items are applied.
+        """
+        preset, changes = _split(text)
+        try:
+            return dataclasses.replace(preset or self, **changes)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (in scheme {text!r})") from None
+
+    def __str__(self) -> str:
+        for name, preset in PRESETS.items():
+            if preset == self:
+                return name
+        role_keys = [("w", "weight"), ("a", "act")]
+        if len({getattr(self, role) for role in BACKWARD_ROLES}) == 1:
+            role_keys.append(("bp", "weight_bp"))
+        else:
+            role_keys += [
+                ("w_bp", "weight_bp"),
+                ("a_bp", "act_bp"),
+                ("g_wgrad", "grad_wgrad"),
+                ("g_dgrad", "grad_dgrad"),
+            ]
+        role_keys += [("norm", "norm_affine"), ("elem", "elementwise")]
+        # Unnamed roles parse as fp32 and settings as their defaults, so both are left out.
+        items = [f"{k}={getattr(self, f)}" for k, f in role_keys if getattr(self, f) != "fp32"]
+        for key, field, default in (
+            ("block", "block_size", 32),
+            ("scale", "scale_mode", "floor"),
+            ("round", "rounding", "even"),
+        ):
+            if getattr(self, field) != default:
+                items.append(f"{key}={getattr(self, field)}")
+        if not self.quantize_backprop:
+            items.append("backprop=false")
+        return ",".join(items)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON/YAML values."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PrecisionScheme:
+        """Inverse of :meth:`to_dict`; missing fields take their defaults.
+
+        Raises:
+            ValueError: for an unknown key (the message lists the fields) or a bad value.
+        """
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in d if k not in fields]
+        if unknown:
+            raise ValueError(
+                f"unknown PrecisionScheme field(s) {', '.join(map(repr, unknown))}; "
+                f"expected some of {', '.join(fields)}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_mx_specs(cls, specs: Mapping[str, Any]) -> PrecisionScheme:
+        """Import a microxcaling ``mx_specs`` dict.
+
+        Mapping (microxcaling's ``mx.specs`` semantics):
+
+        - ``w_elem_format`` -> ``weight``; ``a_elem_format`` -> ``act``.
+        - ``w_elem_format_bp`` -> ``weight_bp`` (default: ``w_elem_format``).
+        - ``a_elem_format_bp_ex`` -> ``act_bp``, the activation in the grad-weight GEMM.
+        - ``a_elem_format_bp_os`` -> ``grad_wgrad`` and ``grad_dgrad``, the output gradient.
+        - ``a_elem_format_bp`` -> default of the three roles above (itself defaulting to
+          ``a_elem_format``).
+        - ``norm_affine`` = the weight format, as in the paper's proxy (LayerNorm γ/β in MX).
+          Upstream ``mx.LayerNorm`` only rounds γ/β elementwise per ``bfloat``; to mimic it,
+          ``.amend("norm=bf16")`` (or ``norm=fp32`` when ``bfloat`` is 0).
+        - ``bfloat``: 16 -> ``elementwise="bf16"``; 0 or missing -> ``"fp32"``.
+        - ``round``: ``nearest`` (the default, ties away from zero), ``floor``, ``even``;
+          ``dither``/``stochastic`` -> ``"stochastic"``. Scale mode is always ``floor``.
+        - ``block_size`` (default 32), ``quantize_backprop`` (default true) pass through;
+          ``scale_bits`` must be 8 (E8M0), 0 or missing.
+
+        A missing or ``None`` format is "not given": forward roles become ``fp32`` and
+        backward ones inherit as above, like microxcaling's ``finalize_mx_specs``; the string
+        ``"none"`` (or ``"fp32"``) sets ``fp32`` explicitly.
+
+        Raises:
+            ValueError: for an unknown key (the message lists the accepted keys), an unsupported
+                ``scale_bits``/``bfloat``/``round``/``block_size``, or an unknown format.
+        """
+        unknown = [k for k in specs if k not in _MX_SPECS_KEYS]
+        if unknown:
+            raise ValueError(
+                f"unknown mx_specs key(s) {', '.join(map(repr, unknown))}; "
+                f"accepted keys: {', '.join(_MX_SPECS_KEYS)}"
+            )
+
+        def given(key: str, default: Any) -> Any:
+            value = specs.get(key)
+            return default if value is None else value
+
+        if given("scale_bits", 0) not in (0, 8):
+            raise ValueError(
+                f"unsupported scale_bits {specs['scale_bits']!r}: only E8M0 scales "
+                "(scale_bits 8) are supported"
+            )
+        bfloat = given("bfloat", 0)
+        if bfloat not in (0, 16):
+            raise ValueError(f"unsupported bfloat {bfloat!r}; expected 0 or 16")
+        rounding = str(given("round", "nearest")).lower()
+        if rounding not in _MX_ROUNDINGS:
+            raise ValueError(
+                f"unsupported round {rounding!r}; expected one of {', '.join(_MX_ROUNDINGS)}"
+            )
+        if given("block_size", 32) == 0:
+            raise ValueError("block_size 0 (one scale per tensor row) is not supported")
+        weight = given("w_elem_format", "fp32")
+        act = given("a_elem_format", "fp32")
+        act_backward = given("a_elem_format_bp", act)
+        output_grad = given("a_elem_format_bp_os", act_backward)
+        return cls(
+            weight=weight,
+            act=act,
+            weight_bp=given("w_elem_format_bp", weight),
+            act_bp=given("a_elem_format_bp_ex", act_backward),
+            grad_wgrad=output_grad,
+            grad_dgrad=output_grad,
+            norm_affine=weight,
+            elementwise="bf16" if bfloat == 16 else "fp32",
+            block_size=given("block_size", 32),
+            rounding=_MX_ROUNDINGS[rounding],
+            quantize_backprop=given("quantize_backprop", True),
+        )
+
+
+_MX_SPECS_KEYS = (
+    "w_elem_format",
+    "a_elem_format",
+    "w_elem_format_bp",
+    "a_elem_format_bp",
+    "a_elem_format_bp_ex",
+    "a_elem_format_bp_os",
+    "block_size",
+    "bfloat",
+    "round",
+    "quantize_backprop",
+    "scale_bits",
+)
+# microxcaling's round values -> ours ("dither" is its name for stochastic rounding).
+_MX_ROUNDINGS = {
+    "nearest": "nearest",
+    "floor": "floor",
+    "even": "even",
+    "dither": "stochastic",
+    "stochastic": "stochastic",
+}
+
+
+def _all_gemm_and_norm(fmt: str) -> PrecisionScheme:
+    return PrecisionScheme(**dict.fromkeys((*GEMM_ROLES, "norm_affine"), fmt), elementwise="bf16")
+
+
+PRESETS: dict[str, PrecisionScheme] = {
+    "fp32": PrecisionScheme(),
+    "bf16": PrecisionScheme(**dict.fromkeys(ROLES, "bf16")),
+    "mxfp8_e4m3": _all_gemm_and_norm("fp8_e4m3"),
+    "mxfp8_e5m2": _all_gemm_and_norm("fp8_e5m2"),
+    "mxfp6_e2m3": _all_gemm_and_norm("fp6_e2m3"),
+    "mxfp6_e3m2": _all_gemm_and_norm("fp6_e3m2"),
+    "mxfp4_e2m1": _all_gemm_and_norm("fp4_e2m1"),
+    "mx_mix": PrecisionScheme(
+        weight="fp8_e4m3",
+        act="fp8_e4m3",
+        **dict.fromkeys(BACKWARD_ROLES, "fp8_e5m2"),
+        norm_affine="fp8_e4m3",
+        elementwise="bf16",
+    ),
+    "w_e4m3_a_bf16": PrecisionScheme(
+        weight="fp8_e4m3",
+        act="bf16",
+        weight_bp="fp8_e4m3",
+        act_bp="bf16",
+        grad_wgrad="bf16",
+        grad_dgrad="bf16",
+        norm_affine="bf16",
+        elementwise="bf16",
+    ),
+    "mxfp8_e4m3_fwd_only": PrecisionScheme(
+        weight="fp8_e4m3",
+        act="fp8_e4m3",
+        norm_affine="fp8_e4m3",
+        elementwise="bf16",
+        quantize_backprop=False,
+    ),
+}
+
+
+def _split(text: str) -> tuple[PrecisionScheme | None, dict[str, Any]]:
+    """The leading preset (if any) and the field changes of a scheme string."""
+    if not isinstance(text, str):
+        raise TypeError(f"a scheme string must be a str, got {type(text).__name__}")
+    valid = (
+        f"expected a preset ({', '.join(PRESETS)}) and/or key=value items with keys "
+        f"{', '.join(_KEYS)}"
+    )
+    tokens = [token.strip() for token in text.split(",")]
+    if tokens == [""]:
+        raise ValueError(f"empty scheme string; {valid}")
+    preset: PrecisionScheme | None = None
+    changes: dict[str, Any] = {}
+    for i, token in enumerate(tokens):
+        if not token:
+            raise ValueError(f"empty item in scheme {text!r}; {valid}")
+        if "=" not in token:
+            if token.lower() not in PRESETS:
+                raise ValueError(f"unknown preset {token!r} in scheme {text!r}; {valid}")
+            if token.lower() in (t.lower() for t in tokens[:i]):
+                raise ValueError(f"duplicated item {token!r} in scheme {text!r}")
+            if i > 0:
+                raise ValueError(
+                    f"preset {token!r} must be the first item of scheme {text!r}; "
+                    "only one preset may be given"
+                )
+            preset = PRESETS[token.lower()]
+            continue
+        key, _, value = (part.strip() for part in token.partition("="))
+        key = key.lower()
+        if key not in _KEYS:
+            raise ValueError(
+                f"unknown key {key!r} in scheme {text!r}; expected one of {', '.join(_KEYS)}"
+            )
+        for field in _KEYS[key]:
+            changes[field] = _convert(key, value, text)
+    return preset, changes
+
+
+def _convert(key: str, value: str, text: str) -> Any:
+    if key == "block":
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(
+                f"block must be a positive integer, got {value!r} (in scheme {text!r})"
+            ) from None
+    if key == "backprop":
+        if value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ValueError(
+            f"backprop must be one of {', '.join(_TRUE + _FALSE)}, got {value!r} "
+            f"(in scheme {text!r})"
+        )
+    return value
+
+
+def parse_scheme(text_or_scheme: str | PrecisionScheme) -> PrecisionScheme:
+    """A scheme from its string form; a :class:`PrecisionScheme` passes through unchanged."""
+    if isinstance(text_or_scheme, PrecisionScheme):
+        return text_or_scheme
+    return PrecisionScheme.parse(text_or_scheme)
+
+
+def resolve_scheme(
+    name: str,
+    base: PrecisionScheme,
+    overrides: Mapping[str, str | PrecisionScheme] | None = None,
+) -> PrecisionScheme:
+    """The scheme of the module with qualified name ``name``.
+
+    The first glob of ``overrides`` (in order, matched case-sensitively with
+    ``fnmatch.fnmatchcase``) that matches ``name`` decides: a scheme is used as is, a string
+    amends ``base`` (so a partial override follows later changes of the base scheme). No match
+    gives ``base``.
+    """
+    for pattern, value in (overrides or {}).items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value if isinstance(value, PrecisionScheme) else base.amend(value)
+    return base
+
+
+def validate_overrides(overrides: Mapping[str, str | PrecisionScheme] | None) -> None:
+    """Parse every override now, so a typo fails at setup rather than mid-run.
+
+    Raises:
+        ValueError: naming the glob and the bad value.
+        TypeError: for a glob that is not a string or a value of the wrong type.
+    """
+    for pattern, value in (overrides or {}).items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"override glob must be a str, got {pattern!r}")
+        if isinstance(value, PrecisionScheme):
+            continue
+        if not isinstance(value, str):
+            raise TypeError(
+                f"override {pattern!r}: expected a PrecisionScheme or str, got {value!r}"
+            )
+        try:
+            PrecisionScheme().amend(value)
+        except ValueError as exc:
+            raise ValueError(f"override {pattern!r} = {value!r}: {exc}") from None
