@@ -1,14 +1,43 @@
 """mxprobe: emulate MX (Microscaling) training exactly, diagnose it, and intervene mid-run."""
 
+from mxprobe.convert import (
+    amend_scheme,
+    convert,
+    describe,
+    full_precision,
+    module_names,
+    restore_schemes,
+    schemes_of,
+    set_scheme,
+)
 from mxprobe.formats import ElementFormat, canonical_format, mx_format
+from mxprobe.modules import MxLayerNorm, MxLinear, MxMatmul, MxRMSNorm, mx_linear, mx_matmul
 from mxprobe.quantize import mx_decode, mx_encode, quantize_mx, round_to
+from mxprobe.scheme import PRESETS, PrecisionScheme, parse_scheme
 
 __all__ = [
+    "PRESETS",
     "ElementFormat",
+    "MxLayerNorm",
+    "MxLinear",
+    "MxMatmul",
+    "MxRMSNorm",
+    "PrecisionScheme",
+    "amend_scheme",
     "canonical_format",
+    "convert",
+    "describe",
+    "full_precision",
+    "module_names",
     "mx_decode",
     "mx_encode",
     "mx_format",
+    "mx_linear",
+    "mx_matmul",
+    "parse_scheme",
     "quantize_mx",
+    "restore_schemes",
     "round_to",
+    "schemes_of",
+    "set_scheme",
 ]

@@ -1,0 +1,48 @@
+"""The ``mxprobe`` command.
+
+Each subcommand lives in its own module of this package and exposes ``run(argv, prog) -> int``;
+the module is imported only when its subcommand runs, so ``mxprobe formats`` does not pay for
+importing Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module in this package, one-line help)
+SUBCOMMANDS = {
+    "formats": ("formats", "print the MX format table, SQNR per format, and the E4M3 code-gap plot"),
+    "proxy": ("proxy", "train the paper's student-teacher proxy (fit, compare)"),
+    "sweep": ("sweep", "run an ablation grid of proxy runs (local processes or emitted commands)"),
+    "llm": ("llm", "train / validate the OLMo-style byte-level LLM (LightningCLI)"),
+    "report": ("report", "plots and report.md/report.html from run directories"),
+    "demo": ("demo", "the end-to-end demo: FP32 vs MX vs MX with automatic intervention"),
+    "bench": ("bench", "quantizer throughput benchmark"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser = argparse.ArgumentParser(prog="mxprobe", description=__doc__.split("\n")[0])
+        sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
+        for name, (_, help_text) in SUBCOMMANDS.items():
+            sub.add_parser(name, help=help_text)
+        parser.print_help()
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(
+            f"mxprobe: unknown command {name!r}; expected one of {', '.join(SUBCOMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    module = importlib.import_module(f"mxprobe.cli.{SUBCOMMANDS[name][0]}")
+    result = module.run(rest, prog=f"mxprobe {name}")
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

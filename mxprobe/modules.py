@@ -1,0 +1,239 @@
+"""MX modules: Linear, LayerNorm, RMSNorm, activations and attention products that read their
+precision from a :class:`PrecisionScheme` at call time.
+
+The modules are the torch classes themselves with a different ``forward``: ``convert`` turns an
+``nn.Linear`` into an :class:`MxLinear` by reassigning its ``__class__``, so parameters, hooks and
+``state_dict`` keys are the very same objects. A precision switch is an attribute change
+(``module.mx_scheme = ...``); ``mx_scheme = None`` or ``mx_enabled = False`` means full precision.
+
+``MxLinear`` quantizes exactly the six GEMM operands of DESIGN.md §4 (X flattened to 2-D with
+tokens on axis 0):
+
+- forward      ``Y  = Q_act(X, -1) @ Q_weight(W, -1)^T``
+- grad input   ``dX = Q_grad_dgrad(dY, -1) @ Q_weight_bp(W, 0)``
+- grad weight  ``dW = Q_grad_wgrad(dY, 0)^T @ Q_act_bp(X, 0)``
+
+GEMM outputs and the bias are rounded by the ``elementwise`` role when set; with
+``quantize_backprop=False`` the backward pass is left in full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mxprobe.formats import is_mx
+from mxprobe.quantize import quantize_mx, round_to
+from mxprobe.scheme import PrecisionScheme
+
+
+def quantize_role(
+    t: torch.Tensor, scheme: PrecisionScheme, role: str, axis: int = -1
+) -> torch.Tensor:
+    """``t`` in the format ``scheme`` gives ``role``: MX along ``axis``, elementwise, or as is."""
+    fmt = getattr(scheme, role)
+    if fmt == "fp32":
+        return t
+    if is_mx(fmt):
+        return quantize_mx(
+            t,
+            fmt,
+            block_size=scheme.block_size,
+            axis=axis,
+            scale_mode=scheme.scale_mode,
+            rounding=scheme.rounding,
+        )
+    return round_to(t, fmt)
+
+
+def _elementwise(t: torch.Tensor, scheme: PrecisionScheme) -> torch.Tensor:
+    return round_to(t, scheme.elementwise)
+
+
+class _MxLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, scheme):
+        ctx.scheme = scheme
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2d, weight)
+        y = quantize_role(x2d, scheme, "act", -1) @ quantize_role(weight, scheme, "weight", -1).t()
+        y = _elementwise(y, scheme)
+        if bias is not None:
+            y = _elementwise(y + _elementwise(bias, scheme), scheme)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight = ctx.saved_tensors
+        s = ctx.scheme
+        dx = dw = db = None
+        if s.quantize_backprop:
+            if ctx.needs_input_grad[0]:
+                dx = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(weight, s, "weight_bp", 0)
+                dx = _elementwise(dx, s)
+            if ctx.needs_input_grad[1]:
+                dw = quantize_role(dy, s, "grad_wgrad", 0).t() @ quantize_role(x2d, s, "act_bp", 0)
+                dw = _elementwise(dw, s)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = _elementwise(dy.sum(0), s)
+        else:
+            dx = dy @ weight if ctx.needs_input_grad[0] else None
+            dw = dy.t() @ x2d if ctx.needs_input_grad[1] else None
+            db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None
+
+
+def mx_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: PrecisionScheme
+) -> torch.Tensor:
+    """``F.linear`` with every GEMM operand quantized as ``scheme`` says (see module docstring)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y = _MxLinearFunction.apply(x2d, weight, bias, scheme)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _MxMatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, scheme):
+        ctx.scheme = scheme
+        ctx.save_for_backward(a, b)
+        y = quantize_role(a, scheme, "act", -1) @ quantize_role(b, scheme, "act", -2)
+        return _elementwise(y, scheme)
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, b = ctx.saved_tensors
+        s = ctx.scheme
+        if not s.quantize_backprop:
+            return dy @ b.transpose(-1, -2), a.transpose(-1, -2) @ dy, None
+        # dA = dY @ B^T contracts over B's columns; dB = A^T @ dY contracts over A's rows.
+        da = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(b, s, "act_bp", -1).transpose(
+            -1, -2
+        )
+        db = quantize_role(a, s, "act_bp", -2).transpose(-1, -2) @ quantize_role(
+            dy, s, "grad_wgrad", -2
+        )
+        return _elementwise(da, s), _elementwise(db, s), None
+
+
+def mx_matmul(a: torch.Tensor, b: torch.Tensor, scheme: PrecisionScheme | None) -> torch.Tensor:
+    """``a @ b`` for attention products: both operands are activations (role ``act`` forward,
+    ``act_bp`` / ``grad_*`` backward), blocked along the contraction axis. ``None`` = plain."""
+    if scheme is None:
+        return a @ b
+    return _MxMatmulFunction.apply(a, b, scheme)
+
+
+class MxModule:
+    """Mixin for modules with a run-time precision: ``mx_scheme`` and ``mx_enabled``."""
+
+    mx_scheme: PrecisionScheme | None = None
+    mx_enabled: bool = True
+    # The roles this kind of module uses (what describe() reports).
+    mx_roles: tuple[str, ...] = ("elementwise",)
+
+    def active_scheme(self) -> PrecisionScheme | None:
+        """The scheme in force now, or ``None`` for full precision."""
+        return self.mx_scheme if self.mx_enabled else None
+
+
+_GEMM_ROLES = ("weight", "act", "weight_bp", "act_bp", "grad_wgrad", "grad_dgrad", "elementwise")
+
+
+class MxLinear(MxModule, nn.Linear):
+    """``nn.Linear`` whose GEMMs are MX-emulated according to ``mx_scheme``."""
+
+    mx_roles = _GEMM_ROLES
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return F.linear(x, self.weight, self.bias)
+        return mx_linear(x, self.weight, self.bias, scheme)
+
+
+def _affine(module: nn.Module, scheme: PrecisionScheme) -> tuple:
+    """γ and β quantized by ``norm_affine`` (straight-through gradient to both)."""
+    w = module.weight
+    b = getattr(module, "bias", None)
+    w = quantize_role(w, scheme, "norm_affine", -1) if w is not None else None
+    b = quantize_role(b, scheme, "norm_affine", -1) if b is not None else None
+    return w, b
+
+
+class MxLayerNorm(MxModule, nn.LayerNorm):
+    """``nn.LayerNorm`` with γ/β quantized by ``norm_affine`` and its input/output rounded by
+    ``elementwise``."""
+
+    mx_roles = ("norm_affine", "elementwise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        w, b = _affine(self, scheme)
+        y = F.layer_norm(_elementwise(x, scheme), self.normalized_shape, w, b, self.eps)
+        return _elementwise(y, scheme)
+
+
+class MxRMSNorm(MxModule, nn.RMSNorm):
+    """``nn.RMSNorm`` with γ quantized by ``norm_affine`` and input/output rounded by
+    ``elementwise``."""
+
+    mx_roles = ("norm_affine", "elementwise")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        w, _ = _affine(self, scheme)
+        y = F.rms_norm(_elementwise(x, scheme), self.normalized_shape, w, self.eps)
+        return _elementwise(y, scheme)
+
+
+class MxActivation(MxModule):
+    """Mixin for activation modules: input and output rounded by ``elementwise``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return super().forward(x)
+        return _elementwise(super().forward(_elementwise(x, scheme)), scheme)
+
+
+class MxGELU(MxActivation, nn.GELU):
+    """``nn.GELU`` with elementwise-rounded input and output."""
+
+
+class MxReLU(MxActivation, nn.ReLU):
+    """``nn.ReLU`` with elementwise-rounded input and output."""
+
+
+class MxSiLU(MxActivation, nn.SiLU):
+    """``nn.SiLU`` with elementwise-rounded input and output."""
+
+
+class MxMatmul(MxModule, nn.Module):
+    """An attention product ``a @ b`` as a module, so that ``convert``/``set_scheme`` reach it.
+
+    Unconverted (``mx_scheme`` None) it is a plain matmul; models that want MX attention
+    products (``proxy_models.llm``) hold one per product.
+    """
+
+    mx_roles = ("act", "act_bp", "grad_wgrad", "grad_dgrad", "elementwise")
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return mx_matmul(a, b, self.active_scheme())
+
+
+# The torch class each MX class replaces; convert() swaps exactly these types (not subclasses,
+# whose own forward would be lost).
+MX_CLASS_OF: dict[type, type] = {
+    nn.Linear: MxLinear,
+    nn.LayerNorm: MxLayerNorm,
+    nn.RMSNorm: MxRMSNorm,
+    nn.GELU: MxGELU,
+    nn.ReLU: MxReLU,
+    nn.SiLU: MxSiLU,
+}
