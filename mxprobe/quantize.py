@@ -12,7 +12,9 @@ scale byte per block). ``round_to`` emulates elementwise bf16/fp16 rounding.
 
 from __future__ import annotations
 
+import functools
 import os
+import struct
 import warnings
 
 import torch
@@ -44,6 +46,11 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
 def _exponent(x: torch.Tensor) -> torch.Tensor:
     """floor(log2|x|) of fp32 values read from their bits; zero and subnormals give -127."""
     return ((x.view(torch.int32) >> 23) & 0xFF) - 127
+
+
+def _fp32(v: float) -> float:
+    """``v`` rounded to the nearest fp32 (kept as a Python float)."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 def _normalized(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +97,7 @@ def block_scale_exponent(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str
         bumped = ((n.view(torch.int32) + (1 << (22 - fmt.mbits))) & 0x7F800000).view(torch.float32)
         s = _exponent(bumped) - shift - fmt.emax
     else:  # rceil
-        inv_max = torch.tensor(1.0 / fmt.max_norm, dtype=torch.float32).item()
-        s = _ceil_log2(amax * inv_max)
+        s = _ceil_log2(amax * _fp32(1.0 / fmt.max_norm))
     return s.clamp(-127, 127)
 
 
@@ -143,33 +149,45 @@ def _quantize_blocks(
     return out.to(out_dtype), torch.where(bad, 128, s).squeeze(-1)
 
 
-_compiled_blocks = None
+_compiled: dict[tuple, object] = {}
 _compile_failed = False
+_compile_on = os.environ.get("MXPROBE_COMPILE", "1") not in ("0", "false", "False", "")
 
 
-def _compile_enabled() -> bool:
-    return os.environ.get("MXPROBE_COMPILE", "1") not in ("0", "false", "False", "")
+def set_compile(enabled: bool) -> bool:
+    """Turn the torch.compile'd CPU path on or off (default: on unless ``MXPROBE_COMPILE=0``).
 
-
-def _blocks_fn(numel: int, device: torch.device):
-    """The eager block function, or its torch.compile'd twin for large CPU tensors."""
-    global _compiled_blocks, _compile_failed
-    if device.type != "cpu" or numel < _COMPILE_MIN_NUMEL or _compile_failed:
-        return _quantize_blocks
-    if not _compile_enabled() or torch.compiler.is_compiling():
-        return _quantize_blocks
-    if _compiled_blocks is None:
-        _compiled_blocks = torch.compile(_quantize_blocks, dynamic=True)
-    return _compiled_blocks
+    Returns the previous setting. Compiling costs 10-30 s per (format, scale mode, rounding,
+    dtype) the first time on a machine (Inductor caches it on disk), then runs several times
+    faster than eager torch on large tensors; one-shot tools turn it off.
+    """
+    global _compile_on
+    previous, _compile_on = _compile_on, bool(enabled)
+    return previous
 
 
 def _run_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype):
+    """``_quantize_blocks``, through a compiled twin per variant for large CPU tensors."""
     global _compile_failed
-    fn = _blocks_fn(xb.numel(), xb.device)
-    if fn is _quantize_blocks:
-        return fn(xb, fmt, scale_mode, rounding, noise, out_dtype)
+    use_compiled = (
+        _compile_on
+        and not _compile_failed
+        and xb.device.type == "cpu"
+        and xb.numel() >= _COMPILE_MIN_NUMEL
+        and not torch.compiler.is_compiling()
+    )
+    if not use_compiled:
+        return _quantize_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype)
+    key = (fmt, scale_mode, rounding, out_dtype)
+    if key not in _compiled:
+        # One compiled function per variant: each gets its own recompile budget and the
+        # format constants are baked into the generated kernel.
+        variant = functools.partial(
+            _quantize_blocks, fmt=fmt, scale_mode=scale_mode, rounding=rounding, out_dtype=out_dtype
+        )
+        _compiled[key] = torch.compile(variant, dynamic=True)
     try:
-        return fn(xb, fmt, scale_mode, rounding, noise, out_dtype)
+        return _compiled[key](xb, noise=noise)
     except Exception as err:  # a broken C++ toolchain must cost speed, not correctness
         _compile_failed = True
         warnings.warn(

@@ -1,19 +1,30 @@
 """The Triton twin of ``quantize._quantize_blocks``: the same function, bit for bit.
 
-Every step works on fp32 bit patterns or is an exact power-of-two scaling, exactly as in the
-torch path (DESIGN.md §3), so the kernel equals ``backend="torch"`` to the bit for the
-deterministic roundings. A program owns a ``[ROWS, BLOCK_POW2]`` tile: ``ROWS`` MX blocks, each
-padded to a power of two and masked (masked lanes count as 0 for the block max).
+The per-block part (block max, scale exponent S) mirrors the torch path step by step. The
+per-element part is rewritten to be cheap, because at bf16 the kernel has a budget of only
+~20 instructions per element before it stops being memory-bound, yet it computes the same
+exact values:
 
-bf16 is converted to and from fp32 on its bit pattern (it is the top half of an fp32): Triton's
-interpreter truncates fp32 -> bf16 and mangles bf16 subnormals, while the bit form is exact on
-every backend and costs a few integer ops in a memory-bound kernel.
+- The exponent of y = x / 2^S is kept in place in the fp32 exponent field, so the element steps
+  2^(p - mbits) and 2^(mbits - p) cost one integer op each.
+- Ties-to-even uses (r + 2^23) - 2^23: for 0 <= r < 2^23 the add rounds exactly once, to an
+  integer, ties to even (rint is not portable to the interpreter). A contracted FMA in front of
+  it (r is a product) only removes an already-exact rounding.
+- bf16 is read and written as the top half of an fp32 bit pattern: Triton's interpreter
+  truncates fp32 -> bf16 and mangles bf16 subnormals. Every output has at most 7 significant
+  bits, so truncation is exact except below bf16's normal range, which only blocks with
+  S < -100 can reach; for them r + 2^-110 - 2^-110 rounds ties-to-even onto bf16's subnormal
+  grid (2^-133), as the torch path's cast does.
 
-On a CPU tensor the kernel runs only under Triton's interpreter: ``TRITON_INTERPRET=1`` must be
-set before this module is first imported (``triton.jit`` picks its mode when it decorates).
+A program owns ``ROWS`` MX blocks, each padded to a power of two and masked (masked lanes count
+as 0 for the block max). On a CPU tensor the kernel runs only under Triton's interpreter:
+``TRITON_INTERPRET=1`` must be set before this module is first imported (``triton.jit`` picks
+its mode when it decorates).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -28,15 +39,10 @@ except ImportError as err:  # quantize.py imports this module only for backend="
 
 from mxprobe.formats import ElementFormat
 
-# Elements per program: 16 per thread at 8 warps, enough in flight to saturate HBM.
+# Elements per program: 16 per thread at 8 warps, enough bytes in flight to saturate HBM.
 _TILE = 4096
 _NUM_WARPS = 8
-# fp32 bit patterns of the largest finite value of each output dtype (saturation, never Inf).
-_OUT_MAX_BITS = {torch.float32: 0x7F7FFFFF, torch.bfloat16: 0x7F7F0000, torch.float16: 0x477FE000}
-
-
-def _fp32_bits(value: float) -> int:
-    return torch.tensor(value, dtype=torch.float32).view(torch.int32).item()
+_OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
@@ -52,51 +58,78 @@ def _exponent(bits):
 
 
 @triton.jit
-def _scale_exponent(amax_bits, SCALE_MODE: tl.constexpr, EMAX: tl.constexpr,
-                    MBITS: tl.constexpr, INV_MAX_NORM: tl.constexpr):
+def _normalized(bits):
+    """(bits of v scaled into the fp32 normal range, log2 of that scaling) for v >= 0.
+
+    As in the torch path: fp32 subnormals times 2^64 (exact) so every log2 reads from bits.
+    """
+    shift = (bits < 0x00800000).to(tl.int32) * 64
+    return (bits.to(tl.float32, bitcast=True) * _pow2(shift)).to(tl.int32, bitcast=True), shift
+
+
+@triton.jit
+def _ceil_log2(bits):
+    n, shift = _normalized(bits)
+    return _exponent(n) + ((n & 0x7FFFFF) != 0).to(tl.int32) - shift
+
+
+@triton.jit
+def _scale_exponent(
+    amax_bits,
+    SCALE_MODE: tl.constexpr,
+    EMAX: tl.constexpr,
+    MBITS: tl.constexpr,
+    INV_MAX_NORM: tl.constexpr,
+):
     """The E8M0 scale exponent S of ``quantize.block_scale_exponent``, clamped to [-127, 127]."""
     if SCALE_MODE == "floor":
-        s = _exponent(amax_bits) - EMAX
+        n, shift = _normalized(amax_bits)
+        s = _exponent(n) - shift - EMAX
     elif SCALE_MODE == "ceil":
-        s = _exponent(amax_bits) + ((amax_bits & 0x7FFFFF) != 0).to(tl.int32) - EMAX
+        s = _ceil_log2(amax_bits) - EMAX
     elif SCALE_MODE == "even":
-        s = _exponent((amax_bits + (1 << (22 - MBITS))) & 0x7F800000) - EMAX
-    else:  # rceil: ceil(log2(fp32(amax * fp32(1/max_norm)))) read from bits
-        t = (amax_bits.to(tl.float32, bitcast=True) * INV_MAX_NORM).to(tl.int32, bitcast=True)
-        texp = (t >> 23) & 0xFF
-        mant = t & 0x7FFFFF
-        s = tl.where(texp == 0, (mant > 0x400000).to(tl.int32) - 127,
-                     texp - 127 + (mant != 0).to(tl.int32))
+        n, shift = _normalized(amax_bits)
+        s = _exponent((n + (1 << (22 - MBITS))) & 0x7F800000) - shift - EMAX
+    else:  # rceil: ceil(log2(fp32(amax * fp32(1/max_norm))))
+        t = amax_bits.to(tl.float32, bitcast=True) * INV_MAX_NORM
+        s = _ceil_log2(t.to(tl.int32, bitcast=True))
     return tl.minimum(tl.maximum(s, -127), 127)
 
 
 @triton.jit
 def _round_magnitude(r, seed, offsets, ROUNDING: tl.constexpr):
-    """Round non-negative fp32 ``r`` (< 2^24) to an int32; every branch is exact.
-
-    Ties are decided on the exact fraction r - floor(r), not with rint, which the interpreter
-    and the GPU do not share.
-    """
-    q = r.to(tl.int32)  # truncation is floor for r >= 0
-    if ROUNDING != "floor":
-        frac = r - q.to(tl.float32)
-        if ROUNDING == "even":
-            up = (frac > 0.5) | ((frac == 0.5) & ((q & 1) == 1))
-        elif ROUNDING == "nearest":
-            up = frac >= 0.5
-        else:  # stochastic: P(up) = frac, unbiased
-            up = tl.rand(seed, offsets) < frac
-        q += up.to(tl.int32)
+    """Round non-negative fp32 ``r`` (< 2^24) to an integer-valued fp32; every branch is exact."""
+    if ROUNDING == "even":
+        q = (r + 8388608.0) - 8388608.0  # one rounding at 2^23, where the ulp is 1
+    else:
+        q = tl.floor(r)
+        if ROUNDING == "nearest":
+            q += tl.where(r - q >= 0.5, 1.0, 0.0)  # r - q is exact (Sterbenz)
+        elif ROUNDING == "stochastic":
+            q += tl.where(tl.rand(seed, offsets) < r - q, 1.0, 0.0)  # P(up) = frac: unbiased
     return q
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(
-    x_ptr, out_ptr, n_blocks, length, seed,
-    BLOCK_SIZE: tl.constexpr, BLOCK_POW2: tl.constexpr, ROWS: tl.constexpr,
-    EVEN_ROWS: tl.constexpr, EMAX: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
-    MAX_NORM_BITS: tl.constexpr, INV_MAX_NORM: tl.constexpr, OUT_MAX_BITS: tl.constexpr,
-    SCALE_MODE: tl.constexpr, ROUNDING: tl.constexpr,
+    x_ptr,
+    out_ptr,
+    n_blocks,
+    length,
+    seed,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_POW2: tl.constexpr,
+    ROWS: tl.constexpr,
+    EVEN_ROWS: tl.constexpr,
+    EMAX: tl.constexpr,
+    MBITS: tl.constexpr,
+    EMIN: tl.constexpr,
+    MAX_NORM: tl.constexpr,
+    INV_MAX_NORM: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    OUT_TYPE: tl.constexpr,  # 0 fp32, 1 bf16, 2 fp16 (x and out share it)
+    SCALE_MODE: tl.constexpr,
+    ROUNDING: tl.constexpr,
 ):
     # x is (rows, length) contiguous; block b covers columns [j*BLOCK_SIZE, ...) of one row.
     blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -112,47 +145,58 @@ def _quantize_kernel(
         offsets = row[:, None] * length + cols
 
     raw = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    if x_ptr.dtype.element_ty == tl.bfloat16:
-        bits = raw.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    if OUT_TYPE == 1:
+        x = (raw.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
-        bits = raw.to(tl.float32).to(tl.int32, bitcast=True)
+        x = raw.to(tl.float32)
 
-    # Non-negative floats order like their bits: an integer max needs no NaN rule, and
-    # min(|bits|, Inf) turns NaN into Inf so one test finds both poisons of a block.
-    amax_bits = tl.max(tl.minimum(bits & 0x7FFFFFFF, 0x7F800000), axis=1)
-    bad = amax_bits == 0x7F800000
-    bits = tl.where(bad[:, None], 0, bits)  # poisoned blocks compute on zeros, output NaN
-    s = _scale_exponent(tl.where(bad, 0, amax_bits), SCALE_MODE, EMAX, MBITS, INV_MAX_NORM)
+    # NaN becomes +Inf before the max so one test finds both poisons of a block.
+    amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
+    bad = (amax == float("inf"))[:, None]
+    s = _scale_exponent(amax.to(tl.int32, bitcast=True), SCALE_MODE, EMAX, MBITS, INV_MAX_NORM)
 
-    y = bits.to(tl.float32, bitcast=True) * _pow2(-s)[:, None]  # as torch: may round below 2^-126
+    y = x * _pow2(-s)[:, None]  # exact, or below 2^-126 where every rounding gives 0
     y_bits = y.to(tl.int32, bitcast=True)
-    p = tl.maximum(_exponent(y_bits), EMIN)
-    r = (y_bits & 0x7FFFFFFF).to(tl.float32, bitcast=True) * _pow2(MBITS - p)
-    q = _round_magnitude(r, seed, offsets, ROUNDING)
-    v_bits = (q.to(tl.float32) * _pow2(p - MBITS)).to(tl.int32, bitcast=True)
-    v_bits = tl.minimum(v_bits, MAX_NORM_BITS) | (y_bits & -0x80000000)  # saturate; copysign
-    out_bits = (v_bits.to(tl.float32, bitcast=True) * _pow2(s)[:, None]).to(tl.int32, bitcast=True)
-    # Saturate at the output dtype's finite max (an Inf product included), keeping the sign.
-    out_bits = tl.minimum(out_bits & 0x7FFFFFFF, OUT_MAX_BITS) | (out_bits & -0x80000000)
-
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        # fp32 -> bf16 round-to-nearest-even on the bit pattern (exact for subnormals too).
-        half = (out_bits + 0x7FFF + ((out_bits >> 16) & 1)) >> 16
-        half = tl.where(bad[:, None], 0x7FC0, half)
-        out = half.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    p_field = tl.maximum(y_bits & 0x7F800000, (EMIN + 127) << 23)  # p = max(exponent(y), emin)
+    inv_step = (((254 + MBITS) << 23) - p_field).to(tl.float32, bitcast=True)  # 2^(mbits - p)
+    step = (p_field - (MBITS << 23)).to(tl.float32, bitcast=True)  # 2^(p - mbits)
+    q = _round_magnitude(tl.abs(y) * inv_step, seed, offsets, ROUNDING)
+    v = tl.minimum(q * step, MAX_NORM)
+    # Past the output dtype's range (Inf included): saturate at its largest finite value.
+    out = tl.minimum(v * _pow2(s)[:, None], OUT_MAX)
+    if OUT_TYPE == 1:
+        tiny = tl.where(s < -100, 2.0**-110, 0.0)[:, None]
+        out = (out + tiny) - tiny  # bf16 subnormal rounding; identity for other blocks
+    out_bits = out.to(tl.int32, bitcast=True) | (y_bits & -0x80000000)  # copysign, -0 kept
+    out_bits = tl.where(bad, 0x7FC00000, out_bits)
+    if OUT_TYPE == 1:
+        result = (out_bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
-        out = tl.where(bad[:, None], float("nan"), out_bits.to(tl.float32, bitcast=True))
-        out = out.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offsets, out, mask=mask)
+        result = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, result, mask=mask)
 
 
 # triton.jit chose interpreter or compiler mode when it decorated the kernel above.
 _INTERPRETED = not isinstance(_quantize_kernel, triton.runtime.JITFunction)
 
 
+def _float_errors_ignored():
+    """The interpreter runs the kernel in numpy, which warns on Inf/NaN arithmetic that the
+    kernel performs on purpose (poisoned blocks, saturation past the dtype's range)."""
+    if not _INTERPRETED:
+        return contextlib.nullcontext()
+    import numpy as np
+
+    return np.errstate(over="ignore", invalid="ignore")
+
+
 def _stochastic_seed(generator: torch.Generator | None) -> int:
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+
+
+def _fp32(value: float) -> float:
+    return torch.tensor(value, dtype=torch.float32).item()
 
 
 def quantize_mx_triton(
@@ -193,13 +237,26 @@ def quantize_mx_triton(
     n_blocks = rows.numel() // length * triton.cdiv(length, block_size)
     tile_rows = max(1, _TILE // block_pow2)
     seed = _stochastic_seed(generator) if rounding == "stochastic" else 0
-    _quantize_kernel[(triton.cdiv(n_blocks, tile_rows),)](
-        rows, out, n_blocks, length, seed,
-        BLOCK_SIZE=block_size, BLOCK_POW2=block_pow2, ROWS=tile_rows,
-        EVEN_ROWS=length % block_size == 0, EMAX=fmt.emax, MBITS=fmt.mbits, EMIN=fmt.emin,
-        MAX_NORM_BITS=_fp32_bits(fmt.max_norm),
-        INV_MAX_NORM=torch.tensor(1.0 / fmt.max_norm, dtype=torch.float32).item(),
-        OUT_MAX_BITS=_OUT_MAX_BITS[x.dtype], SCALE_MODE=scale_mode, ROUNDING=rounding,
-        num_warps=_NUM_WARPS,
-    )
+    with _float_errors_ignored():
+        _quantize_kernel[(triton.cdiv(n_blocks, tile_rows),)](
+            rows,
+            out,
+            n_blocks,
+            length,
+            seed,
+            BLOCK_SIZE=block_size,
+            BLOCK_POW2=block_pow2,
+            ROWS=tile_rows,
+            EVEN_ROWS=length % block_size == 0,
+            EMAX=fmt.emax,
+            MBITS=fmt.mbits,
+            EMIN=fmt.emin,
+            MAX_NORM=fmt.max_norm,
+            INV_MAX_NORM=_fp32(1.0 / fmt.max_norm),
+            OUT_MAX=float(torch.finfo(x.dtype).max),
+            OUT_TYPE=_OUT_TYPES[x.dtype],
+            SCALE_MODE=scale_mode,
+            ROUNDING=rounding,
+            num_warps=_NUM_WARPS,
+        )
     return out.movedim(-1, axis)

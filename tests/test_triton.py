@@ -67,7 +67,7 @@ def adversarial(fmt: str) -> torch.Tensor:
     """1-D fp32: blocks of 32 around the traps of DESIGN.md §3, random filler, a short tail."""
     f = mx_format(fmt)
     grid = f.magnitudes()
-    ties = [(a + b) / 2 * (-1) ** i for i, (a, b) in enumerate(zip(grid, grid[1:]))]
+    ties = [(a + b) / 2 * (-1) ** i for i, (a, b) in enumerate(zip(grid, grid[1:], strict=False))]
     inf, nan = float("inf"), float("nan")
     blocks = [
         [509.44, 1.0, -3.0],  # e4m3: rounds past 448, must saturate
@@ -91,7 +91,7 @@ def adversarial(fmt: str) -> torch.Tensor:
         for i in range(0, len(ties), 31):
             blocks.append([2.0**f.emax * shift] + [t * shift for t in ties[i : i + 31]])
     filler = heavy_tailed(len(blocks), 32, seed=1) * 1e-3
-    for row, values in zip(filler, blocks):
+    for row, values in zip(filler, blocks, strict=True):
         row[: len(values)] = torch.tensor(values)
     return torch.cat([filler.flatten(), heavy_tailed(13, seed=2)])
 
@@ -183,8 +183,9 @@ def test_stochastic_is_unbiased(fmt, lo, hi):
 
 def test_block_size_beyond_a_tile_is_refused():
     with pytest.raises(ValueError, match="too large for the Triton backend"):
-        quantize_mx(torch.ones(4, device=DEVICE), "fp8_e4m3", block_size=2**17 + 1,
-                    backend="triton")
+        quantize_mx(
+            torch.ones(4, device=DEVICE), "fp8_e4m3", block_size=2**17 + 1, backend="triton"
+        )
 
 
 _ERRORS_SCRIPT = """

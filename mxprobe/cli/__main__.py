@@ -1,0 +1,5 @@
+import sys
+
+from mxprobe.cli import main
+
+sys.exit(main())
