@@ -1,0 +1,31 @@
+"""Lightning callbacks that watch MX training and intervene in it (see docs/callbacks.md).
+
+- :class:`GradientBiasMonitor`: MX gradient vs the full-precision gradient at the same weights
+  and batch (``mx/grad_bias/...``).
+- :class:`NormAffineMonitor`: block saturation and error of LayerNorm/RMSNorm γ, β
+  (``mx/norm_affine/...``).
+- :class:`ActivationMonitor`: saturation, underflow and SQNR of MX linear inputs
+  (``mx/activations/...``).
+- :class:`LossSpikeDetector`: loss spikes, gradient-norm blow-ups, NaN/Inf (``mx/spikes/...``).
+- :class:`PrecisionIntervention`: rule-driven precision switches, rewinds and LR scaling.
+
+Events go to ``events.jsonl`` in the run's log directory (:mod:`callbacks.events`).
+"""
+
+from callbacks.events import EVENTS_FILE, read_events
+from callbacks.grad_bias import GradientBiasMonitor
+from callbacks.interventions import PrecisionIntervention
+from callbacks.quant_monitor import ActivationMonitor, NormAffineMonitor
+from callbacks.rules import Rule
+from callbacks.spikes import LossSpikeDetector
+
+__all__ = [
+    "EVENTS_FILE",
+    "ActivationMonitor",
+    "GradientBiasMonitor",
+    "LossSpikeDetector",
+    "NormAffineMonitor",
+    "PrecisionIntervention",
+    "Rule",
+    "read_events",
+]

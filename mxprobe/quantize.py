@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from mxprobe.formats import ElementFormat, mx_format
+from mxprobe.formats import MX_FORMAT_NAMES, ElementFormat, mx_format
 
 SCALE_MODES = ("floor", "rceil", "ceil", "even")
 ROUNDINGS = ("even", "nearest", "floor", "stochastic")
@@ -51,6 +51,10 @@ def _exponent(x: torch.Tensor) -> torch.Tensor:
 def _fp32(v: float) -> float:
     """``v`` rounded to the nearest fp32 (kept as a Python float)."""
     return struct.unpack("f", struct.pack("f", v))[0]
+
+
+# fp32(1 / max_norm) per format, computed here once: torch.compile cannot trace struct.
+_INV_MAX_FP32 = {name: _fp32(1.0 / mx_format(name).max_norm) for name in MX_FORMAT_NAMES}
 
 
 def _normalized(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +101,7 @@ def block_scale_exponent(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str
         bumped = ((n.view(torch.int32) + (1 << (22 - fmt.mbits))) & 0x7F800000).view(torch.float32)
         s = _exponent(bumped) - shift - fmt.emax
     else:  # rceil
-        s = _ceil_log2(amax * _fp32(1.0 / fmt.max_norm))
+        s = _ceil_log2(amax * _INV_MAX_FP32[fmt.name])
     return s.clamp(-127, 127)
 
 

@@ -10,11 +10,11 @@ exact values:
 - Ties-to-even uses (r + 2^23) - 2^23: for 0 <= r < 2^23 the add rounds exactly once, to an
   integer, ties to even (rint is not portable to the interpreter). A contracted FMA in front of
   it (r is a product) only removes an already-exact rounding.
-- bf16 is read and written as the top half of an fp32 bit pattern: Triton's interpreter
-  truncates fp32 -> bf16 and mangles bf16 subnormals. Every output has at most 7 significant
-  bits, so truncation is exact except below bf16's normal range, which only blocks with
-  S < -100 can reach; for them r + 2^-110 - 2^-110 rounds ties-to-even onto bf16's subnormal
-  grid (2^-133), as the torch path's cast does.
+- bf16 is read and written as the top half of an fp32 bit pattern (Triton's interpreter
+  truncates fp32 -> bf16 and mangles bf16 subnormals). Truncation is exact: an output has at
+  most 7 significant bits, and below 2^-126 it lies on the element grid, whose step is either
+  >= 2^-133 (bf16's subnormal step) or finer, and then the output is x itself or the
+  saturation value max_norm * 2^S, a multiple of 2^(emax - mbits - 127) >= 2^-133.
 
 A program owns ``ROWS`` MX blocks, each padded to a power of two and masked (masked lanes count
 as 0 for the block max). On a CPU tensor the kernel runs only under Triton's interpreter:
@@ -158,15 +158,13 @@ def _quantize_kernel(
     y = x * _pow2(-s)[:, None]  # exact, or below 2^-126 where every rounding gives 0
     y_bits = y.to(tl.int32, bitcast=True)
     p_field = tl.maximum(y_bits & 0x7F800000, (EMIN + 127) << 23)  # p = max(exponent(y), emin)
-    inv_step = (((254 + MBITS) << 23) - p_field).to(tl.float32, bitcast=True)  # 2^(mbits - p)
+    # 2^(mbits - p); the constant is split because (254 + mbits) << 23 overflows int32.
+    inv_step = (((MBITS + 127) << 23) - p_field + (127 << 23)).to(tl.float32, bitcast=True)
     step = (p_field - (MBITS << 23)).to(tl.float32, bitcast=True)  # 2^(p - mbits)
     q = _round_magnitude(tl.abs(y) * inv_step, seed, offsets, ROUNDING)
     v = tl.minimum(q * step, MAX_NORM)
     # Past the output dtype's range (Inf included): saturate at its largest finite value.
     out = tl.minimum(v * _pow2(s)[:, None], OUT_MAX)
-    if OUT_TYPE == 1:
-        tiny = tl.where(s < -100, 2.0**-110, 0.0)[:, None]
-        out = (out + tiny) - tiny  # bf16 subnormal rounding; identity for other blocks
     out_bits = out.to(tl.int32, bitcast=True) | (y_bits & -0x80000000)  # copysign, -0 kept
     out_bits = tl.where(bad, 0x7FC00000, out_bits)
     if OUT_TYPE == 1:

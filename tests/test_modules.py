@@ -113,7 +113,10 @@ def test_mx_linear_input_without_grad_still_trains_weight():
     dy = heavy_tailed(BATCH, SEQ, OUT, seed=6)
     lin(x).backward(dy)
     _, _, dw, db = linear_formulas(
-        x.reshape(-1, IN), lin.weight.detach(), lin.bias.detach(), dy.reshape(-1, OUT),
+        x.reshape(-1, IN),
+        lin.weight.detach(),
+        lin.bias.detach(),
+        dy.reshape(-1, OUT),
         lin.mx_scheme,
     )
     assert torch.equal(lin.weight.grad, dw)
@@ -305,7 +308,7 @@ def test_full_precision_equals_unconverted_model_bit_for_bit():
     ref_out = reference(x)
     ref_out.square().mean().backward()
     assert torch.equal(out, ref_out)
-    for (name, p), (_, p_ref) in zip(model.named_parameters(), reference.named_parameters()):
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert torch.equal(p.grad, p_ref.grad), name
 
 
@@ -331,4 +334,3 @@ def test_mx_enabled_false_is_full_precision_for_that_module():
     lin.mx_enabled = False
     x = heavy_tailed(BATCH, SEQ, IN, seed=21)
     assert torch.equal(lin(x), reference(x))
-

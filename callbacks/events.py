@@ -1,0 +1,107 @@
+"""The ``events.jsonl`` log and the helpers the mxprobe callbacks share.
+
+Every event is one JSON object on one line of ``events.jsonl`` in the run's log directory
+(``trainer.log_dir``; ``trainer.default_root_dir`` when there is no logger). Keys present in
+every event:
+
+- ``step``: ``trainer.global_step`` the event refers to. For a spike, the index of the
+  optimizer step whose loss or gradient was anomalous; for an action, the index of the first
+  optimizer step trained under it.
+- ``kind``: ``spike``, ``nonfinite``, ``set_scheme``, ``rewind`` or ``scale_lr``.
+- ``rule``: the name of the rule that acted, ``null`` for spikes.
+- ``values``: the metric values behind the event (loss, score, metric value, ...).
+- ``scheme_before`` / ``scheme_after``: ``{module: scheme string}`` of the modules an action
+  changed (``null`` when it changed no scheme).
+- ``source``: the callback that wrote it; ``time``: Unix time.
+
+Actions add their own keys (``modules``, ``rewound_to``, ``lr_before``, ...). Non-finite
+numbers are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` so that every line is
+strict JSON. Only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+EVENTS_FILE = "events.jsonl"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tensors as numbers and non-finite floats as strings (strict JSON)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class EventLog:
+    """Appends events to ``events.jsonl``; resolve the directory with :meth:`setup` on every
+    rank (``trainer.log_dir`` is a collective under DDP)."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        log_dir = trainer.log_dir or trainer.default_root_dir
+        self.path = os.path.join(log_dir, EVENTS_FILE)
+
+    def write(self, trainer: pl.Trainer, event: dict[str, Any]) -> None:
+        if not trainer.is_global_zero or self.path is None:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        line = json.dumps(_plain({**event, "time": round(time.time(), 3)}), allow_nan=False)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every event of an ``events.jsonl`` file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def is_monitored_step(step: int, every_n_steps: int) -> bool:
+    return every_n_steps > 0 and step % every_n_steps == 0
+
+
+def reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks (unchanged on one process)."""
+    if trainer.world_size > 1:
+        return trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
+    return tensor
+
+
+def reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` averaged over ranks (unchanged on one process)."""
+    if trainer.world_size > 1:
+        return trainer.strategy.reduce(tensor.clone(), reduce_op="mean")
+    return tensor
+
+
+def log_stats(pl_module: pl.LightningModule, stats: dict[str, torch.Tensor]) -> None:
+    """Log per-step statistics (already identical on every rank, so no ``sync_dist``)."""
+    if stats:
+        values = {k: v.detach().float() for k, v in stats.items()}
+        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+
+
+def check_every_n_steps(every_n_steps: int) -> None:
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+
+
+def scheme_strings(schemes: dict[str, Any]) -> dict[str, str | None]:
+    """``{module: str(scheme)}`` (``None`` stays ``None``)."""
+    return {name: None if s is None else str(s) for name, s in schemes.items()}

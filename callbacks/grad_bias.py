@@ -1,0 +1,152 @@
+"""Gradient bias: the MX gradient against the full-precision gradient at the same weights and
+batch."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.optim import Optimizer
+
+from callbacks.events import check_every_n_steps, is_monitored_step, log_stats, reduce_mean
+from mxprobe import full_precision
+from mxprobe.stats import gradient_comparison, gradient_sums
+
+COMPUTE_LOSS_PROTOCOL = (
+    "GradientBiasMonitor needs `{cls}.compute_loss(batch) -> Tensor`: the same loss that "
+    "`training_step` returns for that batch (before Lightning's 1/accumulate_grad_batches "
+    "scaling), computed deterministically with no logging and no side effects. The monitor "
+    "calls it a second time under mxprobe.full_precision(model) to get the shadow "
+    "full-precision gradient."
+)
+
+
+class GradientBiasMonitor(Callback):
+    r"""Compare the MX gradient with the full-precision gradient at the same weights and batch.
+
+    Every ``every_n_steps`` optimizer steps (``global_step % every_n_steps == 0``), in
+    ``on_before_optimizer_step`` (gradients complete, reduced across ranks, unscaled, not yet
+    clipped), the monitor recomputes the loss of the step's batch with
+    ``pl_module.compute_loss(batch)`` under :func:`mxprobe.full_precision`, takes its gradient
+    with ``torch.autograd.grad`` (``.grad`` is never touched, the global RNG state is
+    restored afterwards) and logs, per module owning parameters whose qualified name matches
+    ``modules`` and in total over all the optimizer's parameters that have a gradient:
+
+    ``mx/grad_bias/<module>/<stat>`` and ``mx/grad_bias/total/<stat>`` with ``stat`` in
+    ``cosine``, ``zeta`` (``||g_q - g_fp||^2 / ||g_fp||^2``), ``bias``
+    (``<g_q, g_fp> / ||g_fp||^2 - 1``), ``mean_diff`` and ``norm_ratio`` (see
+    :mod:`mxprobe.stats`).
+
+    Gradient accumulation: every micro-batch of a monitored step is captured; the shadow
+    gradient is ``sum_i grad(compute_loss(batch_i)) / accumulate_grad_batches``, the very sum
+    Lightning accumulates in ``.grad`` (the weights do not change between micro-batches), so
+    the comparison is exact rather than a last-micro-batch estimate. Memory: the captured
+    micro-batches of one step stay referenced until its optimizer step.
+
+    DDP: ``.grad`` is already averaged over ranks, so the shadow gradient is averaged too
+    (one all-reduce of the flattened shadow gradient, ``reduce_op="mean"``) before the
+    comparison; every rank then logs the same global statistics. FSDP/DeepSpeed (sharded
+    parameters) are not supported.
+
+    Args:
+        every_n_steps: measure at optimizer steps whose ``global_step`` is a multiple of this.
+        modules: glob on the qualified module names (relative to the LightningModule) for the
+            per-module statistics; the total always covers every parameter.
+        per_module: log per-module statistics (``False``: totals only).
+
+    Raises:
+        MisconfigurationException: at ``setup`` when the LightningModule has no
+            ``compute_loss(batch)`` method (the message explains the protocol).
+        ValueError: for ``every_n_steps < 1``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GradientBiasMonitor(every_n_steps=50)])
+    """
+
+    def __init__(self, every_n_steps: int = 50, modules: str = "*", per_module: bool = True) -> None:
+        check_every_n_steps(every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.modules = modules
+        self.per_module = per_module
+        self._batches: list[Any] = []
+        self._batches_step = -1
+        self._owner: dict[torch.nn.Parameter, str] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, modules=self.modules)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not callable(getattr(pl_module, "compute_loss", None)):
+            raise MisconfigurationException(
+                "LightningModule has no compute_loss method. "
+                + COMPUTE_LOSS_PROTOCOL.format(cls=type(pl_module).__name__)
+            )
+        self._owner = {}
+        for name, module in pl_module.named_modules():
+            for p in module.parameters(recurse=False):
+                self._owner.setdefault(p, name or "<root>")
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._batches_step:
+            self._batches, self._batches_step = [], step
+        if is_monitored_step(step, self.every_n_steps):
+            self._batches.append(batch)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if not self._batches or self._batches_step != trainer.global_step:
+            return
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if params:
+            shadow = self._shadow_gradient(trainer, pl_module, params)
+            log_stats(pl_module, self._statistics(params, shadow))
+        self._batches = []
+
+    def _shadow_gradient(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        # Lightning divides every micro-batch loss by accumulate_grad_batches (automatic
+        # optimization only), also for a short last window; the shadow must match.
+        scale = 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
+        shadow = [torch.zeros_like(p) for p in params]
+        devices = [params[0].device] if params[0].device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), full_precision(pl_module):
+            for batch in self._batches:
+                loss = pl_module.compute_loss(batch) * scale
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for s, g in zip(shadow, grads):
+                    if g is not None:
+                        s.add_(g)
+        if trainer.world_size > 1:
+            flat = reduce_mean(trainer, torch.cat([s.reshape(-1) for s in shadow]))
+            shadow = [t.view_as(s) for t, s in zip(flat.split([s.numel() for s in shadow]), shadow)]
+        return shadow
+
+    def _statistics(
+        self, params: list[torch.Tensor], shadow: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        per_module: dict[str, torch.Tensor] = {}
+        for p, s in zip(params, shadow):
+            name = self._owner.get(p, "<unnamed>")
+            sums = gradient_sums(p.grad, s)
+            per_module[name] = per_module[name] + sums if name in per_module else sums
+        stats = {}
+        if self.per_module:
+            for name, sums in per_module.items():
+                if fnmatch.fnmatchcase(name, self.modules):
+                    for stat, v in gradient_comparison(sums).items():
+                        stats[f"mx/grad_bias/{name}/{stat}"] = v
+        total = torch.stack(list(per_module.values())).sum(0)
+        for stat, v in gradient_comparison(total).items():
+            stats[f"mx/grad_bias/total/{stat}"] = v
+        return stats

@@ -1,0 +1,263 @@
+"""Quantization monitors: LayerNorm/RMSNorm affine parameters and MX linear inputs."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.optim import Optimizer
+
+from callbacks.events import check_every_n_steps, is_monitored_step, log_stats, reduce_sum
+from mxprobe.formats import canonical_format, is_mx
+from mxprobe.modules import MxLinear, MxModule
+from mxprobe.quantize import quantize_mx
+from mxprobe.scheme import PrecisionScheme
+from mxprobe.stats import (
+    floor_overflow_fraction,
+    quantization_stats,
+    quantization_sums,
+    relative_bias,
+    relative_error,
+    saturation_fraction,
+)
+
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+def _check_reference(reference_format: str | None) -> str | None:
+    if reference_format is None:
+        return None
+    fmt = canonical_format(reference_format)
+    if not is_mx(fmt):
+        raise ValueError(
+            f"reference_format must be an MX element format (e.g. 'e4m3'), got {reference_format!r}"
+        )
+    return fmt
+
+
+def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple:
+    """(MX format, scheme giving block/scale/rounding, whether it is the module's own format);
+    the format is ``reference`` when the module's role is not MX now, ``None`` to skip."""
+    scheme = module.active_scheme() if isinstance(module, MxModule) else None
+    if scheme is not None and is_mx(getattr(scheme, role)):
+        return getattr(scheme, role), scheme, True
+    if reference is None:
+        return None, None, False
+    return reference, scheme or PrecisionScheme(), False
+
+
+class NormAffineMonitor(Callback):
+    r"""Block-quantization statistics of every LayerNorm/RMSNorm affine weight (γ) and bias (β).
+
+    Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (the weights the
+    step's forward used), for every ``nn.LayerNorm``/``nn.RMSNorm`` (MX-converted or not)
+    whose qualified name matches ``modules``, the parameters are quantized as the module's
+    current ``norm_affine`` format says, with its block size, scale mode and rounding. When
+    that format is not MX (``fp32``, ``bf16``, ``fp16``, an unconverted module or one inside
+    :func:`mxprobe.full_precision`) the statistics are those the ``reference_format`` would
+    give (blocks of 32, floor scale, ties to even unless the module's scheme says otherwise).
+
+    Logged as ``mx/norm_affine/<module>/<stat>``:
+
+    - ``weight_saturation``: fraction of γ elements clipped in their MX block.
+    - ``weight_floor_overflow``: fraction of γ blocks whose max has a mantissa above the
+      element format's (``amax / 2^floor(log2 amax) > max_norm / 2^emax``).
+    - ``weight_rel_bias``: mean of ``q(γ)/γ - 1`` (negative: quantized γ is smaller).
+    - ``weight_rel_error``: ``||q(γ) - γ|| / ||γ||``.
+    - ``weight_mean``, ``weight_std``: of γ itself.
+    - ``bias_saturation``, ``bias_floor_overflow``, ``bias_rel_bias``, ``bias_rel_error``:
+      the same for β when the module has one.
+    - ``in_force``: 1 when the statistics are for the module's own MX format, 0 when for the
+      reference format.
+
+    Parameters are identical on every rank under DDP, so nothing is reduced.
+
+    Args:
+        every_n_steps: measure at optimizer steps whose ``global_step`` is a multiple of this.
+        reference_format: MX element format for modules whose ``norm_affine`` is not MX
+            (``None``: report only ``weight_mean``/``weight_std`` for them).
+        modules: glob on qualified module names (relative to the LightningModule).
+
+    Raises:
+        ValueError: ``every_n_steps < 1`` or a ``reference_format`` that is not MX.
+
+    Example::
+
+        trainer = Trainer(callbacks=[NormAffineMonitor(every_n_steps=50)])
+    """
+
+    def __init__(
+        self, every_n_steps: int = 50, reference_format: str | None = "e4m3", modules: str = "*"
+    ) -> None:
+        check_every_n_steps(every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.reference_format = _check_reference(reference_format)
+        self.modules = modules
+        self._generator: torch.Generator | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, modules=self.modules)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if not is_monitored_step(trainer.global_step, self.every_n_steps):
+            return
+        stats = {}
+        with torch.no_grad():
+            for name, module in pl_module.named_modules():
+                if isinstance(module, _NORMS) and fnmatch.fnmatchcase(name, self.modules):
+                    for stat, v in self._module_stats(module).items():
+                        stats[f"mx/norm_affine/{name}/{stat}"] = v
+        log_stats(pl_module, stats)
+
+    def _module_stats(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        fmt, scheme, in_force = _format_in_use(module, "norm_affine", self.reference_format)
+        stats: dict[str, torch.Tensor] = {}
+        weight = getattr(module, "weight", None)
+        if weight is not None:
+            stats["weight_mean"] = weight.mean()
+            stats["weight_std"] = weight.std() if weight.numel() > 1 else weight.new_zeros(())
+        for role, p in (("weight", weight), ("bias", getattr(module, "bias", None))):
+            if p is None or fmt is None:
+                continue
+            if self._generator is None or self._generator.device != p.device:
+                self._generator = torch.Generator(p.device).manual_seed(0)
+            q = quantize_mx(
+                p,
+                fmt,
+                block_size=scheme.block_size,
+                scale_mode=scheme.scale_mode,
+                rounding=scheme.rounding,
+                generator=self._generator,
+            )
+            kw = {"block_size": scheme.block_size}
+            stats[f"{role}_saturation"] = saturation_fraction(
+                p, fmt, scale_mode=scheme.scale_mode, **kw
+            )
+            stats[f"{role}_floor_overflow"] = floor_overflow_fraction(p, fmt, **kw)
+            stats[f"{role}_rel_bias"] = relative_bias(p, q)
+            stats[f"{role}_rel_error"] = relative_error(p, q)
+        stats["in_force"] = torch.tensor(float(in_force))
+        return stats
+
+
+class ActivationMonitor(Callback):
+    r"""Quantization statistics of the inputs of MX linear layers.
+
+    On every ``every_n_steps``-th optimizer step a forward hook is attached to each
+    :class:`mxprobe.MxLinear` whose name matches ``modules`` (in ``on_train_batch_start``) and
+    removed again in ``on_before_optimizer_step``, so other steps pay nothing. The hook
+    quantizes the layer's input X as the module's ``act`` role says (same format, block size,
+    scale mode and rounding, along the feature axis) and accumulates additive sums over every
+    call of the step (all micro-batches); passes in full precision (shadow passes) are
+    skipped. Layers whose ``act`` is not MX are measured under ``reference_format`` when one
+    is given, else skipped. Logged as ``mx/activations/<module>/<stat>``:
+
+    - ``saturation``: fraction of input elements clipped in their MX block.
+    - ``underflow``: of the nonzero input elements, the fraction that became zero.
+    - ``sqnr_db``: ``10 log10(sum x^2 / sum (x - q)^2)`` of the quantized input.
+
+    DDP: the sums are added over ranks (one all-reduce) before the statistics are formed, so
+    every rank logs the statistics of the global batch.
+
+    Args:
+        every_n_steps: measure at optimizer steps whose ``global_step`` is a multiple of this.
+        modules: glob on qualified module names (relative to the LightningModule).
+        reference_format: MX element format for layers whose ``act`` role is not MX, or
+            ``None`` to skip them.
+
+    Raises:
+        ValueError: ``every_n_steps < 1`` or a ``reference_format`` that is not MX.
+
+    Example::
+
+        trainer = Trainer(callbacks=[ActivationMonitor(every_n_steps=50)])
+    """
+
+    def __init__(
+        self, every_n_steps: int = 50, modules: str = "*", reference_format: str | None = None
+    ) -> None:
+        check_every_n_steps(every_n_steps)
+        self.every_n_steps = every_n_steps
+        self.modules = modules
+        self.reference_format = _check_reference(reference_format)
+        self._handles: list[Any] = []
+        self._sums: dict[str, torch.Tensor] = {}
+        self._generator: torch.Generator | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, modules=self.modules)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._handles or not is_monitored_step(trainer.global_step, self.every_n_steps):
+            return
+        self._sums = {}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, MxLinear) and fnmatch.fnmatchcase(name, self.modules):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module: MxLinear, inputs: tuple, output: Any) -> None:
+            if module.active_scheme() is None:
+                return
+            fmt, scheme, _ = _format_in_use(module, "act", self.reference_format)
+            if fmt is None:
+                return
+            x = inputs[0].detach()
+            if self._generator is None or self._generator.device != x.device:
+                self._generator = torch.Generator(x.device).manual_seed(0)
+            sums = quantization_sums(
+                x.reshape(-1, x.shape[-1]),
+                fmt,
+                block_size=scheme.block_size,
+                scale_mode=scheme.scale_mode,
+                rounding=scheme.rounding,
+                generator=self._generator,
+            )
+            self._sums[name] = self._sums[name] + sums if name in self._sums else sums
+
+        return hook
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        if not self._handles:
+            return
+        self._remove_hooks()
+        names = list(self._sums)
+        if trainer.world_size > 1:
+            # Every rank hooks the same layers; a layer a rank did not reach adds zeros.
+            names = [n for n, m in pl_module.named_modules() if isinstance(m, MxLinear)]
+            names = [n for n in names if fnmatch.fnmatchcase(n, self.modules)]
+            zeros = torch.zeros(6, dtype=torch.float64, device=pl_module.device)
+            stacked = torch.stack([self._sums.get(n, zeros) for n in names])
+            stacked = reduce_sum(trainer, stacked)
+            self._sums = {n: s for n, s in zip(names, stacked) if s[0] > 0}
+        stats = {}
+        for name, sums in self._sums.items():
+            for stat, v in quantization_stats(sums).items():
+                stats[f"mx/activations/{name}/{stat}"] = v
+        self._sums = {}
+        log_stats(pl_module, stats)
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._remove_hooks()

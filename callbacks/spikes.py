@@ -1,0 +1,279 @@
+"""Loss-spike and non-finite detection from the training-step loss and the gradient norm."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.optim import Optimizer
+
+from callbacks.events import EventLog, reduce_sum
+
+METHODS = ("zscore", "ema_ratio", "derivative")
+DEFAULT_THRESHOLDS = {"zscore": 6.0, "ema_ratio": 2.0, "derivative": 0.01}
+SIGNALS = ("loss", "grad_norm", "nonfinite")
+_KEPT_EVENTS = 100
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
+        return outputs["loss"].detach()
+    return None
+
+
+class LossSpikeDetector(Callback):
+    r"""Detect loss spikes, gradient-norm blow-ups and non-finite values, once per optimizer step.
+
+    The loss is read from the ``training_step`` output (``on_train_batch_end``: a loss tensor
+    or a mapping with ``"loss"``), averaged over the micro-batches of an optimizer step and,
+    under DDP, over ranks (one all-reduce per step), so every rank sees the same loss and
+    takes the same decision. The gradient norm is the 2-norm of all gradients in
+    ``on_before_optimizer_step`` (reduced, unscaled, before clipping).
+
+    ``method`` picks the loss rule; ``score`` is compared with ``threshold`` (its default
+    depends on the method, in parentheses), over the previous ``window`` finite losses:
+
+    - ``zscore`` (6.0): ``(L - mean) / std`` of the window.
+    - ``ema_ratio`` (2.0): ``L / EMA``, the EMA with decay ``ema_decay`` over previous losses
+      (meaningful for positive losses).
+    - ``derivative`` (0.01): the paper's smoothed-derivative rule: with ``m_t`` the moving
+      average of the last ``window`` losses, ``(m_t - m_{t-1}) / |m_{t-1}|``, i.e. the
+      relative rise of the smoothed loss in one step.
+
+    No loss rule fires before ``window`` finite losses have been seen. With
+    ``grad_norm_factor`` set, a gradient norm above ``grad_norm_factor`` times its EMA (same
+    decay and warm-up) is also a spike. A NaN/Inf loss or gradient norm is always an event
+    (kind ``nonfinite``), whatever the method and warm-up; non-finite losses never enter the
+    history.
+
+    A *spike* is the first step of an anomalous episode (the episode ends at the first normal
+    step), so a diverging run writes one event, not one per step. Each event is appended to
+    ``events.jsonl`` and to :attr:`spikes` (the last 100 events); :meth:`events_at` gives the
+    events of one step; :class:`~callbacks.PrecisionIntervention` reads them. All of it,
+    history included, is in ``state_dict``, so a resumed run detects exactly as the
+    uninterrupted one.
+
+    Logged every step: ``mx/spikes/total/loss`` (the reduced loss), ``mx/spikes/total/score``,
+    ``mx/spikes/total/grad_norm``, ``mx/spikes/total/anomalous`` (1 on anomalous steps).
+
+    Args:
+        method: ``"zscore"``, ``"ema_ratio"`` or ``"derivative"``.
+        window: losses in the rolling window / moving average, and the warm-up length.
+        threshold: score above which a step is a spike; ``None``: the method's default.
+        ema_decay: decay of the loss EMA (``ema_ratio``) and of the gradient-norm EMA.
+        grad_norm_factor: flag a gradient norm above this multiple of its EMA; ``None``: off.
+
+    Raises:
+        ValueError: for an unknown method or a non-positive window, threshold or factor, or an
+            ``ema_decay`` outside (0, 1).
+
+    Example::
+
+        trainer = Trainer(callbacks=[LossSpikeDetector(method="zscore", window=100)])
+    """
+
+    def __init__(
+        self,
+        method: str = "zscore",
+        window: int = 100,
+        threshold: float | None = None,
+        ema_decay: float = 0.99,
+        grad_norm_factor: float | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        if threshold is not None and not threshold > 0:
+            raise ValueError(f"threshold must be positive, got {threshold!r}")
+        if not 0 < ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay!r}")
+        if grad_norm_factor is not None and not grad_norm_factor > 0:
+            raise ValueError(f"grad_norm_factor must be positive, got {grad_norm_factor!r}")
+        self.method = method
+        self.window = window
+        self.threshold = DEFAULT_THRESHOLDS[method] if threshold is None else float(threshold)
+        self.ema_decay = ema_decay
+        self.grad_norm_factor = grad_norm_factor
+        self.spikes: list[dict[str, Any]] = []
+        self._history: deque[float] = deque(maxlen=window)
+        self._loss_ema: float | None = None
+        self._grad_ema: float | None = None
+        self._grad_count = 0
+        self._in_spike = False
+        self._in_nonfinite = False
+        self._events = EventLog()
+        self._losses: list[torch.Tensor] = []
+        self._grad_sq: list[torch.Tensor] = []
+        self._step = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            method=self.method, window=self.window, threshold=self.threshold
+        )
+
+    @property
+    def last_spike(self) -> dict[str, Any] | None:
+        """The newest event, or ``None``."""
+        return self.spikes[-1] if self.spikes else None
+
+    def events_at(self, step: int) -> list[dict[str, Any]]:
+        """The events (spike and/or nonfinite) of optimizer step ``step``."""
+        return [e for e in self.spikes[-2:] if e["step"] == step]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._events.setup(trainer)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._step = trainer.global_step
+        self._losses, self._grad_sq = [], []
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            norms = torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads])
+            self._grad_sq.append(norms.square().sum())
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = _loss_of(outputs)
+        if loss is not None:
+            self._losses.append(loss.float().reshape(()))
+        if trainer.global_step == self._step:
+            return  # accumulating: the optimizer has not stepped yet
+        step, self._step = self._step, trainer.global_step
+        loss_value, grad_norm = self._reduced(trainer, pl_module)
+        self._losses, self._grad_sq = [], []
+        score, anomalous = self._check(trainer, step, loss_value, grad_norm)
+        metrics = {"score": score, "anomalous": float(anomalous)}
+        metrics.update({"loss": loss_value} if loss_value is not None else {})
+        metrics.update({"grad_norm": grad_norm} if grad_norm is not None else {})
+        pl_module.log_dict(
+            {f"mx/spikes/total/{k}": v for k, v in metrics.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=1,
+        )
+
+    def _reduced(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[float | None, float | None]:
+        """(loss averaged over micro-batches and ranks, gradient norm); ``None`` when absent."""
+        device = pl_module.device
+        losses = torch.stack(self._losses).to(device) if self._losses else None
+        loss_sum = losses.sum() if losses is not None else torch.zeros((), device=device)
+        count = torch.tensor(float(len(self._losses)), device=device)
+        loss_sum, count = reduce_sum(trainer, torch.stack([loss_sum, count])).tolist()
+        # Gradients are identical on every rank after DDP's all-reduce: no reduction needed.
+        grad_norm = torch.stack(self._grad_sq).sum().sqrt().item() if self._grad_sq else None
+        return (loss_sum / count if count else None), grad_norm
+
+    def _check(
+        self, trainer: pl.Trainer, step: int, loss: float | None, grad_norm: float | None
+    ) -> tuple[float, bool]:
+        values: dict[str, float | None] = {"loss": loss, "grad_norm": grad_norm}
+        nonfinite = any(v is not None and not math.isfinite(v) for v in (loss, grad_norm))
+        signals = []
+        score = math.nan
+        if loss is not None and math.isfinite(loss):
+            score = self._loss_score(loss)
+            if score > self.threshold:
+                signals.append("loss")
+            self._update_loss(loss)
+        if self.grad_norm_factor is not None and grad_norm is not None and math.isfinite(grad_norm):
+            if self._grad_ema is not None and self._grad_count >= self.window:
+                values["grad_norm_ratio"] = grad_norm / self._grad_ema
+                if grad_norm > self.grad_norm_factor * self._grad_ema:
+                    signals.append("grad_norm")
+            self._grad_ema = _ema(self._grad_ema, grad_norm, self.ema_decay)
+            self._grad_count += 1
+        values["score"] = score
+        if signals and not self._in_spike:
+            self._emit(trainer, step, "spike", signals, values)
+        if nonfinite and not self._in_nonfinite:
+            self._emit(trainer, step, "nonfinite", ["nonfinite"], values)
+        self._in_spike, self._in_nonfinite = bool(signals), nonfinite
+        return score, bool(signals) or nonfinite
+
+    def _loss_score(self, loss: float) -> float:
+        """The method's score of ``loss`` against the history (NaN during warm-up)."""
+        h = self._history
+        if len(h) < self.window:
+            return math.nan
+        mean = sum(h) / len(h)
+        if self.method == "zscore":
+            std = math.sqrt(sum((v - mean) ** 2 for v in h) / len(h))
+            if std == 0:
+                return 0.0 if loss == mean else math.copysign(math.inf, loss - mean)
+            return (loss - mean) / std
+        if self.method == "ema_ratio":
+            return loss / self._loss_ema if self._loss_ema else math.nan
+        # derivative: m_t - m_{t-1} = (L_t - L_{t-window}) / window.
+        return (loss - h[0]) / (self.window * abs(mean)) if mean else math.nan
+
+    def _update_loss(self, loss: float) -> None:
+        self._history.append(loss)
+        self._loss_ema = _ema(self._loss_ema, loss, self.ema_decay)
+
+    def _emit(
+        self,
+        trainer: pl.Trainer,
+        step: int,
+        kind: str,
+        signals: list[str],
+        values: dict[str, float | None],
+    ) -> None:
+        event = {
+            "step": step,
+            "kind": kind,
+            "rule": None,
+            "signals": signals,
+            "method": self.method,
+            "threshold": self.threshold,
+            "values": dict(values),
+            "scheme_before": None,
+            "scheme_after": None,
+            "source": type(self).__name__,
+        }
+        self.spikes = [*self.spikes[-(_KEPT_EVENTS - 1) :], event]
+        self._events.write(trainer, event)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": list(self._history),
+            "loss_ema": self._loss_ema,
+            "grad_ema": self._grad_ema,
+            "grad_count": self._grad_count,
+            "in_spike": self._in_spike,
+            "in_nonfinite": self._in_nonfinite,
+            "spikes": [dict(e) for e in self.spikes],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history = deque(state_dict["history"], maxlen=self.window)
+        self._loss_ema = state_dict["loss_ema"]
+        self._grad_ema = state_dict["grad_ema"]
+        self._grad_count = state_dict["grad_count"]
+        self._in_spike = state_dict["in_spike"]
+        self._in_nonfinite = state_dict["in_nonfinite"]
+        self.spikes = [dict(e) for e in state_dict["spikes"]]
+
+
+def _ema(ema: float | None, value: float, decay: float) -> float:
+    return value if ema is None else decay * ema + (1 - decay) * value

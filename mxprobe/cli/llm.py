@@ -1,0 +1,66 @@
+"""``mxprobe llm``: train or validate the OLMo-style byte-level LLM through LightningCLI.
+
+    mxprobe llm fit --config examples/configs/llm_tiny_cpu.yaml [--trainer.max_steps=200 ...]
+    mxprobe llm validate --config FILE.yaml [--ckpt_path CKPT]
+    mxprobe llm sizes [--flops 1e18]
+
+Model (``proxy_models.lit_llm.LLMModule``: architecture, ``scheme``, ``overrides``, optimizer),
+data (``ByteTextDataModule``) and trainer (callbacks, logger, strategy) all come from one YAML;
+any key can be overridden on the command line. The data's context is linked to the model's.
+The same YAML scales out with ``--trainer.strategy=ddp --trainer.devices=N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+
+
+def _sizes(argv: list[str], prog: str) -> int:
+    from proxy_models.llm import SIZES, size_table
+
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} sizes",
+        description="Named model sizes with parameter counts (and the steps a FLOPs budget buys "
+        "at 6 N D with 512 x 512-token batches, as the paper's sweep).",
+    )
+    parser.add_argument("names", nargs="*", help=f"sizes to show (default: {', '.join(SIZES)})")
+    parser.add_argument("--flops", type=float, default=None, help="training FLOPs budget")
+    args = parser.parse_args(argv)
+    print(size_table(args.names or None, flops=args.flops))
+    return 0
+
+
+def run(argv: list[str], prog: str) -> int:
+    if argv[:1] == ["sizes"]:
+        return _sizes(argv[1:], prog)
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from proxy_models.lit_llm import ByteTextDataModule, LLMModule
+
+    class LLMCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("model.context", "data.context", apply_on="instantiate")
+
+    if argv[:1] not in ([name] for name in LIGHTNING_SUBCOMMANDS) and not set(argv) & {"-h", "--help"}:
+        print(f"{prog}: expected a subcommand: {', '.join(LIGHTNING_SUBCOMMANDS)} or sizes")
+        return 2
+    # The args are sys.argv's tail when run as `mxprobe llm ...`; LightningCLI warns about
+    # receiving both, but sys.argv must stay whole: DDP re-launches the same command line.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    LLMCLI(
+        LLMModule,
+        ByteTextDataModule,
+        args=argv,
+        parser_kwargs={"prog": prog},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+    return 0

@@ -1,0 +1,222 @@
+"""Statistics of MX quantization and of gradient bias (pure torch, no Lightning).
+
+Quantization statistics compare a tensor ``x`` with its MX fake-quantized twin ``q``:
+
+- ``saturation_fraction``: elements whose magnitude exceeds the block's largest representable
+  value, ``|x| / 2^S > max_norm``, so that ``q`` is clipped to ``±max_norm * 2^S``.
+- ``floor_overflow_fraction``: blocks whose maximum has a mantissa above the element format's
+  largest mantissa, ``amax / 2^floor(log2 amax) > max_norm / 2^emax`` (e4m3: 1.75). Under
+  ``floor`` scaling (OCP) such a block's maximum always saturates; whatever the scale mode
+  this is a property of the data alone.
+- ``underflow_fraction``: of the nonzero elements of ``x``, the fraction that became zero.
+- ``sqnr_db``: ``10 log10(sum x^2 / sum (x - q)^2)``; +inf when ``q == x``.
+- ``relative_bias``: mean over nonzero elements of ``q / x - 1``: negative when quantization
+  shrinks magnitudes (saturation does), positive when it inflates them.
+- ``relative_error``: ``||q - x|| / ||x||``.
+
+Gradient comparison of a quantized gradient ``g_q`` with the full-precision gradient ``g_fp``
+at the same weights and batch (``compare_gradients``):
+
+- ``cosine``: ``<g_q, g_fp> / (||g_q|| ||g_fp||)``.
+- ``zeta``: ``||g_q - g_fp||^2 / ||g_fp||^2`` (the paper's relative gradient error).
+- ``bias``: the multiplicative bias ``<g_q, g_fp> / ||g_fp||^2 - 1``: the component of
+  ``g_q`` along ``g_fp`` is ``(1 + bias) g_fp``.
+- ``mean_diff``: ``mean(g_q - g_fp)``.
+- ``norm_ratio``: ``||g_q|| / ||g_fp||``.
+
+Sums are taken in float64 and kept as a 7-vector (``gradient_sums``) so that per-module
+statistics combine exactly into totals and across ranks by adding vectors. Identical inputs
+give ``zeta == 0``, ``bias == 0``, ``mean_diff == 0`` and ``norm_ratio == 1`` exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxprobe.formats import ElementFormat, mx_format
+from mxprobe.quantize import _pow2, block_scale_exponent, quantize_mx
+
+
+def _blocks(x: torch.Tensor, block_size: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 blocks of shape (nblocks, block_size), bool mask of real (unpadded) elements)."""
+    rows = x.detach().float().movedim(axis, -1)
+    rows = rows.reshape(-1, rows.shape[-1])
+    real = torch.ones_like(rows, dtype=torch.bool)
+    pad = (-rows.shape[-1]) % block_size
+    if pad:
+        rows = torch.nn.functional.pad(rows, (0, pad))
+        real = torch.nn.functional.pad(real, (0, pad))
+    return rows.reshape(-1, block_size), real.reshape(-1, block_size)
+
+
+def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.abs().amax(dim=-1, keepdim=True)
+
+
+def saturation_count(
+    x: torch.Tensor,
+    fmt: str | ElementFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    scale_mode: str = "floor",
+) -> torch.Tensor:
+    """Number of elements of ``x`` clipped by the saturating element format (int64 tensor)."""
+    f = mx_format(fmt)
+    blocks, _ = _blocks(x, block_size, axis)
+    s = block_scale_exponent(_block_amax(blocks), f, scale_mode)
+    return ((blocks * _pow2(-s)).abs() > f.max_norm).sum()
+
+
+def saturation_fraction(
+    x: torch.Tensor,
+    fmt: str | ElementFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    scale_mode: str = "floor",
+) -> torch.Tensor:
+    """Fraction of the elements of ``x`` whose MX value is clipped: ``|x| / 2^S > max_norm``."""
+    count = saturation_count(x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode)
+    return count.double() / max(x.numel(), 1)
+
+
+def floor_overflow_count(
+    x: torch.Tensor, fmt: str | ElementFormat, *, block_size: int = 32, axis: int = -1
+) -> tuple[torch.Tensor, int]:
+    """(number of blocks whose max mantissa exceeds ``max_norm / 2^emax``, number of blocks)."""
+    f = mx_format(fmt)
+    blocks, _ = _blocks(x, block_size, axis)
+    amax = _block_amax(blocks).squeeze(-1)
+    # amax / 2^floor(log2 amax) is 1 + (fp32 mantissa field) / 2^23, read from the bits once
+    # subnormals are scaled into the normal range (exact).
+    normal = torch.where(amax < 2.0**-126, amax * 2.0**64, amax)
+    mantissa = 1 + (normal.view(torch.int32) & 0x7FFFFF).double() / 2.0**23
+    over = (amax > 0) & (mantissa > f.max_norm / 2.0**f.emax)
+    return over.sum(), blocks.shape[0]
+
+
+def floor_overflow_fraction(
+    x: torch.Tensor, fmt: str | ElementFormat, *, block_size: int = 32, axis: int = -1
+) -> torch.Tensor:
+    """Fraction of blocks with ``amax / 2^floor(log2 amax) > max_norm / 2^emax``."""
+    count, blocks = floor_overflow_count(x, fmt, block_size=block_size, axis=axis)
+    return count.double() / max(blocks, 1)
+
+
+def underflow_fraction(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Of the nonzero elements of ``x``, the fraction whose quantized value ``q`` is zero."""
+    nonzero = x != 0
+    return ((q == 0) & nonzero).sum().double() / nonzero.sum().clamp_min(1).double()
+
+
+def sqnr_db(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Signal-to-quantization-noise ratio in dB (float64); +inf when ``q == x``."""
+    x64, q64 = x.detach().double(), q.detach().double()
+    return 10 * torch.log10(x64.square().sum() / (x64 - q64).square().sum())
+
+
+def relative_bias(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over the nonzero elements of ``x`` of ``q / x - 1`` (float64); 0 when all are 0."""
+    x64, q64 = x.detach().double(), q.detach().double()
+    nonzero = x64 != 0
+    ratios = q64[nonzero] / x64[nonzero] - 1
+    return ratios.mean() if ratios.numel() else torch.zeros((), dtype=torch.float64)
+
+
+def relative_error(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``||q - x|| / ||x||`` (float64)."""
+    x64, q64 = x.detach().double(), q.detach().double()
+    return torch.linalg.vector_norm(q64 - x64) / torch.linalg.vector_norm(x64)
+
+
+def quantization_sums(
+    x: torch.Tensor,
+    fmt: str | ElementFormat,
+    *,
+    block_size: int = 32,
+    axis: int = -1,
+    scale_mode: str = "floor",
+    rounding: str = "even",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Additive sums of one MX quantization of ``x`` (float64 6-vector): elements, saturated,
+    nonzero, underflowed to zero, signal energy ``sum x^2``, noise energy ``sum (x - q)^2``.
+
+    Sums of several tensors (or ranks) add; :func:`quantization_stats` turns them into
+    fractions and SQNR.
+    """
+    x = x.detach()
+    q = quantize_mx(
+        x,
+        fmt,
+        block_size=block_size,
+        axis=axis,
+        scale_mode=scale_mode,
+        rounding=rounding,
+        generator=generator,
+    )
+    x64, q64 = x.double(), q.double()
+    nonzero = x != 0
+    return torch.stack(
+        [
+            torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+            saturation_count(x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode)
+            .double(),
+            nonzero.sum().double(),
+            ((q == 0) & nonzero).sum().double(),
+            x64.square().sum(),
+            (x64 - q64).square().sum(),
+        ]
+    )
+
+
+def quantization_stats(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``saturation``, ``underflow`` and ``sqnr_db`` from :func:`quantization_sums`."""
+    numel, saturated, nonzero, underflow, signal, noise = sums.unbind()
+    return {
+        "saturation": saturated / numel.clamp_min(1),
+        "underflow": underflow / nonzero.clamp_min(1),
+        "sqnr_db": 10 * torch.log10(signal / noise),
+    }
+
+
+GRADIENT_STATS = ("cosine", "zeta", "bias", "mean_diff", "norm_ratio")
+
+
+def gradient_sums(g_q: torch.Tensor, g_fp: torch.Tensor) -> torch.Tensor:
+    """Float64 7-vector ``[n, <q,q>, <f,f>, <q,f>, ||q-f||^2, sum q, sum f]``.
+
+    The difference is summed directly rather than expanded from the dot products, so a small
+    ``zeta`` keeps its precision and identical gradients give exactly zero.
+    """
+    q, f = g_q.detach().reshape(-1).double(), g_fp.detach().reshape(-1).double()
+    return torch.stack(
+        [
+            torch.tensor(float(q.numel()), dtype=torch.float64, device=q.device),
+            torch.dot(q, q),
+            torch.dot(f, f),
+            torch.dot(q, f),
+            (q - f).square().sum(),
+            q.sum(),
+            f.sum(),
+        ]
+    )
+
+
+def gradient_comparison(sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The statistics of :data:`GRADIENT_STATS` from (a sum of) :func:`gradient_sums`."""
+    n, qq, ff, qf, dd, sq, sf = sums.unbind()
+    return {
+        "cosine": qf / (qq.sqrt() * ff.sqrt()),
+        "zeta": dd / ff,
+        "bias": qf / ff - 1,
+        "mean_diff": (sq - sf) / n.clamp_min(1),
+        "norm_ratio": (qq / ff).sqrt(),
+    }
+
+
+def compare_gradients(g_q: torch.Tensor, g_fp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``cosine``, ``zeta``, ``bias``, ``mean_diff``, ``norm_ratio`` of ``g_q`` against
+    ``g_fp`` (see the module docstring)."""
+    return gradient_comparison(gradient_sums(g_q, g_fp))

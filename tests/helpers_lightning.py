@@ -1,0 +1,115 @@
+"""A tiny MX LightningModule for the callback tests: pre-LN residual MLP student, fixed random
+teacher, batches generated from their global step (so resume is exact), Adam.
+
+Knobs for tests: ``return_dict`` (``training_step`` returns ``{"loss": ...}``), ``spike_at``
+(multiply the loss of that step by ``spike_factor``, on ``spike_rank`` only when given) and
+``nan_at`` (make the loss of that step NaN).
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+
+import mxprobe
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d, bias=False)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class StepBatches(IterableDataset):
+    """Batch ``i`` (x, teacher(x)) drawn from a generator seeded with ``(seed, i)``."""
+
+    def __init__(self, start: int, d: int, batch_size: int, seed: int = 0) -> None:
+        self.start, self.d, self.batch_size, self.seed = start, d, batch_size, seed
+        g = torch.Generator().manual_seed(seed)
+        self.teacher = torch.randn(d, d, generator=g) / d**0.5
+
+    def __iter__(self):
+        i = self.start
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            x = torch.randn(self.batch_size, self.d, generator=g)
+            yield x, torch.tanh(x @ self.teacher) + 0.01 * torch.randn(x.shape, generator=g)
+            i += 1
+
+
+class TinyMx(pl.LightningModule):
+    def __init__(
+        self,
+        d: int = 32,
+        depth: int = 2,
+        scheme: str = "mxfp8_e4m3",
+        lr: float = 3e-3,
+        batch_size: int = 32,
+        seed: int = 0,
+        return_dict: bool = False,
+        spike_at: int | None = None,
+        spike_factor: float = 1000.0,
+        spike_rank: int | None = None,
+        nan_at: int | None = None,
+        with_compute_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(*[Block(d) for _ in range(depth)])
+        mxprobe.convert(self.model, scheme)
+        self.d, self.lr, self.batch_size, self.seed = d, lr, batch_size, seed
+        self.return_dict = return_dict
+        self.spike_at, self.spike_factor, self.spike_rank = spike_at, spike_factor, spike_rank
+        self.nan_at = nan_at
+        if not with_compute_loss:
+            self.compute_loss = None
+
+    def compute_loss(self, batch) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.model(x), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
+        step = self.trainer.global_step
+        rank_ok = self.spike_rank is None or self.spike_rank == self.global_rank
+        if step == self.spike_at and rank_ok:
+            loss = loss * self.spike_factor
+        if step == self.nan_at:
+            loss = loss * float("nan")
+        self.log("train/loss", loss)
+        return {"loss": loss} if self.return_dict else loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        data = StepBatches(self.trainer.global_step, self.d, self.batch_size, self.seed)
+        return DataLoader(data, batch_size=None)
+
+
+def trainer(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
+    """A quiet single-process CPU trainer writing under ``root``."""
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        default_root_dir=os.fspath(root),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)

@@ -1,0 +1,41 @@
+"""The torch.compile'd CPU path (used for large tensors) equals the eager path bit for bit."""
+
+import pytest
+import torch
+
+import mxprobe.quantize as quantize
+from tests.conftest import bits_equal
+from tests.test_quantize import adversarial
+
+
+@pytest.fixture
+def compiled():
+    previous = quantize.set_compile(True)
+    yield
+    quantize.set_compile(previous)
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, rounding, dtype",
+    [
+        ("fp8_e4m3", "floor", "even", torch.float32),
+        ("fp4_e2m1", "rceil", "nearest", torch.bfloat16),
+    ],
+)
+def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
+    g = torch.Generator().manual_seed(3)
+    rand = torch.randn(2048, 64, generator=g) * torch.exp(3 * torch.randn(2048, 64, generator=g))
+    adv = adversarial(fmt)[:16].reshape(-1, 64)
+    x = torch.cat([rand, adv]).to(dtype)
+    assert x.numel() >= quantize._COMPILE_MIN_NUMEL
+    got = quantize.quantize_mx(x, fmt, scale_mode=mode, rounding=rounding, backend="torch")
+    assert not quantize._compile_failed, "the compiled path fell back to eager"
+    assert (quantize.mx_format(fmt), mode, rounding, dtype) in quantize._compiled
+    quantize.set_compile(False)
+    want = quantize.quantize_mx(x, fmt, scale_mode=mode, rounding=rounding, backend="torch")
+    assert bits_equal(got, want)
+    # the transposed axis goes through the same compiled function
+    quantize.set_compile(True)
+    got0 = quantize.quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding)
+    quantize.set_compile(False)
+    assert bits_equal(got0, quantize.quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding))
