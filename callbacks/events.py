@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 
 EVENTS_FILE = "events.jsonl"
 
@@ -74,6 +75,19 @@ def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def is_monitored_step(step: int, every_n_steps: int) -> bool:
     return every_n_steps > 0 and step % every_n_steps == 0
+
+
+class PeriodicMonitor(Callback):
+    """Base of the monitors that measure at every ``every_n_steps``-th optimizer step and log
+    under ``metric_prefix`` (how :class:`~callbacks.PrecisionIntervention` tells a fresh
+    measurement from a stale value in ``trainer.callback_metrics``)."""
+
+    metric_prefix = ""
+    every_n_steps = 1
+
+    def measures(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is measured."""
+        return is_monitored_step(step, self.every_n_steps)
 
 
 def reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:

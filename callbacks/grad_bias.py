@@ -8,11 +8,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
-from callbacks.events import check_every_n_steps, is_monitored_step, log_stats, reduce_mean
+from callbacks.events import (
+    PeriodicMonitor,
+    check_every_n_steps,
+    is_monitored_step,
+    log_stats,
+    reduce_mean,
+)
 from mxprobe import full_precision
 from mxprobe.stats import gradient_comparison, gradient_sums
 
@@ -25,7 +30,7 @@ COMPUTE_LOSS_PROTOCOL = (
 )
 
 
-class GradientBiasMonitor(Callback):
+class GradientBiasMonitor(PeriodicMonitor):
     r"""Compare the MX gradient with the full-precision gradient at the same weights and batch.
 
     Every ``every_n_steps`` optimizer steps (``global_step % every_n_steps == 0``), in
@@ -67,6 +72,8 @@ class GradientBiasMonitor(Callback):
 
         trainer = Trainer(callbacks=[GradientBiasMonitor(every_n_steps=50)])
     """
+
+    metric_prefix = "mx/grad_bias/"
 
     def __init__(self, every_n_steps: int = 50, modules: str = "*", per_module: bool = True) -> None:
         check_every_n_steps(every_n_steps)

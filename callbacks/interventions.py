@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from callbacks.events import EventLog, reduce_sum, scheme_strings
+from callbacks.events import EventLog, PeriodicMonitor, reduce_sum, scheme_strings
 from callbacks.rules import (
     OPERATORS,
     MetricTrigger,
@@ -57,10 +57,12 @@ class PrecisionIntervention(Callback):
     - ``step`` trigger ``at: g`` fires at ``g`` (before step ``g`` trains).
     - ``spike`` trigger fires at ``g`` when a :class:`~callbacks.LossSpikeDetector` reported an
       event of the requested signal for step ``g - 1``.
-    - ``metric`` trigger reads ``trainer.callback_metrics[name]``; a *measurement* is a value
-      logged since the previous check (Lightning stores a new tensor per ``self.log`` call),
-      so ``for_steps: 3`` on a metric logged every 50 steps means three consecutive
-      measurements. Checks start once one optimizer step has completed in this fit (and at
+    - ``metric`` trigger compares the latest ``trainer.callback_metrics[name]`` with
+      ``value``, once per *measurement*: for a metric of an mxprobe monitor
+      (``mx/grad_bias/``, ``mx/norm_affine/``, ``mx/activations/``) a measurement is a step
+      the monitor measured, so ``for_steps: 3`` with ``every_n_steps=50`` means three
+      consecutive measurements (100+ steps); any other metric is read at every step. Checks
+      start once one optimizer step has completed in this fit (and at
       ``global_step >= after``); a metric absent from ``callback_metrics`` at its first check
       stops training with a message listing the metrics that exist.
 
@@ -134,7 +136,6 @@ class PrecisionIntervention(Callback):
         self._pending_schemes: dict[str, str | None] | None = None
         self._checked_step: int | None = None
         self._start_step = 0
-        self._last_metric: dict[str, Any] = {}
 
     @staticmethod
     def _fresh_rule_state() -> dict[str, Any]:
@@ -178,7 +179,6 @@ class PrecisionIntervention(Callback):
         self._apply_pending_schemes()
         self._start_step = trainer.global_step
         self._checked_step = None
-        self._last_metric = {}
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -249,9 +249,13 @@ class PrecisionIntervention(Callback):
         if metric is None:
             return False, False, not state["seen"], {}
         state["seen"] = True
-        fresh = metric is not self._last_metric.get(rule.name)
-        self._last_metric[rule.name] = metric
         value = float(metric)
+        producers = [
+            c
+            for c in trainer.callbacks
+            if isinstance(c, PeriodicMonitor) and trigger.name.startswith(c.metric_prefix)
+        ]
+        fresh = producers[0].measures(step - 1) if producers else True
         return OPERATORS[trigger.op](value, trigger.value), fresh, False, {trigger.name: value}
 
     def _may_fire(self, rule: Rule, step: int) -> bool:

@@ -7,11 +7,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.optim import Optimizer
 
-from callbacks.events import check_every_n_steps, is_monitored_step, log_stats, reduce_sum
+from callbacks.events import (
+    PeriodicMonitor,
+    check_every_n_steps,
+    is_monitored_step,
+    log_stats,
+    reduce_sum,
+)
 from mxprobe.formats import canonical_format, is_mx
 from mxprobe.modules import MxLinear, MxModule
 from mxprobe.quantize import quantize_mx
@@ -50,7 +55,7 @@ def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple
     return reference, scheme or PrecisionScheme(), False
 
 
-class NormAffineMonitor(Callback):
+class NormAffineMonitor(PeriodicMonitor):
     r"""Block-quantization statistics of every LayerNorm/RMSNorm affine weight (γ) and bias (β).
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (the weights the
@@ -89,6 +94,8 @@ class NormAffineMonitor(Callback):
 
         trainer = Trainer(callbacks=[NormAffineMonitor(every_n_steps=50)])
     """
+
+    metric_prefix = "mx/norm_affine/"
 
     def __init__(
         self, every_n_steps: int = 50, reference_format: str | None = "e4m3", modules: str = "*"
@@ -147,7 +154,7 @@ class NormAffineMonitor(Callback):
         return stats
 
 
-class ActivationMonitor(Callback):
+class ActivationMonitor(PeriodicMonitor):
     r"""Quantization statistics of the inputs of MX linear layers.
 
     On every ``every_n_steps``-th optimizer step a forward hook is attached to each
@@ -179,6 +186,8 @@ class ActivationMonitor(Callback):
 
         trainer = Trainer(callbacks=[ActivationMonitor(every_n_steps=50)])
     """
+
+    metric_prefix = "mx/activations/"
 
     def __init__(
         self, every_n_steps: int = 50, modules: str = "*", reference_format: str | None = None

@@ -125,9 +125,11 @@ def relative_bias(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def relative_error(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``||q - x|| / ||x||`` (float64)."""
+    """``||q - x|| / ||x||`` (float64); 0 for an all-zero ``x`` (whose MX value is zero too)."""
     x64, q64 = x.detach().double(), q.detach().double()
-    return torch.linalg.vector_norm(q64 - x64) / torch.linalg.vector_norm(x64)
+    norm = torch.linalg.vector_norm(x64)
+    error = torch.linalg.vector_norm(q64 - x64)
+    return torch.where(norm > 0, error / norm.clamp_min(torch.finfo(torch.float64).tiny), error)
 
 
 def quantization_sums(

@@ -118,7 +118,7 @@ class ProxyDataModule(pl.LightningDataModule):
 
     def train_start_index(self) -> int:
         """Index of the first training batch: the batches the run has consumed so far."""
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return 0
         return trainer.global_step * trainer.accumulate_grad_batches

@@ -62,7 +62,6 @@ class TinyMx(pl.LightningModule):
         spike_factor: float = 1000.0,
         spike_rank: int | None = None,
         nan_at: int | None = None,
-        with_compute_loss: bool = True,
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -72,15 +71,16 @@ class TinyMx(pl.LightningModule):
         self.return_dict = return_dict
         self.spike_at, self.spike_factor, self.spike_rank = spike_at, spike_factor, spike_rank
         self.nan_at = nan_at
-        if not with_compute_loss:
-            self.compute_loss = None
 
-    def compute_loss(self, batch) -> torch.Tensor:
+    def mse(self, batch) -> torch.Tensor:
         x, y = batch
         return F.mse_loss(self.model(x), y)
 
+    def compute_loss(self, batch) -> torch.Tensor:
+        return self.mse(batch)
+
     def training_step(self, batch, batch_idx):
-        loss = self.compute_loss(batch)
+        loss = self.mse(batch)
         step = self.trainer.global_step
         rank_ok = self.spike_rank is None or self.spike_rank == self.global_rank
         if step == self.spike_at and rank_ok:
@@ -96,6 +96,12 @@ class TinyMx(pl.LightningModule):
     def train_dataloader(self):
         data = StepBatches(self.trainer.global_step, self.d, self.batch_size, self.seed)
         return DataLoader(data, batch_size=None)
+
+
+class NoComputeLoss(TinyMx):
+    """The same module without the ``compute_loss`` protocol."""
+
+    compute_loss = None
 
 
 def trainer(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:

@@ -67,32 +67,6 @@ def gaussian_stats(numel: int, block_size: int, seed: int) -> list[dict]:
     return rows
 
 
-def plot_e4m3_gaps(path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    f = mx_format("fp8_e4m3")
-    values = f.magnitudes()  # codes 0x00..0x7E
-    idx = list(range(1, len(values) - 1))
-    gaps = [(values[i + 1] - values[i]) / values[i] for i in idx]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.semilogy(idx, gaps, ".-", color="C0", label="E4M3 (positive codes)")
-    top = len(values) - 1
-    # Under the floor scale a block max lands in [256, 512) after scaling; (448, 512) has no code.
-    ax.axvspan(top, top + 2, color="C3", alpha=0.25, label="overflow: scaled max in (448, 512)")
-    ax.axvline(top, color="C3", lw=1)
-    ax.set_xlabel("code index (0x01 .. 0x7E)")
-    ax.set_ylabel("relative gap to next code, (v[i+1] - v[i]) / v[i]")
-    ax.set_title("E4M3: relative spacing of consecutive codes")
-    ax.legend(loc="upper right")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _print_rows(rows: list[dict]) -> None:
     keys = list(rows[0])
     widths = [max(len(str(k)), *(len(str(r[k])) for r in rows)) for k in keys]
@@ -123,6 +97,8 @@ def run(argv: list[str], prog: str = "mxprobe formats") -> int:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    plot_e4m3_gaps(out / "e4m3_code_gaps.png")
+    from mxprobe.plots import e4m3_code_gaps  # matplotlib only when drawing
+
+    e4m3_code_gaps(out / "e4m3_code_gaps.png")
     print(f"\nwrote {out / 'formats.csv'}, {out / 'gaussian_sqnr.csv'}, {out / 'e4m3_code_gaps.png'}")
     return 0

@@ -1,0 +1,259 @@
+"""``mxprobe proxy``: train the paper's student-teacher proxy.
+
+- ``mxprobe proxy fit --config FILE.yaml`` / ``validate`` — LightningCLI over
+  ``ProxyLitModule`` and ``ProxyDataModule``; every Trainer option, callback and rule is set in
+  the YAML (the data module's width, depth and activation follow the model's).
+- ``mxprobe proxy compare --config FILE.yaml --schemes fp32,mxfp8_e4m3 [--seeds 0,1,2]
+  [--out DIR] [--jobs N]`` — trains every (scheme, seed) from the same initial weights on the same
+  batches (seed = model seed = data seed), one run directory each with its CSVLogger
+  ``metrics.csv``, and writes ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`).
+
+Divergence (docs/proxy.md): a step is *high* when its loss is non-finite or above
+``factor`` × the running minimum of the loss so far. A run *diverges* at the first step of
+``patience`` consecutive high steps (a non-finite loss diverges at once); a shorter high episode
+that ends is a *recovered spike*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+SUMMARY_COLUMNS = (
+    "scheme",
+    "seed",
+    "final_loss",
+    "min_loss",
+    "diverged",
+    "divergence_step",
+    "recovered_spikes",
+)
+DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_PATIENCE = 100
+
+
+@dataclass
+class DivergenceTracker:
+    """Online divergence test over a loss sequence (one value per optimizer step).
+
+    ``update(loss)`` returns True once the run has diverged (see the module docstring).
+    """
+
+    factor: float = DIVERGENCE_FACTOR
+    patience: int = DIVERGENCE_PATIENCE
+    running_min: float = math.inf
+    high_since: int | None = None
+    divergence_step: int | None = None
+    recovered_spikes: int = 0
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def update(self, loss: float) -> bool:
+        step = self.step
+        self.step += 1
+        self.losses.append(loss)
+        if self.divergence_step is not None:
+            return True
+        finite = math.isfinite(loss)
+        if finite and loss <= self.factor * self.running_min:
+            if self.high_since is not None:
+                self.recovered_spikes += 1
+            self.high_since = None
+        elif self.high_since is None:
+            self.high_since = step
+        if finite:
+            self.running_min = min(self.running_min, loss)
+        if not finite or (self.high_since is not None and step - self.high_since + 1 >= self.patience):
+            self.divergence_step = self.high_since
+        return self.divergence_step is not None
+
+    def summary(self) -> dict:
+        finite = [v for v in self.losses if math.isfinite(v)]
+        return {
+            "final_loss": self.losses[-1] if self.losses else math.nan,
+            "min_loss": min(finite) if finite else math.nan,
+            "diverged": "true" if self.divergence_step is not None else "false",
+            "divergence_step": "" if self.divergence_step is None else self.divergence_step,
+            "recovered_spikes": self.recovered_spikes,
+        }
+
+
+def divergence_summary(
+    losses: list[float], factor: float = DIVERGENCE_FACTOR, patience: int = DIVERGENCE_PATIENCE
+) -> dict:
+    """The summary columns (without scheme and seed) of a finished loss sequence."""
+    tracker = DivergenceTracker(factor, patience)
+    for value in losses:
+        tracker.update(value)
+    return tracker.summary()
+
+
+def _divergence_callback(tracker: DivergenceTracker, stop: bool):
+    import lightning.pytorch as pl
+
+    class DivergenceWatch(pl.Callback):
+        """Feeds every training loss to the tracker; stops the run once it diverged if asked."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if tracker.update(float(loss)) and stop:
+                trainer.should_stop = True
+
+    return DivergenceWatch()
+
+
+def _cli_class():
+    from lightning.pytorch.cli import LightningCLI
+
+    class ProxyCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            for key in ("width", "depth", "activation"):
+                parser.link_arguments(f"model.{key}", f"data.{key}")
+
+    return ProxyCLI
+
+
+def make_cli(args: list[str], run: bool = True, **kwargs):
+    """The LightningCLI of the proxy for ``args`` (subcommand first when ``run``)."""
+    from proxy_models.data import ProxyDataModule
+    from proxy_models.lit import ProxyLitModule
+
+    return _cli_class()(
+        ProxyLitModule,
+        ProxyDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        **kwargs,
+    )
+
+
+def train_run(
+    config: str | None,
+    run_dir: str,
+    args: list[str] = (),
+    stop_on_divergence: bool = True,
+    factor: float = DIVERGENCE_FACTOR,
+    patience: int = DIVERGENCE_PATIENCE,
+    threads: int | None = None,
+) -> dict:
+    """Train one proxy run into ``run_dir`` (CSVLogger ``metrics.csv`` there) and return its
+    divergence summary plus ``steps`` and ``wall_s``; ``args`` are extra LightningCLI arguments
+    such as ``--model.scheme=mxfp8_e4m3``."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    run_path = Path(run_dir)
+    run_path.mkdir(parents=True, exist_ok=True)
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run_path), "name": "", "version": ""},
+    }
+    cli_args = ([f"--config={config}"] if config else []) + list(args)
+    cli_args += [f"--trainer.logger={json.dumps(logger)}", f"--trainer.default_root_dir={run_path}"]
+    start = time.perf_counter()
+    cli = make_cli(cli_args, run=False)
+    tracker = DivergenceTracker(factor, patience)
+    cli.trainer.callbacks.append(_divergence_callback(tracker, stop_on_divergence))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    row = tracker.summary()
+    row.update(steps=tracker.step, wall_s=round(time.perf_counter() - start, 1))
+    return row
+
+
+def _compare_one(job: tuple) -> dict:
+    config, out, scheme, seed, extra, stop, factor, patience, threads = job
+    run_dir = Path(out) / f"{scheme.replace('=', '-').replace(',', '_')}-seed{seed}"
+    args = [f"--model.scheme={scheme}", f"--model.seed={seed}", f"--data.seed={seed}", *extra]
+    row = train_run(config, str(run_dir), args, stop, factor, patience, threads)
+    return {"scheme": scheme, "seed": seed, **row, "run_dir": str(run_dir)}
+
+
+def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
+    """Write ``rows`` (extra keys ignored) atomically: a reader never sees half a table."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def compare(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{prog} compare",
+        description="Train each scheme from the same initial weights on the same batches.",
+    )
+    parser.add_argument("--config", required=True, help="LightningCLI YAML (trainer/model/data)")
+    parser.add_argument("--schemes", required=True,
+                        help="comma-separated schemes; separate with ';' when a scheme string "
+                        "itself has commas (e.g. 'mxfp8_e4m3;mxfp8_e4m3,norm=bf16')")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--out", default="runs/compare", help="output directory")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra LightningCLI argument, e.g. trainer.max_steps=100 (repeatable)")
+    parser.add_argument("--no-stop", action="store_true",
+                        help="keep training after divergence (default: stop there)")
+    parser.add_argument("--factor", type=float, default=DIVERGENCE_FACTOR)
+    parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
+    ns = parser.parse_args(argv)
+    schemes = [s.strip() for s in (ns.schemes.split(";") if ";" in ns.schemes
+                                   else ns.schemes.split(","))]
+    seeds = [int(s) for s in ns.seeds.split(",")]
+    extra = [f"--{item}" for item in ns.set]
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // ns.jobs) if ns.jobs > 1 else None
+    jobs = [
+        (ns.config, str(out), scheme, seed, extra, not ns.no_stop, ns.factor, ns.patience, threads)
+        for seed in seeds
+        for scheme in schemes
+    ]
+    if ns.jobs > 1:
+        with ProcessPoolExecutor(ns.jobs, mp_context=get_context("spawn")) as pool:
+            rows = list(pool.map(_compare_one, jobs))
+    else:
+        rows = [_compare_one(job) for job in jobs]
+    write_csv(out / "summary.csv", rows, (*SUMMARY_COLUMNS, "steps", "wall_s"))
+    width = max(len(r["scheme"]) for r in rows)
+    print(f"{'scheme':<{width}}  seed  diverged  step   final_loss  min_loss    wall_s")
+    for r in rows:
+        print(
+            f"{r['scheme']:<{width}}  {r['seed']:<4}  {r['diverged']:<8}  "
+            f"{str(r['divergence_step']):<5}  {r['final_loss']:<10.4g}  {r['min_loss']:<10.4g}  "
+            f"{r['wall_s']}"
+        )
+    print(f"summary: {out / 'summary.csv'}")
+    return 0
+
+
+def run(argv: list[str], prog: str) -> int:
+    if argv and argv[0] == "compare":
+        return compare(argv[1:], prog)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            f"usage: {prog} {{fit,validate,compare}} ...\n\n"
+            "  fit / validate   LightningCLI: --config FILE.yaml, any --trainer/--model/--data key\n"
+            "  compare          same init and batches for several schemes and seeds; summary.csv\n",
+            file=sys.stdout if argv else sys.stderr,
+        )
+        return 0 if argv else 2
+    if argv[0] not in ("fit", "validate"):
+        print(
+            f"{prog}: unknown subcommand {argv[0]!r}; expected one of fit, validate, compare",
+            file=sys.stderr,
+        )
+        return 2
+    make_cli(argv, run=True, parser_kwargs={"prog": prog})
+    return 0

@@ -1,0 +1,25 @@
+"""``mxprobe report RUN_DIR [RUN_DIR ...] --out DIR``: figures, report.md and report.html."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mxprobe.report import NoRunsError, build_report
+
+
+def run(argv: list[str], prog: str = "mxprobe report") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (searched for metrics.csv)")
+    parser.add_argument("--out", default="report", help="output directory (default: report)")
+    args = parser.parse_args(argv)
+    try:
+        report = build_report(args.runs, args.out)
+    except NoRunsError as err:
+        print(f"mxprobe report: {err}", file=sys.stderr)
+        return 1
+    drawn = sum(s.image is not None for s in report.sections)
+    print(f"{len(report.runs)} run(s), {drawn}/{len(report.sections)} figures -> {args.out}/report.md, {args.out}/report.html")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0

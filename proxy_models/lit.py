@@ -1,0 +1,148 @@
+"""LightningModule of the student-teacher proxy (MSE, Adam, MX emulation through mxprobe.convert)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+
+import mxprobe
+from mxprobe.scheme import PrecisionScheme, parse_scheme
+from proxy_models.student_teacher import ProxyConfig, build_student
+
+SCHEDULES = ("constant", "cosine")
+
+
+class ProxyLitModule(pl.LightningModule):
+    """The paper's proxy student trained with MSE against the data module's teacher targets.
+
+    Args:
+        depth: residual blocks of the student.
+        width: model width d.
+        activation: φ, one of ``gelu``, ``swiglu``, ``relu``, ``linear``.
+        layer_norm: pre-LN in every block (``False``: the paper's no-LN ablation).
+        init: ``default`` (PyTorch's init, the paper) or ``custom`` (see ``ProxyConfig``).
+        seed: seed of the student's initial weights; runs with the same seed start from the same
+            weights whatever their scheme.
+        lr: Adam learning rate (the paper: 6e-4).
+        betas: Adam betas (the paper: 0.9, 0.999).
+        eps: Adam epsilon (the paper: 1e-8).
+        schedule: ``constant`` (the paper) or ``cosine`` (decays to ``min_lr_ratio`` · lr at
+            ``trainer.max_steps``).
+        warmup_steps: linear warmup from 0 (0 = none, the paper).
+        min_lr_ratio: final lr of the cosine schedule as a fraction of ``lr``.
+        scheme: precision scheme (preset or string form, see ``mxprobe.scheme``).
+        overrides: per-layer overrides ``{glob on module name: scheme or partial}``, e.g.
+            ``{"blocks.*.ln": "norm=bf16"}``.
+
+    Gradient clipping is off unless the Trainer's ``gradient_clip_val`` asks for it (the paper
+    does not clip). Modules whose resolved scheme is all-fp32 run PyTorch's own forward
+    (``mx_scheme = None``), so an fp32 run is bit-identical to an unconverted model; every module
+    is still an MX module, so callbacks can switch its precision mid-run.
+
+    Raises:
+        ValueError: for an unknown activation, init, schedule, scheme or override.
+
+    Example::
+
+        model = ProxyLitModule(depth=4, width=64, lr=1e-2, scheme="mxfp8_e4m3")
+        loss = model.compute_loss((x, y))
+    """
+
+    def __init__(
+        self,
+        depth: int = 4,
+        width: int = 512,
+        activation: str = "gelu",
+        layer_norm: bool = True,
+        init: str = "default",
+        seed: int = 0,
+        lr: float = 6e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.1,
+        scheme: str = "fp32",
+        overrides: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__()
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+        self.save_hyperparameters()
+        self.config = ProxyConfig(depth, width, activation, layer_norm, init)
+        self.student = build_student(self.config, seed)
+        mxprobe.convert(self.student, scheme, overrides)
+        full = PrecisionScheme()
+        for module in self.student.modules():
+            if isinstance(module, mxprobe.modules.MxModule) and module.mx_scheme == full:
+                module.mx_scheme = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """MSE of the student on ``batch = (x, y)``; no logging, no side effects."""
+        x, y = batch
+        return F.mse_loss(self.student(x), y)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.log("val/loss", self.compute_loss(batch), on_step=False, on_epoch=True)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        if hp.schedule == "constant" and hp.warmup_steps == 0:
+            return optimizer
+        total = self.trainer.max_steps
+        if hp.schedule == "cosine" and total <= 0:
+            raise ValueError("schedule 'cosine' needs trainer.max_steps > 0 to know where it ends")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _LrFactor(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Schemes switched mid-run (interventions) must survive a resume.
+        checkpoint["mx_schemes"] = {
+            name: None if s is None else s.to_dict()
+            for name, s in mxprobe.schemes_of(self.student).items()
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("mx_schemes")
+        if saved is not None:
+            mxprobe.restore_schemes(
+                self.student,
+                {n: None if d is None else PrecisionScheme.from_dict(d) for n, d in saved.items()},
+            )
+
+    @property
+    def scheme(self) -> PrecisionScheme:
+        """The scheme this module was built with (interventions may have changed modules since)."""
+        return parse_scheme(self.hparams.scheme)
+
+
+class _LrFactor:
+    """lr multiplier at a step: linear warmup, then constant or cosine to ``min_ratio``.
+
+    A class, not a lambda, so the scheduler's state pickles into checkpoints.
+    """
+
+    def __init__(self, schedule: str, warmup: int, total: int, min_ratio: float) -> None:
+        self.schedule, self.warmup, self.total, self.min_ratio = schedule, warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,135 @@
+"""mxprobe.stats against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from mxprobe.quantize import block_scale_exponent, quantize_mx
+from mxprobe.stats import (
+    compare_gradients,
+    floor_overflow_fraction,
+    gradient_comparison,
+    gradient_sums,
+    quantization_stats,
+    quantization_sums,
+    relative_bias,
+    relative_error,
+    saturation_fraction,
+    sqnr_db,
+    underflow_fraction,
+)
+
+
+def _block(*head: float, size: int = 32, fill: float = 1.0) -> torch.Tensor:
+    x = torch.full((size,), fill)
+    x[: len(head)] = torch.tensor(head)
+    return x
+
+
+def test_saturation_by_hand():
+    # amax 1.9: floor scale 2^(0-8); e4m3 max_norm 448 = 1.75 * 2^8, so |x| > 1.75 clips.
+    x = _block(1.9, -1.8, 1.75, 1.7)
+    assert saturation_fraction(x, "e4m3").item() == 2 / 32
+    q = quantize_mx(x, "e4m3")
+    assert q[:3].tolist() == [1.75, -1.75, 1.75]
+    # e5m2: max_norm 57344 = 1.75 * 2^15, same mantissa limit.
+    assert saturation_fraction(x, "e5m2").item() == 2 / 32
+    # rceil picks a scale with amax <= max_norm: nothing clips.
+    assert saturation_fraction(x, "e4m3", scale_mode="rceil").item() == 0.0
+
+
+def test_saturation_matches_quantizer():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.rand(64, 96, generator=g).pow(-2)
+    q = quantize_mx(x, "e4m3", axis=0)
+    blocks = x.t().reshape(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    limit = 448.0 * torch.exp2(block_scale_exponent(amax, __import__("mxprobe").mx_format("e4m3"), "floor").float())
+    flagged = blocks.abs() > limit
+    qb = q.t().reshape(-1, 32)
+    assert torch.equal(qb.abs()[flagged], limit.expand_as(qb)[flagged])
+    assert (qb.abs() <= limit).all()
+    assert saturation_fraction(x, "e4m3", axis=0).item() == flagged.sum().item() / x.numel()
+
+
+def test_floor_overflow_by_hand():
+    x = torch.cat([_block(1.9), _block(1.5), _block(-3.6), torch.zeros(32)])
+    # Mantissas of the block maxima: 1.9, 1.5, 1.8 (3.6 = 1.8 * 2), none (zero block).
+    assert floor_overflow_fraction(x, "e4m3").item() == 2 / 4
+    # int8: max 127/64 = 1.984375, emax 0; fp4 e2m1: 6 = 1.5 * 2^2.
+    assert floor_overflow_fraction(x, "int8").item() == 0.0
+    assert floor_overflow_fraction(x, "e2m1").item() == 2 / 4
+    # Subnormal fp32 maxima are read exactly: 1.9 * 2^-130.
+    tiny = _block(1.875 * 2.0**-130, fill=0.0)
+    assert floor_overflow_fraction(tiny, "e4m3").item() == 1.0
+    # A tail block is zero-padded: 40 elements make two blocks.
+    assert floor_overflow_fraction(torch.full((40,), 1.9), "e4m3").item() == 1.0
+
+
+def test_underflow_by_hand():
+    # Scale 2^-8 from amax 1; 2^-20 / 2^-8 = 2^-12 is below e4m3's smallest subnormal 2^-9.
+    x = _block(1.0, 2.0**-20, 2.0**-16, fill=0.0)
+    q = quantize_mx(x, "e4m3")
+    assert q[1].item() == 0.0 and q[2].item() == 2.0**-16
+    assert underflow_fraction(x, q).item() == 1 / 3  # zeros of x do not count
+
+
+def test_sqnr_and_relative_errors_by_hand():
+    x = torch.tensor([2.0, -4.0])
+    q = torch.tensor([1.5, -4.5])
+    assert sqnr_db(x, q).item() == pytest.approx(10 * math.log10(20 / 0.5))
+    assert sqnr_db(x, x).item() == math.inf
+    assert relative_bias(x, q).item() == pytest.approx((-0.25 + 0.125) / 2)
+    assert relative_error(x, q).item() == pytest.approx(math.sqrt(0.5 / 20))
+    zeros = torch.zeros(3)
+    assert relative_error(zeros, zeros).item() == 0.0
+    assert relative_bias(zeros, zeros).item() == 0.0
+
+
+def test_quantization_sums_add_up():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 64, generator=g) * 10
+    x[0, :5] = 1e-9
+    whole = quantization_sums(x, "e4m3")
+    halves = quantization_sums(x[:4], "e4m3") + quantization_sums(x[4:], "e4m3")
+    assert torch.allclose(whole, halves, rtol=1e-12)
+    stats = quantization_stats(whole)
+    q = quantize_mx(x, "e4m3")
+    assert stats["saturation"].item() == saturation_fraction(x, "e4m3").item()
+    assert stats["underflow"].item() == underflow_fraction(x, q).item()
+    assert stats["sqnr_db"].item() == pytest.approx(sqnr_db(x, q).item(), rel=1e-12)
+
+
+def test_gradient_comparison_by_hand():
+    stats = compare_gradients(torch.tensor([2.0, 1.0]), torch.tensor([1.0, 0.0]))
+    assert stats["cosine"].item() == pytest.approx(2 / math.sqrt(5))
+    assert stats["zeta"].item() == pytest.approx(2.0)
+    assert stats["bias"].item() == pytest.approx(1.0)
+    assert stats["mean_diff"].item() == pytest.approx(1.0)
+    assert stats["norm_ratio"].item() == pytest.approx(math.sqrt(5))
+    # A pure rescaling: cosine 1, bias = scale - 1, zeta = (scale - 1)^2.
+    g = torch.randn(100, generator=torch.Generator().manual_seed(2))
+    scaled = compare_gradients(0.5 * g, g)
+    assert scaled["bias"].item() == pytest.approx(-0.5)
+    assert scaled["zeta"].item() == pytest.approx(0.25)
+    assert scaled["cosine"].item() == pytest.approx(1.0)
+
+
+def test_identical_gradients_are_exact():
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    stats = compare_gradients(g, g.clone())
+    assert stats["zeta"].item() == 0.0
+    assert stats["bias"].item() == 0.0
+    assert stats["mean_diff"].item() == 0.0
+    assert stats["norm_ratio"].item() == 1.0
+    assert stats["cosine"].item() == pytest.approx(1.0, abs=1e-15)
+
+
+def test_gradient_sums_combine_over_parts():
+    gen = torch.Generator().manual_seed(4)
+    q, f = torch.randn(2, 50, generator=gen)
+    parts = gradient_sums(q[:20], f[:20]) + gradient_sums(q[20:], f[20:])
+    whole = compare_gradients(q, f)
+    for name, value in gradient_comparison(parts).items():
+        assert value.item() == pytest.approx(whole[name].item(), rel=1e-12, abs=1e-15)
