@@ -1,81 +1,13 @@
-"""Quantizer throughput: ``quantize_mx`` per format next to ``x.clone()`` and torchao, one run.
+"""Quantizer throughput per format next to ``x.clone()`` and torchao, measured in one run.
 
-    python benchmarks/quant_bench.py [--size 4096] [--threads 2] [--reps 5]
+    python benchmarks/quant_bench.py [--size 4096] [--threads 2] [--reps 5] [--device cuda]
 
-Prints Melem/s for each (dtype, format) on a size x size tensor, the ratio to ``clone()``
-measured in the same run (the issue's goal: >= 0.33 for fp32 e4m3 floor/even on 2 threads), and,
-when torchao is installed, its eager ``MXTensor.to_mx(...).dequantize()`` throughput.
-The first call of each variant includes torch.compile; it is timed separately as warm-up.
+The body lives in ``mxprobe/cli/bench.py`` so that ``mxprobe bench`` runs the same thing.
 """
 
-from __future__ import annotations
+import sys
 
-import argparse
-import statistics
-import time
-
-import torch
-
-from mxprobe.formats import MX_FORMAT_NAMES
-from mxprobe.quantize import quantize_mx
-
-
-def _median_seconds(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _torchao_fn(x: torch.Tensor, fmt: str):
-    try:
-        from torchao.prototype.mx_formats.mx_tensor import MXTensor
-    except ImportError:
-        return None
-    dtypes = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-    if fmt not in dtypes:
-        return None
-    return lambda: MXTensor.to_mx(x, dtypes[fmt], 32).dequantize(x.dtype)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    n = args.size * args.size
-    print(f"{args.size}x{args.size}, device {args.device}, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'dtype':9} {'format':9} {'warmup_s':>8} {'Melem/s':>9} {'clone':>9} {'ratio':>6} {'torchao':>9}")
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(args.size, args.size, device=args.device).to(dtype)
-        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-        for fmt in MX_FORMAT_NAMES:
-            t0 = time.perf_counter()
-            quantize_mx(x, fmt)
-            sync()
-            warm = time.perf_counter() - t0
-            # clone and quantize alternate so both see the same machine state
-            t_clone, t_q = [], []
-            for _ in range(args.reps):
-                t_clone.append(_median_seconds(lambda: (x.clone(), sync()), 1))
-                t_q.append(_median_seconds(lambda: (quantize_mx(x, fmt), sync()), 1))
-            clone_rate = n / statistics.median(t_clone) / 1e6
-            q_rate = n / statistics.median(t_q) / 1e6
-            ao = _torchao_fn(x, fmt)
-            ao_text = "-"
-            if ao is not None:
-                ao()
-                ao_text = f"{n / _median_seconds(lambda: (ao(), sync()), args.reps) / 1e6:9.0f}"
-            print(
-                f"{str(dtype).replace('torch.', ''):9} {fmt:9} {warm:8.1f} {q_rate:9.0f} "
-                f"{clone_rate:9.0f} {q_rate / clone_rate:6.2f} {ao_text:>9}"
-            )
-
+from mxprobe.cli.bench import run
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(sys.argv[1:], prog="quant_bench.py"))

@@ -146,12 +146,12 @@ def _quantize_kernel(
 
     raw = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     if OUT_TYPE == 1:
-        x = (raw.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        x = raw.to(tl.float32)
     else:
         x = raw.to(tl.float32)
 
     # NaN becomes +Inf before the max so one test finds both poisons of a block.
-    amax = tl.max(tl.abs(x), axis=1)
+    amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
     bad = (amax == float("inf"))[:, None]
     s = _scale_exponent(amax.to(tl.int32, bitcast=True), SCALE_MODE, EMAX, MBITS, INV_MAX_NORM)
 
