@@ -12,6 +12,8 @@
 
 Modules whose ``forward`` torch never calls are not emulated: ``nn.MultiheadAttention`` reads its
 projection weights directly, so its projections stay in full precision (a warning says so).
+``nn.TransformerEncoderLayer``'s fused inference fast path is switched off so that its linears
+and norms are emulated in eval mode too.
 Build attention from ``nn.Linear`` + ``MxMatmul`` (as ``proxy_models.llm`` does) to emulate it.
 """
 
@@ -60,6 +62,10 @@ def convert(
             stacklevel=2,
         )
     for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            # Its eval/no_grad fast path reads linear and norm weights directly, skipping our
+            # forwards; the fast path is only taken when this flag is set.
+            module.activation_relu_or_gelu = 0
         mx_class = MX_CLASS_OF.get(type(module))
         if mx_class is None or _inside_attention(name, attention):
             continue

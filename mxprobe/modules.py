@@ -57,8 +57,11 @@ class _MxLinearFunction(torch.autograd.Function):
         ctx.scheme = scheme
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, weight)
-        y = quantize_role(x2d, scheme, "act", -1) @ quantize_role(weight, scheme, "weight", -1).t()
-        y = _elementwise(y, scheme)
+        xq = quantize_role(x2d, scheme, "act", -1)
+        wq = quantize_role(weight, scheme, "weight", -1)
+        if scheme.elementwise == "fp32":
+            return F.linear(xq, wq, bias)  # bias fused as nn.Linear does (same fp32 rounding)
+        y = _elementwise(xq @ wq.t(), scheme)
         if bias is not None:
             y = _elementwise(y + _elementwise(bias, scheme), scheme)
         return y

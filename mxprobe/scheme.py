@@ -424,10 +424,11 @@ def resolve_scheme(
     The first glob of ``overrides`` (in order, matched case-sensitively with
     ``fnmatch.fnmatchcase``) that matches ``name`` decides: a scheme is used as is, a string
     amends ``base`` (so a partial override follows later changes of the base scheme). No match
-    gives ``base``.
+    gives ``base``. A glob with a leading ``*.`` also matches a top-level module
+    (``"*.lm_head"`` matches ``lm_head``), as users expect from dotted paths.
     """
     for pattern, value in (overrides or {}).items():
-        if fnmatch.fnmatchcase(name, pattern):
+        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase("." + name, pattern):
             return value if isinstance(value, PrecisionScheme) else base.amend(value)
     return base
 

@@ -146,7 +146,7 @@ def _quantize_kernel(
 
     raw = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     if OUT_TYPE == 1:
-        x = raw.to(tl.float32)
+        x = (raw.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         x = raw.to(tl.float32)
 

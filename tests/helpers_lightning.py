@@ -2,8 +2,9 @@
 teacher, batches generated from their global step (so resume is exact), Adam.
 
 Knobs for tests: ``return_dict`` (``training_step`` returns ``{"loss": ...}``), ``spike_at``
-(multiply the loss of that step by ``spike_factor``, on ``spike_rank`` only when given) and
-``nan_at`` (make the loss of that step NaN).
+(multiply the loss of that step by ``spike_factor``, on ``spike_rank`` only when given),
+``nan_at`` (make the loss of that step NaN) and ``schedule`` (a per-step LambdaLR decay). Under
+DDP each rank draws its own batches (the seed includes the rank).
 """
 
 from __future__ import annotations
@@ -32,17 +33,19 @@ class Block(nn.Module):
 
 
 class StepBatches(IterableDataset):
-    """Batch ``i`` (x, teacher(x)) drawn from a generator seeded with ``(seed, i)``."""
+    """Batch ``i`` (x, teacher(x)) drawn from a generator seeded with ``(seed, stream, i)``;
+    the teacher depends on ``seed`` only."""
 
-    def __init__(self, start: int, d: int, batch_size: int, seed: int = 0) -> None:
-        self.start, self.d, self.batch_size, self.seed = start, d, batch_size, seed
+    def __init__(self, start: int, d: int, batch_size: int, seed: int = 0, stream: int = 0):
+        self.start, self.d, self.batch_size = start, d, batch_size
+        self.key = (seed * 1_000_003 + stream) * 1_000_003
         g = torch.Generator().manual_seed(seed)
         self.teacher = torch.randn(d, d, generator=g) / d**0.5
 
     def __iter__(self):
         i = self.start
         while True:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+            g = torch.Generator().manual_seed(self.key + i)
             x = torch.randn(self.batch_size, self.d, generator=g)
             yield x, torch.tanh(x @ self.teacher) + 0.01 * torch.randn(x.shape, generator=g)
             i += 1
@@ -62,6 +65,7 @@ class TinyMx(pl.LightningModule):
         spike_factor: float = 1000.0,
         spike_rank: int | None = None,
         nan_at: int | None = None,
+        schedule: bool = False,
     ) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -71,6 +75,7 @@ class TinyMx(pl.LightningModule):
         self.return_dict = return_dict
         self.spike_at, self.spike_factor, self.spike_rank = spike_at, spike_factor, spike_rank
         self.nan_at = nan_at
+        self.schedule = schedule
 
     def mse(self, batch) -> torch.Tensor:
         x, y = batch
@@ -91,10 +96,15 @@ class TinyMx(pl.LightningModule):
         return {"loss": loss} if self.return_dict else loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        if not self.schedule:
+            return optimizer
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + 0.1 * s))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
 
     def train_dataloader(self):
-        data = StepBatches(self.trainer.global_step, self.d, self.batch_size, self.seed)
+        start = self.trainer.global_step
+        data = StepBatches(start, self.d, self.batch_size, self.seed, stream=self.global_rank)
         return DataLoader(data, batch_size=None)
 
 

@@ -7,7 +7,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import mxprobe
 from callbacks import ActivationMonitor, GradientBiasMonitor, NormAffineMonitor
-from mxprobe.stats import compare_gradients
+from mxprobe.stats import compare_gradients, quantization_sums
 from tests.helpers_lightning import NoComputeLoss, TinyMx, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -162,8 +162,6 @@ def test_activation_sums_by_hand_and_shadow_passes_skipped():
     module.model(x)
     handle.remove()
     seen = module.model[0].norm(x)
-    from mxprobe.stats import quantization_sums
-
     assert torch.equal(monitor._sums["fc1"], quantization_sums(seen.detach(), "e4m3"))
 
 

@@ -153,12 +153,6 @@ def test_fp32_scheme_reproduces_unconverted_model_bit_for_bit():
         assert torch.equal(p.grad, p_ref.grad), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: MxLinear under an all-fp32 scheme computes x@W^T then adds the bias, "
-    "nn.Linear uses addmm (bias fused into the GEMM accumulation); for in_features >= 512 the "
-    "outputs differ in the last bit (modules.py _MxLinearFunction.forward)",
-)
 def test_fp32_scheme_reproduces_wide_linear_with_bias():
     torch.manual_seed(0)
     lin = nn.Linear(512, 64)
@@ -353,12 +347,6 @@ def test_transformer_encoder_fp32_scheme_reproduces_unconverted_output():
     assert torch.equal(model(x), reference(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: in eval mode under no_grad, nn.TransformerEncoderLayer takes torch's "
-    "fused fast path (torch._transformer_encoder_layer_fwd), which reads linear1/linear2/"
-    "norm1/norm2 weights directly, so the converted model silently runs in full precision",
-)
 def test_transformer_encoder_is_emulated_under_no_grad():
     model = transformer().eval()
     reference = copy.deepcopy(model)
@@ -371,11 +359,6 @@ def test_transformer_encoder_is_emulated_under_no_grad():
     torch.testing.assert_close(out, emulated, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: same root cause as test_fp32_scheme_reproduces_wide_linear_with_bias; "
-    "the default dim_feedforward=2048 makes linear2 a K=2048 GEMM with bias",
-)
 def test_transformer_encoder_default_width_fp32_scheme_reproduces_unconverted_output():
     model = transformer(dim_feedforward=2048).eval()
     reference = copy.deepcopy(model)

@@ -507,3 +507,12 @@ def test_validate_overrides():
         validate_overrides({"lm_head": "nrom=bf16"})
     with pytest.raises(TypeError, match="'x'"):
         validate_overrides({"x": 3})
+
+
+def test_leading_star_dot_glob_matches_top_level_module():
+    from mxprobe.scheme import PRESETS, resolve_scheme
+
+    base = PRESETS["mxfp8_e4m3"]
+    assert resolve_scheme("lm_head", base, {"*.lm_head": "fp32"}) == PRESETS["fp32"]
+    assert resolve_scheme("model.lm_head", base, {"*.lm_head": "fp32"}) == PRESETS["fp32"]
+    assert resolve_scheme("lm_head_x", base, {"*.lm_head": "fp32"}) == base

@@ -164,10 +164,13 @@ def test_stochastic_keeps_grid_values_and_poisoned_blocks(dtype):
     x = torch.cat([adversarial("fp8_e4m3"), heavy_tailed(64, seed=7)]).to(dtype).to(DEVICE)
     on_grid = quantize_mx(x, "fp8_e4m3", backend="torch")
     assert bits_equal(_stochastic(on_grid, seed=0), on_grid)
-    lo, hi = both(x, "fp8_e4m3", rounding="floor")[1], _stochastic(x, seed=0)
-    assert torch.equal(torch.isnan(lo), torch.isnan(hi))
-    finite = ~torch.isnan(lo)
-    assert (hi[finite].abs() >= lo[finite].abs()).all()  # floor or one step away from zero
+    down = quantize_mx(x, "fp8_e4m3", rounding="floor", backend="torch").float()
+    sr = _stochastic(x, seed=0).float()
+    assert torch.equal(torch.isnan(down), torch.isnan(sr))
+    up = (sr != down) & ~torch.isnan(sr)  # rounded up: past x, away from zero, same sign
+    assert up.any() and (sr[up].abs() >= x.float()[up].abs()).all()
+    assert (sr[up].abs() > down[up].abs()).all()
+    assert torch.equal(torch.signbit(sr[up]), torch.signbit(down[up]))
 
 
 @pytest.mark.parametrize("fmt, lo, hi", [("fp8_e4m3", 1.0, 1.125), ("fp4_e2m1", 1.0, 1.5)])

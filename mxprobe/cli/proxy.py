@@ -161,13 +161,17 @@ def train_run(
     }
     cli_args = ([f"--config={config}"] if config else []) + list(args)
     cli_args += [f"--trainer.logger={json.dumps(logger)}", f"--trainer.default_root_dir={run_path}"]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cli = make_cli(cli_args, run=False)
     tracker = DivergenceTracker(factor, patience)
     cli.trainer.callbacks.append(_divergence_callback(tracker, stop_on_divergence))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     row = tracker.summary()
-    row.update(steps=tracker.step, wall_s=round(time.perf_counter() - start, 1))
+    row.update(
+        steps=tracker.step,
+        wall_s=round(time.perf_counter() - start, 1),
+        cpu_s=round(time.process_time() - cpu_start, 1),
+    )
     return row
 
 
@@ -225,14 +229,14 @@ def compare(argv: list[str], prog: str) -> int:
             rows = list(pool.map(_compare_one, jobs))
     else:
         rows = [_compare_one(job) for job in jobs]
-    write_csv(out / "summary.csv", rows, (*SUMMARY_COLUMNS, "steps", "wall_s"))
+    write_csv(out / "summary.csv", rows, (*SUMMARY_COLUMNS, "steps", "wall_s", "cpu_s"))
     width = max(len(r["scheme"]) for r in rows)
-    print(f"{'scheme':<{width}}  seed  diverged  step   final_loss  min_loss    wall_s")
+    print(f"{'scheme':<{width}}  seed  diverged  step   final_loss  min_loss    wall_s  cpu_s")
     for r in rows:
         print(
             f"{r['scheme']:<{width}}  {r['seed']:<4}  {r['diverged']:<8}  "
             f"{str(r['divergence_step']):<5}  {r['final_loss']:<10.4g}  {r['min_loss']:<10.4g}  "
-            f"{r['wall_s']}"
+            f"{r['wall_s']:<6}  {r['cpu_s']}"
         )
     print(f"summary: {out / 'summary.csv'}")
     return 0

@@ -1,0 +1,247 @@
+"""``mxprobe sweep SPEC.yaml``: an ablation grid of proxy runs.
+
+The spec names a base LightningCLI config, fixed settings and a grid; every combination of the
+grid's values is one run::
+
+    config: examples/configs/proxy_cpu.yaml   # base config (relative to the spec's folder or cwd)
+    out: runs/ablation                        # results.csv and one folder per run
+    set:                                      # fixed LightningCLI settings for every run
+      trainer.max_steps: 2000
+    grid:                                     # dotted LightningCLI keys; `seed` sets model+data
+      model.activation: [gelu, relu]
+      model.layer_norm: [true, false]
+      model.scheme: [fp32, mxfp8_e4m3]
+      seed: [0, 1]
+
+- ``mxprobe sweep SPEC.yaml [--jobs N]`` runs the pending runs in N parallel processes. A run is
+  finished when its ``result.json`` exists (written atomically at its end), so rerunning a
+  killed sweep redoes only the unfinished runs; ``results.csv`` (one row per run) is rebuilt
+  from the ``result.json`` files after every run.
+- ``--emit-commands`` prints one command line per pending run (``mxprobe sweep SPEC.yaml
+  --run-index K``) for a cluster scheduler, e.g. a SLURM array with ``K=$SLURM_ARRAY_TASK_ID``;
+  ``--collect`` then rebuilds ``results.csv``.
+- ``--list`` prints the runs and whether each is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures.thread import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from mxprobe.cli.proxy import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE, SUMMARY_COLUMNS, write_csv
+
+RESULT_FILE = "result.json"
+RESULT_COLUMNS = ("run", "finished") + SUMMARY_COLUMNS[2:] + ("steps", "wall_s", "cpu_s")
+
+
+@dataclass
+class Spec:
+    """A parsed sweep spec; ``runs`` lists every grid point as {dotted key: value}."""
+
+    path: Path
+    config: Path | None
+    out: Path
+    fixed: dict
+    grid: dict[str, list]
+    stop_on_divergence: bool = True
+    factor: float = DIVERGENCE_FACTOR
+    patience: int = DIVERGENCE_PATIENCE
+
+    @classmethod
+    def load(cls, path: str | Path) -> Spec:
+        path = Path(path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        known = {"config", "out", "set", "grid", "stop_on_divergence", "factor", "patience"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+        grid = raw.get("grid") or {}
+        if not isinstance(grid, dict) or not grid:
+            raise ValueError(f"{path}: 'grid' must map dotted keys to lists of values")
+        bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
+        if bad:
+            raise ValueError(f"{path}: grid values must be non-empty lists; not so for {bad}")
+        config = raw.get("config")
+        return cls(
+            path=path,
+            config=_resolve(path, config) if config else None,
+            out=Path(raw.get("out", f"runs/{path.stem}")),
+            fixed=dict(raw.get("set") or {}),
+            grid=grid,
+            stop_on_divergence=bool(raw.get("stop_on_divergence", True)),
+            factor=float(raw.get("factor", DIVERGENCE_FACTOR)),
+            patience=int(raw.get("patience", DIVERGENCE_PATIENCE)),
+        )
+
+    @property
+    def runs(self) -> list[dict]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
+
+    def run_name(self, point: dict) -> str:
+        return ",".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in point.items()).replace("/", "_")
+
+    def run_dir(self, point: dict) -> Path:
+        return self.out / self.run_name(point)
+
+    def cli_args(self, point: dict) -> list[str]:
+        args = []
+        for key, value in {**self.fixed, **point}.items():
+            keys = ("model.seed", "data.seed") if key == "seed" else (key,)
+            args += [f"--{k}={_text(value)}" for k in keys]
+        return args
+
+
+def _resolve(spec_path: Path, config: str) -> Path:
+    beside = spec_path.parent / config
+    return beside if beside.exists() else Path(config)
+
+
+def _text(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def is_finished(spec: Spec, point: dict) -> bool:
+    path = spec.run_dir(point) / RESULT_FILE
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def run_one(spec: Spec, index: int) -> dict:
+    """Train run ``index`` of the grid and write its ``result.json`` (atomically)."""
+    from mxprobe.cli.proxy import train_run
+
+    point = spec.runs[index]
+    run_dir = spec.run_dir(point)
+    row = train_run(
+        str(spec.config) if spec.config else None,
+        str(run_dir),
+        spec.cli_args(point),
+        spec.stop_on_divergence,
+        spec.factor,
+        spec.patience,
+    )
+    result = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}, **row}
+    tmp = run_dir / (RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, run_dir / RESULT_FILE)
+    return result
+
+
+def collect(spec: Spec) -> Path:
+    """Rebuild ``results.csv``: one row per grid point, finished or not."""
+    rows = []
+    for point in spec.runs:
+        row = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}}
+        if is_finished(spec, point):
+            row.update(json.loads((spec.run_dir(point) / RESULT_FILE).read_text()), finished="true")
+        else:
+            row["finished"] = "false"
+        rows.append(row)
+    spec.out.mkdir(parents=True, exist_ok=True)
+    path = spec.out / "results.csv"
+    write_csv(path, rows, (RESULT_COLUMNS[0], *spec.grid, *RESULT_COLUMNS[1:]))
+    return path
+
+
+def command(spec: Spec, index: int, executable: list[str] | None = None) -> list[str]:
+    return [*(executable or ["mxprobe"]), "sweep", str(spec.path), "--run-index", str(index)]
+
+
+def _local_executable() -> list[str]:
+    return [sys.executable, "-c", "import sys; from mxprobe.cli import main; sys.exit(main())"]
+
+
+def execute(spec: Spec, jobs: int) -> int:
+    """Run every pending run in subprocesses, ``jobs`` at a time; returns the failure count."""
+    pending = [i for i, p in enumerate(spec.runs) if not is_finished(spec, p)]
+    done = len(spec.runs) - len(pending)
+    print(f"{len(spec.runs)} runs, {done} finished, {len(pending)} to run with {jobs} job(s)")
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    failures = 0
+
+    def launch(index: int) -> tuple[int, int]:
+        run_dir = spec.run_dir(spec.runs[index])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "stdout.log", "w") as log:
+            proc = subprocess.run(
+                command(spec, index, _local_executable()), stdout=log, stderr=subprocess.STDOUT,
+                env=env,
+            )
+        return index, proc.returncode
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = {pool.submit(launch, i) for i in pending}
+        while futures:
+            finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+            for future in finished:
+                index, code = future.result()
+                name = spec.run_name(spec.runs[index])
+                if code:
+                    failures += 1
+                    print(f"FAILED ({code}) {name}: see {spec.run_dir(spec.runs[index])}/stdout.log")
+                else:
+                    print(f"done {name}")
+                collect(spec)
+    return failures
+
+
+def run(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("spec", help="sweep spec YAML")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel local processes (default 1)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--emit-commands", action="store_true",
+                      help="print one command per pending run instead of running")
+    mode.add_argument("--run-index", type=int, help="run only grid point K (what commands do)")
+    mode.add_argument("--collect", action="store_true", help="only rebuild results.csv")
+    mode.add_argument("--list", action="store_true", help="list runs and their state")
+    ns = parser.parse_args(argv)
+    spec = Spec.load(ns.spec)
+    runs = spec.runs
+    if ns.run_index is not None:
+        if not 0 <= ns.run_index < len(runs):
+            print(f"{prog}: --run-index {ns.run_index} out of range 0..{len(runs) - 1}",
+                  file=sys.stderr)
+            return 2
+        run_one(spec, ns.run_index)
+        return 0
+    if ns.emit_commands:
+        for i, point in enumerate(runs):
+            if not is_finished(spec, point):
+                print(shlex.join(command(spec, i)))
+        return 0
+    if ns.list:
+        for i, point in enumerate(runs):
+            state = "finished" if is_finished(spec, point) else "pending"
+            print(f"{i:4d}  {state:8s}  {spec.run_name(point)}")
+        return 0
+    if ns.collect:
+        print(collect(spec))
+        return 0
+    start = time.perf_counter()
+    failures = execute(spec, ns.jobs)
+    path = collect(spec)
+    print(f"results: {path} ({time.perf_counter() - start:.0f} s)")
+    return 1 if failures else 0

@@ -1,0 +1,115 @@
+"""LossSpikeDetector: the three rules, the non-finite guard, episodes, exact state round trip."""
+
+import math
+import types
+
+import pytest
+
+from callbacks import LossSpikeDetector, read_events
+from tests.helpers_lightning import TinyMx, trainer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+# A run of the detector without Lightning: rank 0, no events file.
+_TRAINER = types.SimpleNamespace(is_global_zero=True)
+
+
+def _feed(detector, losses, grad_norms=None, start=0):
+    scores = []
+    for i, loss in enumerate(losses):
+        grad = None if grad_norms is None else grad_norms[i]
+        scores.append(detector._check(_TRAINER, start + i, loss, grad)[0])
+    return scores
+
+
+def _noisy(n, level=1.0):
+    return [level * (1 + 0.01 * math.sin(7 * i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("method", ["zscore", "ema_ratio", "derivative"])
+def test_each_method_flags_one_event_per_episode(method):
+    detector = LossSpikeDetector(method=method, window=20)
+    losses = _noisy(40) + [5.0, 6.0, 5.0] + _noisy(10)
+    _feed(detector, losses)
+    assert [(e["step"], e["kind"], e["signals"]) for e in detector.spikes] == [
+        (40, "spike", ["loss"])
+    ]
+    assert detector.events_at(40) == [detector.last_spike]
+
+
+def test_scores_by_hand():
+    window = [1.0, 2.0, 3.0, 4.0]
+    z = LossSpikeDetector(method="zscore", window=4)
+    _feed(z, window)
+    std = math.sqrt(sum((v - 2.5) ** 2 for v in window) / 4)
+    assert _feed(z, [10.0], start=4)[0] == pytest.approx((10 - 2.5) / std)
+
+    d = LossSpikeDetector(method="derivative", window=4)
+    _feed(d, window)
+    # m_t - m_{t-1} = (L_t - L_{t-4}) / 4, relative to m_{t-1} = 2.5.
+    assert _feed(d, [10.0], start=4)[0] == pytest.approx((10 - 1) / 4 / 2.5)
+
+    e = LossSpikeDetector(method="ema_ratio", window=4, ema_decay=0.5)
+    _feed(e, window)
+    ema = 1.0
+    for v in window[1:]:
+        ema = 0.5 * ema + 0.5 * v
+    assert _feed(e, [10.0], start=4)[0] == pytest.approx(10 / ema)
+
+
+def test_warm_up_and_threshold():
+    detector = LossSpikeDetector(method="zscore", window=10, threshold=3.0)
+    assert all(math.isnan(s) for s in _feed(detector, [1.0, 100.0, 1.0, 1.0, 1.0]))
+    assert detector.spikes == []
+
+
+def test_gradient_norm_growth_signal():
+    detector = LossSpikeDetector(window=5, grad_norm_factor=3.0)
+    _feed(detector, [1.0] * 8 + [1.0], grad_norms=[1.0] * 8 + [10.0])
+    assert [(e["step"], e["signals"]) for e in detector.spikes] == [(8, ["grad_norm"])]
+    assert detector.last_spike["values"]["grad_norm_ratio"] == pytest.approx(10.0)
+
+
+def test_nonfinite_is_always_an_event():
+    detector = LossSpikeDetector(window=100)
+    _feed(detector, [1.0, math.nan, math.nan, 1.0, 1.0], grad_norms=[1.0] * 4 + [math.inf])
+    assert [(e["step"], e["kind"]) for e in detector.spikes] == [(1, "nonfinite"), (4, "nonfinite")]
+    assert len(detector._history) == 3  # non-finite losses never enter the history
+
+
+def test_state_round_trip_gives_identical_decisions():
+    losses = _noisy(30) + [4.0] + _noisy(20) + [9.0, 1.0]
+    grads = [1.0 + 0.1 * (i % 3) for i in range(len(losses))]
+    reference = LossSpikeDetector(method="ema_ratio", window=10, grad_norm_factor=2.0)
+    ref_scores = _feed(reference, losses, grads)
+
+    first = LossSpikeDetector(method="ema_ratio", window=10, grad_norm_factor=2.0)
+    scores = _feed(first, losses[:25], grads[:25])
+    resumed = LossSpikeDetector(method="ema_ratio", window=10, grad_norm_factor=2.0)
+    resumed.load_state_dict(first.state_dict())
+    scores += _feed(resumed, losses[25:], grads[25:], start=25)
+    assert scores == ref_scores
+    assert resumed.spikes == reference.spikes
+
+
+def test_arguments_are_checked():
+    with pytest.raises(ValueError, match="unknown method 'median'"):
+        LossSpikeDetector(method="median")
+    with pytest.raises(ValueError, match="window"):
+        LossSpikeDetector(window=1)
+    with pytest.raises(ValueError, match="ema_decay"):
+        LossSpikeDetector(ema_decay=1.0)
+    assert LossSpikeDetector(method="derivative").threshold == 0.01
+
+
+@pytest.mark.parametrize("return_dict", [False, True])
+def test_spike_and_nan_in_a_run(tmp_path, return_dict):
+    module = TinyMx(spike_at=8, nan_at=11, return_dict=return_dict, lr=1e-3)
+    detector = LossSpikeDetector(window=5, threshold=6.0)
+    trainer(tmp_path, 13, [detector]).fit(module)
+    events = read_events(tmp_path / "events.jsonl")
+    assert [(e["step"], e["kind"]) for e in events] == [(8, "spike"), (11, "nonfinite")]
+    assert events[0]["values"]["loss"] > 100 and events[0]["values"]["score"] > 6.0
+    assert events[1]["values"]["loss"] == "nan"
+    for e in events:
+        assert {"step", "kind", "rule", "values", "scheme_before", "scheme_after"} <= set(e)
