@@ -13,9 +13,11 @@ scale byte per block). ``round_to`` emulates elementwise bf16/fp16 rounding.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -127,16 +129,16 @@ def _quantize_blocks(
     out_dtype: torch.dtype,
     elements: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fake-quantize blocks ``xb`` of shape (nblocks, block_size), computing in fp32.
+    """Fake-quantize blocks ``xb`` of shape (outer, nblocks, block_size, inner), computing in fp32.
 
     Returns the dequantized values in ``out_dtype`` (with ``elements``: the signed fp32 element
-    values before scaling) and the scale exponents S (int32, one per block), S = 128 marking a
-    NaN/Inf block. The dtype casts live here so that the compiled path fuses them.
+    values before scaling) and the scale exponents S (int32, shape (outer, nblocks, inner)),
+    S = 128 marking a NaN/Inf block. The dtype casts live here so that the compiled path fuses them.
     """
     xb = xb.float()
     a = xb.abs()
     # NaN becomes +Inf before the max so one reduction finds both poisons of a block.
-    amax = torch.where(torch.isnan(a), float("inf"), a).amax(dim=-1, keepdim=True)
+    amax = torch.where(torch.isnan(a), float("inf"), a).amax(dim=2, keepdim=True)
     bad = amax == float("inf")
     s = block_scale_exponent(amax, fmt, scale_mode)
     y = xb * _pow2(-s)  # exact: multiplying by a power of two
@@ -146,11 +148,11 @@ def _quantize_blocks(
     q = _round_magnitude(r, rounding, noise)
     v = torch.copysign(torch.clamp_max(q * _pow2(step_exp), fmt.max_norm), y)
     if elements:
-        return v, torch.where(bad, 128, s).squeeze(-1)
+        return v, torch.where(bad, 128, s).squeeze(2)
     out_max = torch.finfo(out_dtype).max
     out = (v * _pow2(s)).clamp(-out_max, out_max)  # past the dtype's range: saturate, never Inf
     out = torch.where(bad, float("nan"), out)
-    return out.to(out_dtype), torch.where(bad, 128, s).squeeze(-1)
+    return out.to(out_dtype), torch.where(bad, 128, s).squeeze(2)
 
 
 _compiled: dict[tuple, object] = {}
@@ -223,29 +225,49 @@ def _check_common(x, fmt, block_size, axis, scale_mode, rounding, backend):
     return fmt, axis % x.dim()
 
 
-def _to_blocks(x: torch.Tensor, axis: int, block_size: int) -> tuple[torch.Tensor, tuple, int]:
-    """(nblocks, block_size) view of ``x`` along ``axis`` (a copy only when needed), tail
-    zero-padded."""
-    moved = x.movedim(axis, -1)
-    shape = moved.shape
-    length = shape[-1]
-    rows = moved.reshape(-1, length)
-    pad = (-length) % block_size
+@dataclass(frozen=True)
+class _Layout:
+    """How ``x`` maps onto (outer, nblocks, block_size, inner) blocks along ``axis``."""
+
+    shape: tuple
+    axis: int
+    block_size: int
+
+    @property
+    def outer(self) -> int:
+        return math.prod(self.shape[: self.axis])
+
+    @property
+    def length(self) -> int:
+        return self.shape[self.axis]
+
+    @property
+    def inner(self) -> int:
+        return math.prod(self.shape[self.axis + 1 :])
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.length // self.block_size)
+
+    @property
+    def scale_shape(self) -> tuple:
+        return (*self.shape[: self.axis], self.nblocks, *self.shape[self.axis + 1 :])
+
+
+def _to_blocks(x: torch.Tensor, axis: int, block_size: int) -> tuple[torch.Tensor, _Layout]:
+    """A (outer, nblocks, block_size, inner) view of ``x``: no transposition, so a block along
+    axis 0 is as cheap as one along the last axis; the tail is zero-padded (a copy)."""
+    layout = _Layout(tuple(x.shape), axis, block_size)
+    v = x.reshape(layout.outer, layout.length, layout.inner)
+    pad = layout.nblocks * block_size - layout.length
     if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))
-    return rows.reshape(-1, block_size), shape, length
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad))
+    return v.reshape(layout.outer, layout.nblocks, block_size, layout.inner), layout
 
 
-def _from_blocks(blocks: torch.Tensor, shape: tuple, length: int, axis: int) -> torch.Tensor:
-    rows = blocks.reshape(-1, blocks.numel() // max(1, _prod(shape[:-1])))[:, :length]
-    return rows.reshape(shape).movedim(-1, axis)
-
-
-def _prod(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n
+def _from_blocks(blocks: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    v = blocks.reshape(layout.outer, layout.nblocks * layout.block_size, layout.inner)
+    return v[:, : layout.length].reshape(layout.shape)
 
 
 def _dtype_max(dtype: torch.dtype) -> float:
@@ -270,10 +292,10 @@ def _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, gene
         return quantize_mx_triton(
             x, fmt, block_size, axis, scale_mode, rounding, generator
         )
-    xb, shape, length = _to_blocks(x, axis, block_size)
+    xb, layout = _to_blocks(x, axis, block_size)
     noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
     out, _ = _run_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype)
-    return _from_blocks(out, shape, length, axis)
+    return _from_blocks(out, layout)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -383,17 +405,15 @@ def mx_encode(
     """
     fmt, axis = _check_common(x, fmt, block_size, axis, scale_mode, rounding, "torch")
     x = x.detach()
-    moved_shape = list(x.movedim(axis, -1).shape)
-    moved_shape[-1] = -(-moved_shape[-1] // block_size)
     if x.numel() == 0:
-        scales = torch.zeros(moved_shape, dtype=torch.uint8, device=x.device)
-        return torch.zeros_like(x, dtype=torch.uint8), scales.movedim(-1, axis)
-    xb, shape, length = _to_blocks(x, axis, block_size)
+        scales = torch.zeros(_Layout(tuple(x.shape), axis, block_size).scale_shape)
+        return torch.zeros_like(x, dtype=torch.uint8), scales.to(torch.uint8)
+    xb, layout = _to_blocks(x, axis, block_size)
     noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
     elems, s = _quantize_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype, elements=True)
     codes = _element_codes(torch.nan_to_num(elems, nan=0.0), fmt)
     scales = torch.where(s == 128, _NAN_SCALE_BYTE, s + 127).to(torch.uint8)
-    return _from_blocks(codes, shape, length, axis), scales.reshape(moved_shape).movedim(-1, axis)
+    return _from_blocks(codes, layout), scales.reshape(layout.scale_shape)
 
 
 def mx_decode(
@@ -414,17 +434,17 @@ def mx_decode(
     axis = axis % codes.dim()
     if codes.numel() == 0:
         return torch.zeros(codes.shape, dtype=dtype)
-    vb, shape, length = _to_blocks(_element_values(codes, fmt), axis, block_size)
-    sbytes = scales.movedim(axis, -1).reshape(-1, 1).to(torch.int32)
-    if sbytes.shape[0] != vb.shape[0]:
+    vb, layout = _to_blocks(_element_values(codes, fmt), axis, block_size)
+    if tuple(scales.shape) != layout.scale_shape:
         raise ValueError(
-            f"scales hold {sbytes.shape[0]} blocks but codes need {vb.shape[0]} "
-            f"(block_size={block_size}, axis={axis})"
+            f"scales have shape {tuple(scales.shape)} but codes of shape {tuple(codes.shape)} "
+            f"need {layout.scale_shape} (block_size={block_size}, axis={axis})"
         )
+    sbytes = scales.reshape(layout.outer, layout.nblocks, 1, layout.inner).to(torch.int32)
     out = vb * _pow2((sbytes - 127).clamp(-127, 127))
     out = out.clamp(-_dtype_max(dtype), _dtype_max(dtype))
     out = torch.where(sbytes == _NAN_SCALE_BYTE, float("nan"), out)
-    return _from_blocks(out, shape, length, axis).to(dtype)
+    return _from_blocks(out, layout).to(dtype)
 
 
 def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:

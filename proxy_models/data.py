@@ -1,7 +1,7 @@
 """Seeded synthetic data for the student-teacher proxy: no dataset is stored, batch ``i`` is a
 pure function of (data seed, i).
 
-``x ~ N(0, I)`` from a generator seeded by (seed, stream, batch index); ``y = teacher(x) +
+``x ~ N(0, I)`` from a numpy generator seeded by (seed, stream, batch index); ``y = teacher(x) +
 noise · N(0, 1)`` with the frozen teacher of ``proxy_models.student_teacher`` built from its own
 seed. The training stream starts at batch ``global_step * accumulate_grad_batches`` when
 ``train_dataloader()`` is called; Lightning restores ``global_step`` from a checkpoint before it
@@ -14,17 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from proxy_models.student_teacher import ACTIVATIONS, Teacher, build_teacher
 
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
-
-
-def batch_seed(seed: int, stream: int, index: int) -> int:
-    """A distinct 63-bit generator seed for batch ``index`` of ``stream`` under ``seed``."""
-    return ((seed * 1_000_003 + stream) * 2**32 + index) % 2**63
 
 
 def make_batch(
@@ -37,9 +33,11 @@ def make_batch(
     stream: int = _TRAIN_STREAM,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Batch ``index`` of ``stream``: (x, teacher(x) + noise · N(0, 1)), both (batch_size, width)."""
-    gen = torch.Generator().manual_seed(batch_seed(seed, stream, index))
-    x = torch.randn(batch_size, width, generator=gen)
-    eps = torch.randn(batch_size, width, generator=gen)
+    # numpy's SeedSequence mixes the three integers into independent streams; torch's CPU
+    # generator would keep only the low 32 bits of one combined seed.
+    rng = np.random.default_rng([seed, stream, index])
+    x = torch.from_numpy(rng.standard_normal((batch_size, width), dtype=np.float32))
+    eps = torch.from_numpy(rng.standard_normal((batch_size, width), dtype=np.float32))
     with torch.no_grad():
         y = teacher(x) + noise * eps
     return x, y
@@ -71,7 +69,7 @@ class ProxyDataModule(pl.LightningDataModule):
         depth: number of teacher blocks (linked to the model's depth).
         activation: the teacher's φ (linked to the model's activation).
         batch_size: samples per training batch (the paper: 2048).
-        seed: seed of the input and noise stream.
+        seed: seed of the input and noise stream (>= 0).
         teacher_seed: seed of the teacher's weights.
         noise: std of the Gaussian label noise (the paper's code: 0.005; its text says 1e-3).
         teacher_gain: multiplies every teacher weight; 1 is the paper.
@@ -104,10 +102,11 @@ class ProxyDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}"
             )
-        if min(width, depth, batch_size) < 1 or val_batches < 0:
+        if min(width, depth, batch_size) < 1 or min(val_batches, seed) < 0:
             raise ValueError(
-                f"width, depth and batch_size must be positive and val_batches >= 0, got "
-                f"width={width} depth={depth} batch_size={batch_size} val_batches={val_batches}"
+                f"width, depth and batch_size must be positive and val_batches, seed >= 0, got "
+                f"width={width} depth={depth} batch_size={batch_size} val_batches={val_batches} "
+                f"seed={seed}"
             )
         self.save_hyperparameters()
         self.width, self.depth, self.activation = width, depth, activation

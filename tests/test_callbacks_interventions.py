@@ -197,8 +197,8 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
         def on_train_start(self, trainer, pl_module):
             self.weight = {s.weight for s in mxprobe.schemes_of(pl_module).values()}
 
-    seen = SchemeAtStart()
-    trainer(tmp_path, 3, [intervention, seen]).fit(fresh, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    seen = SchemeAtStart()  # runs before the intervention's own on_train_start
+    trainer(tmp_path, 3, [seen, intervention]).fit(fresh, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert seen.weight == {"fp8_e5m2"}
 
 

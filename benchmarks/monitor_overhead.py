@@ -1,0 +1,134 @@
+"""Step-time overhead of the mxprobe callbacks at their default cadence.
+
+Trains the student-teacher proxy (``proxy_models.lit.ProxyLitModule``; d=256, depth 4, batch
+512, ``mxfp8_e4m3`` by default) with no callbacks and with all of them — GradientBiasMonitor,
+NormAffineMonitor, ActivationMonitor (every 50 steps), LossSpikeDetector (every step) and a
+PrecisionIntervention whose never-firing rewind rule makes it snapshot every 100 steps — in
+one process, alternating the two variants ``--rounds`` times so that load from other
+processes hits both alike. Time per step is the wall time from the start of the first
+measured step to the end of training, divided by the number of measured steps; the first
+``--warmup`` steps (which absorb torch.compile of the quantizer on CPU) are not measured.
+Measured steps should span several multiples of 50 so that monitored steps appear at their
+real rate. Prints both times and the ratio (goal: <= 1.05).
+
+Run from the repository root with ``PYTHONPATH=.`` (or mxprobe installed)::
+
+    python benchmarks/monitor_overhead.py
+    python benchmarks/monitor_overhead.py --steps 400 --rounds 3 --accelerator gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from callbacks import (
+    ActivationMonitor,
+    GradientBiasMonitor,
+    LossSpikeDetector,
+    NormAffineMonitor,
+    PrecisionIntervention,
+)
+from proxy_models.data import ProxyDataModule
+from proxy_models.lit import ProxyLitModule
+
+
+class StepTimer(Callback):
+    """Wall time from the start of step ``warmup`` to the end of training."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.seconds = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self._sync(pl_module)
+        self.seconds = time.perf_counter() - self.start
+
+    @staticmethod
+    def _sync(pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+
+def all_callbacks() -> list[Callback]:
+    never = {
+        "name": "never",
+        "trigger": {"kind": "metric", "name": "mx/spikes/total/loss", "op": ">", "value": 1e30},
+        "action": {"kind": "rewind", "steps": 100, "then": {"kind": "set_scheme", "scheme": "norm=bf16"}},
+    }
+    return [
+        GradientBiasMonitor(),
+        NormAffineMonitor(),
+        ActivationMonitor(),
+        LossSpikeDetector(),
+        PrecisionIntervention(rules=[never]),
+    ]
+
+
+def time_run(args: argparse.Namespace, callbacks: list[Callback], root: str) -> float:
+    model = ProxyLitModule(depth=args.depth, width=args.width, lr=1e-3, scheme=args.scheme)
+    data = ProxyDataModule(width=args.width, depth=args.depth, batch_size=args.batch_size)
+    timer = StepTimer(args.warmup)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+        callbacks=[*callbacks, timer],
+    )
+    trainer.fit(model, datamodule=data)
+    return timer.seconds / args.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--scheme", default="mxfp8_e4m3")
+    parser.add_argument("--steps", type=int, default=200, help="measured steps per run")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--accelerator", default="cpu")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        __import__("logging").getLogger(name).setLevel("ERROR")
+
+    times: dict[str, list[float]] = {"none": [], "all": []}
+    with tempfile.TemporaryDirectory() as root:
+        for _ in range(args.rounds):
+            times["none"].append(time_run(args, [], root))
+            times["all"].append(time_run(args, all_callbacks(), root))
+    none, every = sum(times["none"]), sum(times["all"])
+    print(
+        f"monitor overhead: d={args.width} depth={args.depth} batch={args.batch_size} "
+        f"{args.scheme} on {args.accelerator} ({platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
+    print(f"  steps measured per run: {args.steps} (after {args.warmup} warm-up), rounds: {args.rounds}")
+    for name, values in times.items():
+        per_round = ", ".join(f"{1e3 * v:.2f}" for v in values)
+        print(f"  {name:>4}: {1e3 * sum(values) / len(values):8.2f} ms/step  (rounds: {per_round})")
+    print(f"  ratio all/none: {every / none:.3f}  (goal <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()
