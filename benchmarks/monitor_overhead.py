@@ -9,7 +9,12 @@ processes hits both alike. Time per step is the wall time from the start of the 
 measured step to the end of training, divided by the number of measured steps; the first
 ``--warmup`` steps (which absorb torch.compile of the quantizer on CPU) are not measured.
 Measured steps should span several multiples of 50 so that monitored steps appear at their
-real rate. Prints both times and the ratio (goal: <= 1.05).
+real rate. Prints both times and their ratio (goal: <= 1.05).
+
+On a shared machine the run-to-run ratio is at the mercy of other processes' load, so the
+script also times, inside the monitored runs, every callback hook and ActivationMonitor's
+forward hooks, and prints the attributed ratio ``total / (total - time in callbacks)``: the
+same run, the same load, only the callbacks' own work counted.
 
 Run from the repository root with ``PYTHONPATH=.`` (or mxprobe installed)::
 
@@ -39,17 +44,61 @@ from callbacks import (
 from proxy_models.data import ProxyDataModule
 from proxy_models.lit import ProxyLitModule
 
+HOOKS = (
+    "setup",
+    "on_train_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+)
+
+
+class HookClock:
+    """Wraps the hooks of callback instances (and ActivationMonitor's forward hooks) with a
+    timer; ``by_callback`` is the time spent inside them after warm-up, per callback class."""
+
+    def __init__(self) -> None:
+        self.by_callback: dict[str, float] = {}
+        self.measuring = False
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_callback.values())
+
+    def wrap(self, callback: Callback) -> Callback:
+        owner = type(callback).__name__
+        for name in HOOKS:
+            setattr(callback, name, self._timed(getattr(callback, name), owner))
+        if isinstance(callback, ActivationMonitor):
+            make_hook = callback._hook
+            callback._hook = lambda module_name: self._timed(make_hook(module_name), owner)
+        return callback
+
+    def _timed(self, fn, owner: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.measuring:
+                    spent = time.perf_counter() - start
+                    self.by_callback[owner] = self.by_callback.get(owner, 0.0) + spent
+
+        return timed
+
 
 class StepTimer(Callback):
     """Wall time from the start of step ``warmup`` to the end of training."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.seconds = warmup, None, None
+    def __init__(self, warmup: int, clock: HookClock) -> None:
+        self.warmup, self.clock, self.start, self.seconds = warmup, clock, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.warmup and self.start is None:
             self._sync(pl_module)
             self.start = time.perf_counter()
+            self.clock.measuring = True
 
     def on_train_end(self, trainer, pl_module):
         self._sync(pl_module)
@@ -65,7 +114,11 @@ def all_callbacks() -> list[Callback]:
     never = {
         "name": "never",
         "trigger": {"kind": "metric", "name": "mx/spikes/total/loss", "op": ">", "value": 1e30},
-        "action": {"kind": "rewind", "steps": 100, "then": {"kind": "set_scheme", "scheme": "norm=bf16"}},
+        "action": {
+            "kind": "rewind",
+            "steps": 100,
+            "then": {"kind": "set_scheme", "scheme": "norm=bf16"},
+        },
     }
     return [
         GradientBiasMonitor(),
@@ -76,10 +129,15 @@ def all_callbacks() -> list[Callback]:
     ]
 
 
-def time_run(args: argparse.Namespace, callbacks: list[Callback], root: str) -> float:
+def time_run(
+    args: argparse.Namespace, callbacks: list[Callback], root: str
+) -> tuple[float, dict[str, float]]:
+    """(seconds per measured step, {callback: seconds per step inside its hooks})."""
     model = ProxyLitModule(depth=args.depth, width=args.width, lr=1e-3, scheme=args.scheme)
     data = ProxyDataModule(width=args.width, depth=args.depth, batch_size=args.batch_size)
-    timer = StepTimer(args.warmup)
+    clock = HookClock()
+    callbacks = [clock.wrap(c) for c in callbacks]
+    timer = StepTimer(args.warmup, clock)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -94,7 +152,7 @@ def time_run(args: argparse.Namespace, callbacks: list[Callback], root: str) -> 
         callbacks=[*callbacks, timer],
     )
     trainer.fit(model, datamodule=data)
-    return timer.seconds / args.steps
+    return timer.seconds / args.steps, {k: v / args.steps for k, v in clock.by_callback.items()}
 
 
 def main() -> None:
@@ -113,21 +171,34 @@ def main() -> None:
         __import__("logging").getLogger(name).setLevel("ERROR")
 
     times: dict[str, list[float]] = {"none": [], "all": []}
+    inside: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as root:
         for _ in range(args.rounds):
-            times["none"].append(time_run(args, [], root))
-            times["all"].append(time_run(args, all_callbacks(), root))
+            times["none"].append(time_run(args, [], root)[0])
+            step, hooks = time_run(args, all_callbacks(), root)
+            times["all"].append(step)
+            for name, seconds in hooks.items():
+                inside[name] = inside.get(name, 0.0) + seconds / args.rounds
     none, every = sum(times["none"]), sum(times["all"])
     print(
         f"monitor overhead: d={args.width} depth={args.depth} batch={args.batch_size} "
         f"{args.scheme} on {args.accelerator} ({platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads)"
     )
-    print(f"  steps measured per run: {args.steps} (after {args.warmup} warm-up), rounds: {args.rounds}")
+    print(
+        f"  steps measured per run: {args.steps} (after {args.warmup} warm-up), "
+        f"rounds: {args.rounds}"
+    )
     for name, values in times.items():
         per_round = ", ".join(f"{1e3 * v:.2f}" for v in values)
         print(f"  {name:>4}: {1e3 * sum(values) / len(values):8.2f} ms/step  (rounds: {per_round})")
-    print(f"  ratio all/none: {every / none:.3f}  (goal <= 1.05)")
+    print(f"  ratio all/none (between runs): {every / none:.3f}  (goal <= 1.05)")
+    spent = sum(inside.values())
+    mean_all = every / args.rounds
+    print(f"  time inside the callbacks: {1e3 * spent:.2f} ms/step")
+    for name, seconds in sorted(inside.items(), key=lambda kv: -kv[1]):
+        print(f"    {name:<24} {1e3 * seconds:8.3f} ms/step")
+    print(f"  attributed ratio (same runs): {mean_all / (mean_all - spent):.4f}  (goal <= 1.05)")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ class GradientBiasMonitor(PeriodicMonitor):
 
     metric_prefix = "mx/grad_bias/"
 
-    def __init__(self, every_n_steps: int = 50, modules: str = "*", per_module: bool = True) -> None:
+    def __init__(
+        self, every_n_steps: int = 50, modules: str = "*", per_module: bool = True
+    ) -> None:
         check_every_n_steps(every_n_steps)
         self.every_n_steps = every_n_steps
         self.modules = modules
@@ -131,19 +133,22 @@ class GradientBiasMonitor(PeriodicMonitor):
             for batch in self._batches:
                 loss = pl_module.compute_loss(batch) * scale
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for s, g in zip(shadow, grads):
+                for s, g in zip(shadow, grads, strict=True):
                     if g is not None:
                         s.add_(g)
         if trainer.world_size > 1:
             flat = reduce_mean(trainer, torch.cat([s.reshape(-1) for s in shadow]))
-            shadow = [t.view_as(s) for t, s in zip(flat.split([s.numel() for s in shadow]), shadow)]
+            shadow = [
+                t.view_as(s)
+                for t, s in zip(flat.split([s.numel() for s in shadow]), shadow, strict=True)
+            ]
         return shadow
 
     def _statistics(
         self, params: list[torch.Tensor], shadow: list[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         per_module: dict[str, torch.Tensor] = {}
-        for p, s in zip(params, shadow):
+        for p, s in zip(params, shadow, strict=True):
             name = self._owner.get(p, "<unnamed>")
             sums = gradient_sums(p.grad, s)
             per_module[name] = per_module[name] + sums if name in per_module else sums

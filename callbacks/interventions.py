@@ -199,7 +199,7 @@ class PrecisionIntervention(Callback):
         if trainer.world_size > 1:
             reduced = reduce_sum(trainer, torch.tensor(flags, device=pl_module.device) * 1.0)
             flags = (reduced > 0).tolist()
-        missing = [rule for rule, f in zip(self.rules, flags) if f[2]]
+        missing = [rule for rule, f in zip(self.rules, flags, strict=True) if f[2]]
         if missing:
             metrics = ", ".join(sorted(trainer.callback_metrics)) or "none"
             raise RuntimeError(
@@ -208,7 +208,7 @@ class PrecisionIntervention(Callback):
                 f"(global_step {step}). Metrics logged so far: {metrics}. Fix the name, log "
                 "the metric, or delay the check with `after:` in the trigger."
             )
-        for rule, (held, fresh, _), (*_, values) in zip(self.rules, flags, checks):
+        for rule, (held, fresh, _), (*_, values) in zip(self.rules, flags, checks, strict=True):
             state = self._rule_state[rule.name]
             if isinstance(rule.trigger, MetricTrigger):
                 if not fresh:
@@ -294,7 +294,9 @@ class PrecisionIntervention(Callback):
         elif isinstance(action, ScaleLrAction):
             event.update(factor=action.factor, **self._scale_lr(trainer, action.factor))
         else:
-            event.update(steps=action.steps, rewound_to=self._rewind(pl_module, trainer, step, action))
+            event.update(
+                steps=action.steps, rewound_to=self._rewind(pl_module, trainer, step, action)
+            )
         self.timeline.append(event)
         self._events.write(trainer, event)
         rank_zero_info(f"PrecisionIntervention: rule {rule.name!r} at step {step}: {action.kind}")
@@ -344,11 +346,11 @@ class PrecisionIntervention(Callback):
             )
         # load_state_dict copies into the existing parameters, so DDP and optimizers keep them.
         pl_module.load_state_dict(snapshot["model"])
-        for optimizer, saved in zip(trainer.optimizers, snapshot["optimizers"]):
+        for optimizer, saved in zip(trainer.optimizers, snapshot["optimizers"], strict=True):
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             # A clone: the optimizer would otherwise update the snapshot's tensors in place.
             optimizer.load_state_dict(_clone(saved))
-            for group, h in zip(optimizer.param_groups, hyper):
+            for group, h in zip(optimizer.param_groups, hyper, strict=True):
                 group.update(h)
         self._snapshots = [s for s in self._snapshots if s["step"] <= snapshot["step"]]
         return snapshot["step"]

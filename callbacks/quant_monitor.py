@@ -250,7 +250,7 @@ class ActivationMonitor(PeriodicMonitor):
             zeros = torch.zeros(6, dtype=torch.float64, device=pl_module.device)
             stacked = torch.stack([self._sums.get(n, zeros) for n in names])
             stacked = reduce_sum(trainer, stacked)
-            self._sums = {n: s for n, s in zip(names, stacked) if s[0] > 0}
+            self._sums = {n: s for n, s in zip(names, stacked, strict=True) if s[0] > 0}
         stats = {}
         for name, sums in self._sums.items():
             for stat, v in quantization_stats(sums).items():

@@ -163,8 +163,9 @@ def quantization_sums(
     return torch.stack(
         [
             torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
-            saturation_count(x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode)
-            .double(),
+            saturation_count(
+                x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode
+            ).double(),
             nonzero.sum().double(),
             ((q == 0) & nonzero).sum().double(),
             x64.square().sum(),

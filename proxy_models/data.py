@@ -32,7 +32,7 @@ def make_batch(
     noise: float,
     stream: int = _TRAIN_STREAM,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch ``index`` of ``stream``: (x, teacher(x) + noise · N(0, 1)), both (batch_size, width)."""
+    """Batch ``index`` of ``stream``: (x, teacher(x) + noise · N(0, 1)), each (batch, width)."""
     # numpy's SeedSequence mixes the three integers into independent streams; torch's CPU
     # generator would keep only the low 32 bits of one combined seed.
     rng = np.random.default_rng([seed, stream, index])

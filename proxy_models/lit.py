@@ -1,4 +1,4 @@
-"""LightningModule of the student-teacher proxy (MSE, Adam, MX emulation through mxprobe.convert)."""
+"""LightningModule of the student-teacher proxy: MSE, Adam, MX emulation via mxprobe.convert."""
 
 from __future__ import annotations
 
@@ -70,7 +70,9 @@ class ProxyLitModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+            raise ValueError(
+                f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}"
+            )
         self.save_hyperparameters()
         self.config = ProxyConfig(depth, width, activation, layer_norm, init)
         self.student = build_student(self.config, seed)
@@ -107,7 +109,10 @@ class ProxyLitModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _LrFactor(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio)
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Schemes switched mid-run (interventions) must survive a resume.

@@ -185,9 +185,7 @@ def build_student(cfg: ProxyConfig, seed: int) -> Student:
         return Student(cfg)
 
 
-def build_teacher(
-    width: int, depth: int, activation: str, seed: int, gain: float = 1.0
-) -> Teacher:
+def build_teacher(width: int, depth: int, activation: str, seed: int, gain: float = 1.0) -> Teacher:
     """The frozen teacher initialised from ``seed`` alone (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -50,8 +50,9 @@ def main(out_dir: str) -> None:
         "rank": run.global_rank,
         "timeline": [(e["step"], e["kind"]) for e in intervention.timeline],
         "spikes": [(e["step"], e["kind"]) for e in detector.spikes],
-        "norm_affine": sorted({s.norm_affine for n, s in mxprobe.schemes_of(module).items()
-                               if n.endswith("norm")}),
+        "norm_affine": sorted(
+            {s.norm_affine for n, s in mxprobe.schemes_of(module).items() if n.endswith("norm")}
+        ),
         "local_losses": record.local_losses,
         "zetas": record.zetas,
         "checksum": float(sum(p.double().sum() for p in module.parameters())),

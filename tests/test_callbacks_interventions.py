@@ -101,7 +101,7 @@ def test_rewind_restores_the_snapshot_exactly(tmp_path):
     weights, optimizer_state = probe.state
     assert torch.equal(weights, _weights(reference))
     ref_state = list(ref_trainer.optimizers[0].state.values())
-    for ours, theirs in zip(optimizer_state.values(), ref_state):
+    for ours, theirs in zip(optimizer_state.values(), ref_state, strict=True):
         assert all(torch.equal(ours[k], theirs[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     assert run.global_step == 8  # the step counter keeps going
     assert [s["step"] for s in intervention.snapshots] == [2, 4, 6]
@@ -111,7 +111,10 @@ def test_rewind_restores_the_snapshot_exactly(tmp_path):
 
 def test_scale_lr_survives_the_scheduler(tmp_path):
     lrs = []
-    for rules in ([], [_rule("half", {"kind": "step", "at": 2}, {"kind": "scale_lr", "factor": 0.5})]):
+    for rules in (
+        [],
+        [_rule("half", {"kind": "step", "at": 2}, {"kind": "scale_lr", "factor": 0.5})],
+    ):
         module = TinyMx(schedule=True)
         run = trainer(tmp_path, 5, [PrecisionIntervention(rules=rules)])
         run.fit(module)
@@ -133,16 +136,24 @@ def _resume_callbacks():
         ),
         _rule(
             "zeta",
-            {"kind": "metric", "name": "mx/grad_bias/total/zeta", "op": ">", "value": 0.0,
-             "for_steps": 4},
+            {
+                "kind": "metric",
+                "name": "mx/grad_bias/total/zeta",
+                "op": ">",
+                "value": 0.0,
+                "for_steps": 4,
+            },
             {"kind": "scale_lr", "factor": 0.9},
         ),
         _rule("spike", {"kind": "spike"}, {"kind": "scale_lr", "factor": 0.5}),
         _rule(
             "late-rewind",
             {"kind": "step", "at": 9},
-            {"kind": "rewind", "steps": 5,
-             "then": {"kind": "set_scheme", "scheme": "mxfp8_e5m2", "modules": "model.0.*"}},
+            {
+                "kind": "rewind",
+                "steps": 5,
+                "then": {"kind": "set_scheme", "scheme": "mxfp8_e5m2", "modules": "model.0.*"},
+            },
         ),
     ]
     intervention = PrecisionIntervention(
@@ -188,8 +199,9 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
     module = TinyMx()
     rule = _rule("a", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "w=e5m2"})
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
-    trainer(tmp_path, 2, [PrecisionIntervention(rules=[rule]), checkpoint],
-            enable_checkpointing=True).fit(module)
+    trainer(
+        tmp_path, 2, [PrecisionIntervention(rules=[rule]), checkpoint], enable_checkpointing=True
+    ).fit(module)
     fresh = TinyMx()
     intervention = PrecisionIntervention(rules=[rule])
 
@@ -198,39 +210,81 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
             self.weight = {s.weight for s in mxprobe.schemes_of(pl_module).values()}
 
     seen = SchemeAtStart()  # runs before the intervention's own on_train_start
-    trainer(tmp_path, 3, [seen, intervention]).fit(fresh, ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    trainer(tmp_path, 3, [seen, intervention]).fit(
+        fresh, ckpt_path=tmp_path / "epoch=0-step=2.ckpt"
+    )
     assert seen.weight == {"fp8_e5m2"}
 
 
 @pytest.mark.parametrize(
     ("rules", "match"),
     [
-        ([_rule("r", {"kind": "stepp", "at": 1}, {"kind": "scale_lr", "factor": 2})],
-         "unknown kind 'stepp'; expected one of spike, step, metric"),
-        ([_rule("r", {"kind": "step", "at": 1}, {"kind": "set_precision", "scheme": "bf16"})],
-         "unknown kind 'set_precision'"),
-        ([_rule("r", {"kind": "metric", "name": "m", "op": "=>", "value": 1},
-                {"kind": "scale_lr", "factor": 2})],
-         "unknown operator '=>'"),
-        ([_rule("r", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "norm=e4m4"})],
-         "rule 'r' action: bad scheme 'norm=e4m4'"),
-        ([_rule("r", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "nrom=bf16"})],
-         "unknown key 'nrom'"),
-        ([{**_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2}),
-           "coolddown": 3}],
-         "unknown key\\(s\\) 'coolddown'"),
+        (
+            [_rule("r", {"kind": "stepp", "at": 1}, {"kind": "scale_lr", "factor": 2})],
+            "unknown kind 'stepp'; expected one of spike, step, metric",
+        ),
+        (
+            [_rule("r", {"kind": "step", "at": 1}, {"kind": "set_precision", "scheme": "bf16"})],
+            "unknown kind 'set_precision'",
+        ),
+        (
+            [
+                _rule(
+                    "r",
+                    {"kind": "metric", "name": "m", "op": "=>", "value": 1},
+                    {"kind": "scale_lr", "factor": 2},
+                )
+            ],
+            "unknown operator '=>'",
+        ),
+        (
+            [_rule("r", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "norm=e4m4"})],
+            "rule 'r' action: bad scheme 'norm=e4m4'",
+        ),
+        (
+            [_rule("r", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "nrom=bf16"})],
+            "unknown key 'nrom'",
+        ),
+        (
+            [
+                {
+                    **_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2}),
+                    "coolddown": 3,
+                }
+            ],
+            "unknown key\\(s\\) 'coolddown'",
+        ),
         ([_rule("r", {"kind": "step"}, {"kind": "scale_lr", "factor": 2})], "missing 'at'"),
-        ([_rule("r", {"kind": "step", "at": 1},
-                {"kind": "rewind", "steps": 3, "then": {"kind": "rewind", "steps": 1}})],
-         "then: unknown kind 'rewind'"),
-        ([_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": -1})],
-         "factor must be positive"),
-        ([_rule("r", {"kind": "spike", "signal": "gradnorm"}, {"kind": "scale_lr", "factor": 2})],
-         "unknown signal 'gradnorm'"),
-        ([_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2}, cooldown=-1)],
-         "cooldown must be an integer >= 0"),
-        ([_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2})] * 2,
-         "duplicated: r"),
+        (
+            [
+                _rule(
+                    "r",
+                    {"kind": "step", "at": 1},
+                    {"kind": "rewind", "steps": 3, "then": {"kind": "rewind", "steps": 1}},
+                )
+            ],
+            "then: unknown kind 'rewind'",
+        ),
+        (
+            [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": -1})],
+            "factor must be positive",
+        ),
+        (
+            [
+                _rule(
+                    "r", {"kind": "spike", "signal": "gradnorm"}, {"kind": "scale_lr", "factor": 2}
+                )
+            ],
+            "unknown signal 'gradnorm'",
+        ),
+        (
+            [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2}, cooldown=-1)],
+            "cooldown must be an integer >= 0",
+        ),
+        (
+            [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2})] * 2,
+            "duplicated: r",
+        ),
     ],
 )
 def test_bad_rules_are_rejected(rules, match):
@@ -246,8 +300,11 @@ def test_rule_objects_are_validated_like_dicts():
 
 
 def test_setup_rejects_unknown_modules_and_missing_detector(tmp_path):
-    bad_glob = _rule("r", {"kind": "step", "at": 1},
-                     {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "encoder.*"})
+    bad_glob = _rule(
+        "r",
+        {"kind": "step", "at": 1},
+        {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "encoder.*"},
+    )
     with pytest.raises(ValueError, match="modules 'encoder.\\*' matches no MX module"):
         trainer(tmp_path, 1, [PrecisionIntervention(rules=[bad_glob])]).fit(TinyMx())
     spike = _rule("s", {"kind": "spike"}, {"kind": "scale_lr", "factor": 0.5})
@@ -256,8 +313,11 @@ def test_setup_rejects_unknown_modules_and_missing_detector(tmp_path):
 
 
 def test_metric_never_logged_stops_training(tmp_path):
-    rule = _rule("z", {"kind": "metric", "name": "mx/grad_bias/total/zetaa", "op": ">", "value": 1},
-                 {"kind": "scale_lr", "factor": 0.5})
+    rule = _rule(
+        "z",
+        {"kind": "metric", "name": "mx/grad_bias/total/zetaa", "op": ">", "value": 1},
+        {"kind": "scale_lr", "factor": 0.5},
+    )
     module = TinyMx()
     with pytest.raises(RuntimeError, match="'mx/grad_bias/total/zetaa'.*train/loss"):
         trainer(tmp_path, 5, [PrecisionIntervention(rules=[rule])]).fit(module)

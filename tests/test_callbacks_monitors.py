@@ -58,7 +58,7 @@ class ManualShadow(Callback):
         with mxprobe.full_precision(pl_module):
             for batch in self.batches:
                 loss = pl_module.compute_loss(batch) / trainer.accumulate_grad_batches
-                for t, g in zip(total, torch.autograd.grad(loss, params)):
+                for t, g in zip(total, torch.autograd.grad(loss, params), strict=True):
                     t += g
         g_q = torch.cat([p.grad.reshape(-1) for p in params])
         expected = compare_gradients(g_q, torch.cat([t.reshape(-1) for t in total]))

@@ -41,8 +41,17 @@ def tiny_config(tmp_path):
 def test_compare_writes_run_dirs_and_summary(tmp_path, tiny_config):
     out = tmp_path / "cmp"
     code = proxy.run(
-        ["compare", "--config", str(tiny_config), "--schemes", "fp32,mxfp8_e4m3",
-         "--seeds", "0", "--out", str(out)],
+        [
+            "compare",
+            "--config",
+            str(tiny_config),
+            "--schemes",
+            "fp32,mxfp8_e4m3",
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ],
         "mxprobe proxy",
     )
     assert code == 0
@@ -57,8 +66,10 @@ def test_compare_writes_run_dirs_and_summary(tmp_path, tiny_config):
         assert len(losses) == 3
     # Same initial weights and batches: the first loss is computed before any update, and MX
     # changes it only by quantization error.
-    first = [float(next(csv.DictReader(open(out / d / "metrics.csv")))["train/loss"])
-             for d in ("fp32-seed0", "mxfp8_e4m3-seed0")]
+    first = [
+        float(next(csv.DictReader(open(out / d / "metrics.csv")))["train/loss"])
+        for d in ("fp32-seed0", "mxfp8_e4m3-seed0")
+    ]
     assert first[0] == pytest.approx(first[1], rel=0.05)
 
 

@@ -56,7 +56,9 @@ def test_no_layer_norm_option_and_bad_values():
 def test_custom_init():
     student = build_student(ProxyConfig(depth=2, width=D, init="custom"), seed=0)
     block = student.blocks[1]
-    assert torch.equal(block.ln.weight, torch.ones(D)) and torch.equal(block.mlp.fc2.bias, torch.zeros(D))
+    assert torch.equal(block.ln.weight, torch.ones(D)) and torch.equal(
+        block.mlp.fc2.bias, torch.zeros(D)
+    )
     assert abs(block.mlp.fc1.weight.std().item() - 0.02) < 0.003
 
 
@@ -73,7 +75,7 @@ def test_teacher_is_frozen_bias_free_and_unchanged_by_training():
     model = ProxyLitModule(depth=2, width=D, lr=1e-2)
     assert not any(p is q for p in model.parameters() for q in dm.teacher.parameters())
     _trainer(max_steps=3).fit(model, datamodule=dm)
-    assert all(torch.equal(a, b) for a, b in zip(before, dm.teacher.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, dm.teacher.parameters(), strict=True))
 
 
 def test_identical_batches_for_the_same_seed():
@@ -119,7 +121,9 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(tmp_path):
             )
         model = ProxyLitModule(depth=1, width=D, lr=1e-2, scheme="mxfp8_e4m3")
         dm = ProxyDataModule(width=D, depth=1, batch_size=8, seed=5, val_batches=0)
-        trainer = _trainer(max_steps=max_steps, callbacks=callbacks, enable_checkpointing=checkpoint)
+        trainer = _trainer(
+            max_steps=max_steps, callbacks=callbacks, enable_checkpointing=checkpoint
+        )
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
         return recorder.seen, model
 
@@ -128,7 +132,7 @@ def test_resume_from_checkpoint_continues_with_the_same_batches(tmp_path):
     resumed, resumed_model = fit(6, ckpt_path=str(checkpoint), checkpoint=False)
     assert [step for step, _ in resumed] == [3, 4, 5]
     assert resumed == full[3:]
-    for p, q in zip(full_model.parameters(), resumed_model.parameters()):
+    for p, q in zip(full_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -136,9 +140,11 @@ def test_same_initial_weights_whatever_the_scheme():
     fp32 = ProxyLitModule(depth=2, width=D, seed=7)
     mx = ProxyLitModule(depth=2, width=D, seed=7, scheme="mxfp8_e4m3")
     other = ProxyLitModule(depth=2, width=D, seed=8)
-    for (k, p), (k2, q) in zip(fp32.state_dict().items(), mx.state_dict().items()):
+    for (k, p), (k2, q) in zip(fp32.state_dict().items(), mx.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(p, q)
-    assert not torch.equal(fp32.student.blocks[0].mlp.fc1.weight, other.student.blocks[0].mlp.fc1.weight)
+    assert not torch.equal(
+        fp32.student.blocks[0].mlp.fc1.weight, other.student.blocks[0].mlp.fc1.weight
+    )
 
 
 def test_fp32_run_is_plain_pytorch_and_mx_run_differs():

@@ -13,9 +13,39 @@ The same YAML scales out with ``--trainer.strategy=ddp --trainer.devices=N``.
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
 
+from lightning.pytorch.cli import LightningCLI
+
+from proxy_models.lit_llm import ByteTextDataModule, LLMModule
+
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+
+
+class LLMCLI(LightningCLI):
+    """LightningCLI for :class:`LLMModule` + :class:`ByteTextDataModule` with ``fit`` and
+    ``validate`` only, and the data's context linked to the model's."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.context", "data.context", apply_on="instantiate")
+
+
+def llm_cli(args: list[str], *, prog: str = "mxprobe llm", **kwargs) -> LLMCLI:
+    """Build (and unless ``run=False`` run) the CLI with mxprobe's settings."""
+    return LLMCLI(
+        LLMModule,
+        ByteTextDataModule,
+        args=args,
+        parser_kwargs={"prog": prog},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        **kwargs,
+    )
 
 
 def _sizes(argv: list[str], prog: str) -> int:
@@ -36,31 +66,18 @@ def _sizes(argv: list[str], prog: str) -> int:
 def run(argv: list[str], prog: str) -> int:
     if argv[:1] == ["sizes"]:
         return _sizes(argv[1:], prog)
-
-    from lightning.pytorch.cli import LightningCLI
-
-    from proxy_models.lit_llm import ByteTextDataModule, LLMModule
-
-    class LLMCLI(LightningCLI):
-        @staticmethod
-        def subcommands() -> dict[str, set[str]]:
-            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
-
-        def add_arguments_to_parser(self, parser) -> None:
-            parser.link_arguments("model.context", "data.context", apply_on="instantiate")
-
-    if argv[:1] not in ([name] for name in LIGHTNING_SUBCOMMANDS) and not set(argv) & {"-h", "--help"}:
-        print(f"{prog}: expected a subcommand: {', '.join(LIGHTNING_SUBCOMMANDS)} or sizes")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__.replace("mxprobe llm", prog))
+        return 0
+    if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
+        got = repr(argv[0]) if argv else "nothing"
+        print(
+            f"{prog}: expected a subcommand ({', '.join(LIGHTNING_SUBCOMMANDS)}, sizes), got {got}",
+            file=sys.stderr,
+        )
         return 2
     # The args are sys.argv's tail when run as `mxprobe llm ...`; LightningCLI warns about
     # receiving both, but sys.argv must stay whole: DDP re-launches the same command line.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    LLMCLI(
-        LLMModule,
-        ByteTextDataModule,
-        args=argv,
-        parser_kwargs={"prog": prog},
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    llm_cli(argv, prog=prog)
     return 0

@@ -72,7 +72,9 @@ class DivergenceTracker:
             self.high_since = step
         if finite:
             self.running_min = min(self.running_min, loss)
-        if not finite or (self.high_since is not None and step - self.high_since + 1 >= self.patience):
+        if not finite or (
+            self.high_since is not None and step - self.high_since + 1 >= self.patience
+        ):
             self.divergence_step = self.high_since
         return self.divergence_step is not None
 
@@ -199,21 +201,33 @@ def compare(argv: list[str], prog: str) -> int:
         description="Train each scheme from the same initial weights on the same batches.",
     )
     parser.add_argument("--config", required=True, help="LightningCLI YAML (trainer/model/data)")
-    parser.add_argument("--schemes", required=True,
-                        help="comma-separated schemes; separate with ';' when a scheme string "
-                        "itself has commas (e.g. 'mxfp8_e4m3;mxfp8_e4m3,norm=bf16')")
+    parser.add_argument(
+        "--schemes",
+        required=True,
+        help="comma-separated schemes; separate with ';' when a scheme string "
+        "itself has commas (e.g. 'mxfp8_e4m3;mxfp8_e4m3,norm=bf16')",
+    )
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     parser.add_argument("--out", default="runs/compare", help="output directory")
     parser.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra LightningCLI argument, e.g. trainer.max_steps=100 (repeatable)")
-    parser.add_argument("--no-stop", action="store_true",
-                        help="keep training after divergence (default: stop there)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra LightningCLI argument, e.g. trainer.max_steps=100 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-stop",
+        action="store_true",
+        help="keep training after divergence (default: stop there)",
+    )
     parser.add_argument("--factor", type=float, default=DIVERGENCE_FACTOR)
     parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
     ns = parser.parse_args(argv)
-    schemes = [s.strip() for s in (ns.schemes.split(";") if ";" in ns.schemes
-                                   else ns.schemes.split(","))]
+    schemes = [
+        s.strip() for s in (ns.schemes.split(";") if ";" in ns.schemes else ns.schemes.split(","))
+    ]
     seeds = [int(s) for s in ns.seeds.split(",")]
     extra = [f"--{item}" for item in ns.set]
     out = Path(ns.out)
@@ -248,7 +262,7 @@ def run(argv: list[str], prog: str) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(
             f"usage: {prog} {{fit,validate,compare}} ...\n\n"
-            "  fit / validate   LightningCLI: --config FILE.yaml, any --trainer/--model/--data key\n"
+            "  fit / validate   LightningCLI: --config FILE.yaml, any --trainer/model/data key\n"
             "  compare          same init and batches for several schemes and seeds; summary.csv\n",
             file=sys.stdout if argv else sys.stderr,
         )

@@ -88,10 +88,13 @@ class Spec:
     @property
     def runs(self) -> list[dict]:
         keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*self.grid.values())]
+        combos = itertools.product(*self.grid.values())
+        return [dict(zip(keys, values, strict=True)) for values in combos]
 
     def run_name(self, point: dict) -> str:
-        return ",".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in point.items()).replace("/", "_")
+        return ",".join(f"{k.split('.')[-1]}={_text(v)}" for k, v in point.items()).replace(
+            "/", "_"
+        )
 
     def run_dir(self, point: dict) -> Path:
         return self.out / self.run_name(point)
@@ -186,7 +189,9 @@ def execute(spec: Spec, jobs: int) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "stdout.log", "w") as log:
             proc = subprocess.run(
-                command(spec, index, _local_executable()), stdout=log, stderr=subprocess.STDOUT,
+                command(spec, index, _local_executable()),
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 env=env,
             )
         return index, proc.returncode
@@ -200,7 +205,9 @@ def execute(spec: Spec, jobs: int) -> int:
                 name = spec.run_name(spec.runs[index])
                 if code:
                     failures += 1
-                    print(f"FAILED ({code}) {name}: see {spec.run_dir(spec.runs[index])}/stdout.log")
+                    print(
+                        f"FAILED ({code}) {name}: see {spec.run_dir(spec.runs[index])}/stdout.log"
+                    )
                 else:
                     print(f"done {name}")
                 collect(spec)
@@ -212,8 +219,11 @@ def run(argv: list[str], prog: str) -> int:
     parser.add_argument("spec", help="sweep spec YAML")
     parser.add_argument("--jobs", type=int, default=1, help="parallel local processes (default 1)")
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--emit-commands", action="store_true",
-                      help="print one command per pending run instead of running")
+    mode.add_argument(
+        "--emit-commands",
+        action="store_true",
+        help="print one command per pending run instead of running",
+    )
     mode.add_argument("--run-index", type=int, help="run only grid point K (what commands do)")
     mode.add_argument("--collect", action="store_true", help="only rebuild results.csv")
     mode.add_argument("--list", action="store_true", help="list runs and their state")
@@ -222,8 +232,10 @@ def run(argv: list[str], prog: str) -> int:
     runs = spec.runs
     if ns.run_index is not None:
         if not 0 <= ns.run_index < len(runs):
-            print(f"{prog}: --run-index {ns.run_index} out of range 0..{len(runs) - 1}",
-                  file=sys.stderr)
+            print(
+                f"{prog}: --run-index {ns.run_index} out of range 0..{len(runs) - 1}",
+                file=sys.stderr,
+            )
             return 2
         run_one(spec, ns.run_index)
         return 0
