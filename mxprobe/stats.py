@@ -12,7 +12,7 @@ Quantization statistics compare a tensor ``x`` with its MX fake-quantized twin `
 - ``sqnr_db``: ``10 log10(sum x^2 / sum (x - q)^2)``; +inf when ``q == x``.
 - ``relative_bias``: mean over nonzero elements of ``q / x - 1``: negative when quantization
   shrinks magnitudes (saturation does), positive when it inflates them.
-- ``relative_error``: ``||q - x|| / ||x||``.
+- ``relative_error``: ``||q - x|| / ||x||`` (0 for an all-zero ``x``).
 
 Gradient comparison of a quantized gradient ``g_q`` with the full-precision gradient ``g_fp``
 at the same weights and batch (``compare_gradients``):

@@ -174,8 +174,10 @@ def _quantize_kernel(
     tl.store(out_ptr + offsets, result, mask=mask)
 
 
-# triton.jit chose interpreter or compiler mode when it decorated the kernel above.
+# triton.jit picks interpreter or compiler mode when it decorates: triton's own library (tl.max,
+# tl.rand) at `import triton`, the kernel above when this module is imported. They must agree.
 _INTERPRETED = not isinstance(_quantize_kernel, triton.runtime.JITFunction)
+MODES_AGREE = _INTERPRETED != isinstance(tl.standard.max, triton.runtime.JITFunction)
 
 
 def _float_errors_ignored():
@@ -213,9 +215,16 @@ def quantize_mx_triton(
     repeat for a given seed, but differ from the torch backend's draws.
 
     Raises:
-        RuntimeError: ``x`` is not a CUDA tensor and Triton is not in interpreter mode.
+        RuntimeError: ``x`` is not a CUDA tensor and Triton is not in interpreter mode, or
+            ``TRITON_INTERPRET`` was set after triton was imported.
         ValueError: ``block_size`` larger than a Triton tile can hold.
     """
+    if not MODES_AGREE:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between `import triton` and the import of "
+            "mxprobe.triton_kernels; set it before anything imports triton (Lightning and "
+            "torch.compile do)"
+        )
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError(
             f"backend='triton' needs a CUDA tensor, got one on {x.device}; for CPU tensors set "

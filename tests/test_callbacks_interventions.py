@@ -215,6 +215,14 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
     )
     assert seen.weight == {"fp8_e5m2"}
 
+    # Resuming with an extra rule changes the state key: the saved state is adopted.
+    later = _rule("b", {"kind": "step", "at": 50}, {"kind": "scale_lr", "factor": 2})
+    renamed = PrecisionIntervention(rules=[rule, later])
+    with pytest.warns(UserWarning, match="adopting its timeline"):
+        trainer(tmp_path, 3, [renamed]).fit(TinyMx(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
+    assert [e["rule"] for e in renamed.timeline] == ["a"]
+    assert renamed._rule_state["a"]["fired"] == 1
+
 
 @pytest.mark.parametrize(
     ("rules", "match"),

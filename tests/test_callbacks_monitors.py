@@ -174,3 +174,14 @@ def test_monitor_arguments_are_checked():
         ActivationMonitor(reference_format="e4m4")
     a, b = NormAffineMonitor(every_n_steps=10), NormAffineMonitor(every_n_steps=20)
     assert a.state_key != b.state_key
+
+
+def test_norm_affine_on_plain_rmsnorm_uses_the_reference():
+    norm = torch.nn.RMSNorm(64)
+    with torch.no_grad():
+        norm.weight[0] = 3.6  # mantissa 1.8 > 1.75: its block overflows, one element clips
+    stats = NormAffineMonitor(reference_format="e4m3")._module_stats(norm)
+    assert stats["in_force"].item() == 0.0
+    assert stats["weight_floor_overflow"].item() == 0.5
+    assert stats["weight_saturation"].item() == 1 / 64
+    assert not any(k.startswith("bias_") for k in stats)

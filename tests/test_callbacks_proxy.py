@@ -60,3 +60,24 @@ def test_proxy_fp32_grad_bias_is_zero(tmp_path):
     assert float(run.callback_metrics["mx/grad_bias/total/zeta"]) == 0.0
     assert float(run.callback_metrics["mx/grad_bias/total/cosine"]) == pytest.approx(1.0, abs=1e-6)
     assert torch.isfinite(run.callback_metrics["mx/grad_bias/total/norm_ratio"])
+
+
+def test_proxy_fp32_run_switches_to_mx(tmp_path):
+    model = lit.ProxyLitModule(depth=2, width=32, scheme="fp32")
+    datamodule = data.ProxyDataModule(width=32, depth=2, batch_size=64)
+    rule = {
+        "name": "to-mx",
+        "trigger": {"kind": "step", "at": 1},
+        "action": {"kind": "set_scheme", "scheme": "mxfp8_e4m3", "modules": "*fc*"},
+    }
+    run = trainer(
+        tmp_path,
+        2,
+        [PrecisionIntervention(rules=[rule])],
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    run.fit(model, datamodule=datamodule)
+    schemes = mxprobe.schemes_of(model)
+    assert schemes["student.blocks.0.mlp.fc1"] == mxprobe.PRESETS["mxfp8_e4m3"]
+    assert schemes["student.blocks.0.ln"] is None

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import Optional
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from proxy_models.lit_llm import ByteTextDataModule, LLMModule
@@ -25,14 +27,27 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate")
 
 class LLMCLI(LightningCLI):
     """LightningCLI for :class:`LLMModule` + :class:`ByteTextDataModule` with ``fit`` and
-    ``validate`` only, and the data's context linked to the model's."""
+    ``validate`` only, the data's context linked to the model's, and a top-level
+    ``num_threads`` (``torch.set_num_threads`` before anything is built)."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--num_threads",
+            type=Optional[int],
+            default=None,
+            help="torch.set_num_threads for this process (None: torch's default). Small models "
+            "on shared CPUs run faster with 1: OpenMP threads spin-wait for busy cores.",
+        )
         parser.link_arguments("model.context", "data.context", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.get("num_threads"):
+            torch.set_num_threads(config.num_threads)
 
 
 def llm_cli(args: list[str], *, prog: str = "mxprobe llm", **kwargs) -> LLMCLI:

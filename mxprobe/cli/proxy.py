@@ -8,10 +8,10 @@
   batches (seed = model seed = data seed), one run directory each with its CSVLogger
   ``metrics.csv``, and writes ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`).
 
-Divergence (docs/proxy.md): a step is *high* when its loss is non-finite or above
-``factor`` × the running minimum of the loss so far. A run *diverges* at the first step of
-``patience`` consecutive high steps (a non-finite loss diverges at once); a shorter high episode
-that ends is a *recovered spike*.
+Divergence (docs/proxy.md): a step is *high* when its loss is non-finite or above ``factor``
+(10) × the running minimum of the loss so far. A run *diverges* at the first step of ``patience``
+(500) consecutive high steps (a non-finite loss diverges at once); a shorter high episode that
+ends is a *recovered spike*.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ SUMMARY_COLUMNS = (
     "recovered_spikes",
 )
 DIVERGENCE_FACTOR = 10.0
-DIVERGENCE_PATIENCE = 100
+DIVERGENCE_PATIENCE = 500
 
 
 @dataclass
