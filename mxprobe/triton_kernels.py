@@ -18,8 +18,8 @@ exact values:
 
 A program owns ``ROWS`` MX blocks, each padded to a power of two and masked (masked lanes count
 as 0 for the block max). On a CPU tensor the kernel runs only under Triton's interpreter:
-``TRITON_INTERPRET=1`` must be set before this module is first imported (``triton.jit`` picks
-its mode when it decorates).
+``TRITON_INTERPRET=1`` must be set before triton is first imported (``triton.jit`` picks its
+mode when it decorates, and triton's own ``tl.max`` is decorated at ``import triton``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from mxprobe.formats import ElementFormat
 # Elements per program: 16 per thread at 8 warps, enough bytes in flight to saturate HBM.
 _TILE = 4096
 _NUM_WARPS = 8
-_OUT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
@@ -127,7 +126,7 @@ def _quantize_kernel(
     MAX_NORM: tl.constexpr,
     INV_MAX_NORM: tl.constexpr,
     OUT_MAX: tl.constexpr,
-    OUT_TYPE: tl.constexpr,  # 0 fp32, 1 bf16, 2 fp16 (x and out share it)
+    IS_BF16: tl.constexpr,  # x and out share their dtype
     SCALE_MODE: tl.constexpr,
     ROUNDING: tl.constexpr,
 ):
@@ -145,7 +144,7 @@ def _quantize_kernel(
         offsets = row[:, None] * length + cols
 
     raw = tl.load(x_ptr + offsets, mask=mask, other=0.0)
-    if OUT_TYPE == 1:
+    if IS_BF16:
         x = (raw.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
         x = raw.to(tl.float32)
@@ -167,7 +166,7 @@ def _quantize_kernel(
     out = tl.minimum(v * _pow2(s)[:, None], OUT_MAX)
     out_bits = out.to(tl.int32, bitcast=True) | (y_bits & -0x80000000)  # copysign, -0 kept
     out_bits = tl.where(bad, 0x7FC00000, out_bits)
-    if OUT_TYPE == 1:
+    if IS_BF16:
         result = (out_bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
     else:
         result = out_bits.to(tl.float32, bitcast=True).to(out_ptr.dtype.element_ty)
@@ -261,7 +260,7 @@ def quantize_mx_triton(
             MAX_NORM=fmt.max_norm,
             INV_MAX_NORM=_fp32(1.0 / fmt.max_norm),
             OUT_MAX=float(torch.finfo(x.dtype).max),
-            OUT_TYPE=_OUT_TYPES[x.dtype],
+            IS_BF16=x.dtype == torch.bfloat16,
             SCALE_MODE=scale_mode,
             ROUNDING=rounding,
             num_warps=_NUM_WARPS,

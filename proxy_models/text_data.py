@@ -269,9 +269,6 @@ class ValWindows(IterableDataset):
         self.tokens, self.context, self.batch_size = tokens, context, batch_size
         self.starts = np.arange(count)[rank::world_size] * context
 
-    def __len__(self) -> int:
-        return -(-len(self.starts) // self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for i in range(0, len(self.starts), self.batch_size):
             yield _windows(self.tokens, self.starts[i : i + self.batch_size], self.context)

@@ -169,7 +169,8 @@ def _resume_callbacks():
 def test_resume_after_interventions_is_bitwise_identical(tmp_path):
     full = TinyMx(spike_at=7)
     callbacks = _resume_callbacks()
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1)
+    # Saved after step 4, which measured zeta: the resumed run must count that measurement.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
     trainer(tmp_path / "full", 11, [*callbacks, checkpoint], enable_checkpointing=True).fit(full)
     timeline = _without_time(callbacks[2].timeline)
     assert [(e["step"], e["rule"], e["kind"]) for e in timeline] == [
@@ -186,13 +187,13 @@ def test_resume_after_interventions_is_bitwise_identical(tmp_path):
     resumed = TinyMx(spike_at=7)
     again = _resume_callbacks()
     run = trainer(tmp_path / "resumed", 11, again)
-    run.fit(resumed, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=6.ckpt")
+    run.fit(resumed, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=5.ckpt")
     assert torch.equal(_weights(resumed), _weights(full))
     assert _without_time(again[2].timeline) == timeline
     assert mxprobe.schemes_of(resumed) == mxprobe.schemes_of(full)
     assert again[1].spikes == callbacks[1].spikes
     resumed_events = read_events(tmp_path / "resumed" / "events.jsonl")
-    assert [e["step"] for e in resumed_events] == [7, 7, 8, 9, 9]
+    assert [e["step"] for e in resumed_events] == [5, 5, 7, 7, 8, 9, 9]
 
 
 def test_schemes_are_restored_before_training_resumes(tmp_path):

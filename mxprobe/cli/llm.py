@@ -50,9 +50,12 @@ class LLMCLI(LightningCLI):
             torch.set_num_threads(config.num_threads)
 
 
-def llm_cli(args: list[str], *, prog: str = "mxprobe llm", **kwargs) -> LLMCLI:
-    """Build (and unless ``run=False`` run) the CLI with mxprobe's settings."""
-    return LLMCLI(
+def llm_cli(
+    args: list[str], *, prog: str = "mxprobe llm", cli_class: type[LLMCLI] = LLMCLI, **kwargs
+) -> LLMCLI:
+    """Build (and unless ``run=False`` run) the CLI with mxprobe's settings; ``kwargs`` go to
+    LightningCLI."""
+    return cli_class(
         LLMModule,
         ByteTextDataModule,
         args=args,

@@ -43,7 +43,7 @@ DIVERGENCE_PATIENCE = 500
 
 @dataclass
 class DivergenceTracker:
-    """Online divergence test over a loss sequence (one value per optimizer step).
+    """Online divergence test over a loss sequence (one value per training batch).
 
     ``update(loss)`` returns True once the run has diverged (see the module docstring).
     """
@@ -149,8 +149,8 @@ def train_run(
     threads: int | None = None,
 ) -> dict:
     """Train one proxy run into ``run_dir`` (CSVLogger ``metrics.csv`` there) and return its
-    divergence summary plus ``steps`` and ``wall_s``; ``args`` are extra LightningCLI arguments
-    such as ``--model.scheme=mxfp8_e4m3``."""
+    divergence summary plus ``steps``, ``wall_s`` and ``cpu_s``; ``args`` are extra LightningCLI
+    arguments such as ``--model.scheme=mxfp8_e4m3``."""
     import torch
 
     if threads:

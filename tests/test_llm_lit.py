@@ -1,0 +1,106 @@
+"""proxy_models.lit_llm: LLMModule (loss, optimizer, schedule, validation) and the DataModule."""
+
+import math
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+
+from mxprobe.modules import MxLinear
+from proxy_models.lit_llm import ByteTextDataModule, LLMModule, cosine_with_warmup
+from proxy_models.llm import LLMConfig
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("llm_cache"))
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny tensors: a second OpenMP thread only spin-waits on a shared 2-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data(cache_dir, **kw):
+    kw = {"batch_size": 4, "val_windows": 8, "max_bytes": 200_000, "val_fraction": 0.05, **kw}
+    return ByteTextDataModule(cache_dir=cache_dir, context=LLMConfig().context, **kw)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_final_fraction():
+    f = lambda step: cosine_with_warmup(step, total=100, warmup=20, final=0.1)
+    assert f(0) == pytest.approx(1 / 20) and f(19) == pytest.approx(1.0)
+    assert f(20) == pytest.approx(1.0) and f(60) == pytest.approx(0.55)
+    assert f(100) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    values = [f(s) for s in range(20, 101)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_module_converts_and_compute_loss_is_pure(cache_dir):
+    module = LLMModule(LLMConfig(mx_attention=True), scheme="mxfp8_e4m3", overrides={"*lm_head": "bf16"})
+    assert isinstance(module.model.lm_head, MxLinear)
+    assert module.model.lm_head.mx_scheme.weight == "bf16"
+    assert module.model.blocks[0].attn.qkv.mx_scheme.weight == "fp8_e4m3"
+    data = _data(cache_dir)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)
+    first = module.compute_loss(batch)
+    second = module.compute_loss(batch)
+    assert first.item() == second.item()
+    assert abs(first.item() - math.log(256)) < 0.3  # near-uniform predictions at init
+    assert all(p.grad is None for p in module.parameters())
+    assert LLMModule().model.lm_head.mx_scheme.weight == "fp32"  # converted even under fp32
+
+
+def test_configure_optimizers_needs_a_finite_run():
+    module = LLMModule()
+    module._trainer = SimpleNamespace(estimated_stepping_batches=float("inf"))
+    with pytest.raises(ValueError, match="set trainer.max_steps"):
+        module.configure_optimizers()
+
+
+def test_fit_logs_validation_bits_per_byte_and_follows_the_paper_optimizer(
+    cache_dir, tmp_path, one_thread
+):
+    module = LLMModule(scheme="mxfp8_e4m3", lr=0.01, weight_decay=0.1)
+    trainer = pl.Trainer(
+        max_steps=10,
+        val_check_interval=5,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        gradient_clip_val=1.0,
+        log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(logging_interval="step")],
+        default_root_dir=tmp_path,
+        logger=pl.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, _data(cache_dir))
+    metrics = trainer.callback_metrics
+    assert metrics["val/bpb"].item() == pytest.approx(metrics["val/loss"].item() / math.log(2))
+    assert metrics["val/loss"].item() < math.log(256)
+    optimizer = trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-15
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    # 10 steps: 2 of warmup, cosine down to 10% of the peak.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * cosine_with_warmup(10, 10, 2, 0.1))
+
+
+def test_datamodule_resumes_the_stream_and_shards_by_rank(cache_dir):
+    data = _data(cache_dir, batch_size=2)
+    data.setup("fit")
+    data.trainer = SimpleNamespace(global_step=7, accumulate_grad_batches=2, global_rank=1, world_size=2)
+    stream = data.train_dataloader().dataset
+    assert (stream.start_batch, stream.rank, stream.world_size) == (14, 1, 2)
+    assert data.val_dataloader().dataset.starts.tolist() == [64 * i for i in range(1, 8, 2)]
