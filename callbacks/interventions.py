@@ -63,9 +63,8 @@ class PrecisionIntervention(Callback):
       (``mx/grad_bias/``, ``mx/norm_affine/``, ``mx/activations/``) a measurement is a step
       the monitor measured, so ``for_steps: 3`` with ``every_n_steps=50`` means three
       consecutive measurements (100+ steps); any other metric is read at every step. Checks
-      start once one optimizer step has completed in this fit (and at
-      ``global_step >= after``); a metric absent from ``callback_metrics`` at its first check
-      stops training with a message listing the metrics that exist.
+      start at ``global_step >= max(1, after)``; a metric absent from ``callback_metrics`` at
+      its first check stops training with a message listing the metrics that exist.
 
     Actions (each one appended to ``events.jsonl`` and to :attr:`timeline`):
 
@@ -89,7 +88,9 @@ class PrecisionIntervention(Callback):
     resumed run can only rewind to snapshots taken since the resume.
 
     Resume: ``state_dict`` holds the timeline, every MX module's scheme, each rule's counters
-    (times fired, last step, metric streak) and optionally the snapshots. ``load_state_dict``
+    (times fired, last step, metric streak), the current values of the watched metrics (the
+    first check after a resume sees what the uninterrupted run would) and optionally the
+    snapshots. ``load_state_dict``
     re-applies the schemes at once (Lightning restores callbacks after the model weights and
     before the optimizer and loops); with strategies that restore callbacks only after
     ``on_fit_start`` (FSDP, DeepSpeed) they are applied at the latest in ``on_train_start``.
@@ -136,7 +137,7 @@ class PrecisionIntervention(Callback):
         self._pl_module: pl.LightningModule | None = None
         self._pending_schemes: dict[str, str | None] | None = None
         self._checked_step: int | None = None
-        self._start_step = 0
+        self._restored_metrics: dict[str, float] = {}
 
     @staticmethod
     def _fresh_rule_state() -> dict[str, Any]:
@@ -178,7 +179,6 @@ class PrecisionIntervention(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_pending_schemes()
-        self._start_step = trainer.global_step
         self._checked_step = None
 
     def on_train_batch_start(
@@ -243,10 +243,13 @@ class PrecisionIntervention(Callback):
             if not events:
                 return False, True, False, {}
             return True, True, False, {"spike_step": step - 1, **events[0]["values"]}
-        if step <= self._start_step or step < trigger.after:
+        if step < max(1, trigger.after):
             return False, False, False, {}
         state = self._rule_state[rule.name]
+        # After a resume, callback_metrics starts empty; the checkpoint's values stand in, as
+        # Lightning's stale values do in the uninterrupted run.
         metric = trainer.callback_metrics.get(trigger.name)
+        metric = self._restored_metrics.get(trigger.name) if metric is None else metric
         if metric is None:
             return False, False, not state["seen"], {}
         state["seen"] = True
@@ -380,8 +383,21 @@ class PrecisionIntervention(Callback):
             "timeline": [dict(e) for e in self.timeline],
             "schemes": schemes,
             "rules": {name: dict(s) for name, s in self._rule_state.items()},
+            "metrics": self._watched_metrics(),
             "snapshots": list(self._snapshots) if self.checkpoint_snapshots else [],
         }
+
+    def _watched_metrics(self) -> dict[str, float]:
+        """The current values of the metrics that metric rules watch (for the first check
+        after a resume, which happens before anything is logged again)."""
+        trainer = self._pl_module.trainer if self._pl_module is not None else None
+        values = dict(self._restored_metrics)
+        if trainer is not None:
+            for rule in self.rules:
+                name = getattr(rule.trigger, "name", None)
+                if isinstance(rule.trigger, MetricTrigger) and name in trainer.callback_metrics:
+                    values[name] = float(trainer.callback_metrics[name])
+        return values
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.timeline = [dict(e) for e in state_dict["timeline"]]
@@ -389,6 +405,7 @@ class PrecisionIntervention(Callback):
             if name in self._rule_state:
                 self._rule_state[name].update(saved)
         self._snapshots = list(state_dict["snapshots"])
+        self._restored_metrics = dict(state_dict.get("metrics", {}))
         self._pending_schemes = state_dict["schemes"]
         self._apply_pending_schemes()
 
