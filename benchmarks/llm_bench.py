@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/llm_bench.py                 # CPU: tiny, fp32 vs mxfp8_e4m3
     PYTHONPATH=. python benchmarks/llm_bench.py --compile both  # also eager vs compiled quantizer
+    PYTHONPATH=. python benchmarks/llm_bench.py --threads 1     # shared machine: see below
 
 Each row times full training steps (forward, backward, AdamW) on random byte windows after
 warm-up steps (which absorb torch.compile's first compile) and prints tokens/s and the ratio to
@@ -10,6 +11,10 @@ the first row. Rows:
 - CPU: the ``tiny`` model unconverted (fp32), converted under ``fp32`` (the wrapper's cost), and
   under ``mxfp8_e4m3`` with MX attention products; with ``--compile both`` the MX row is run with
   the CPU quantizer eager (``MXPROBE_COMPILE=0``) and compiled.
+Tokens per CPU-second (all threads of this process) are printed next to tokens/s: on a machine
+shared with other jobs the wall clock stretches, the work does not. With tensors as small as the
+tiny model's, ``--threads 1`` is usually faster on a busy machine (OpenMP threads spin-wait).
+
 - CUDA (when present, unless ``--cpu-only``): a 124M-class model (GPT-2-small shape: 12 layers,
   d=768, context 512) under ``torch.autocast`` bf16 vs ``mxfp8_e4m3`` emulation (Triton
   quantizer).
@@ -31,7 +36,9 @@ from proxy_models.llm import LLM, LLMConfig, count_parameters
 
 def _step_fn(model, optimizer, autocast_dtype):
     def step(x, y):
-        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        ):
             logits = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
@@ -82,11 +89,12 @@ def _print_rows(title: str, rows: list[tuple[str, tuple[float, float]]]) -> None
     print(f"\n{title}")
     (base, base_cpu) = rows[0][1]
     width = max(len(name) for name, _ in rows)
-    print(f"  {''.ljust(width)}  {'tokens/s':>12}  {'ratio':>6}  {'tokens/CPU-s':>12}  {'ratio':>6}")
+    print(
+        f"  {''.ljust(width)}  {'tokens/s':>12}  {'ratio':>6}  {'tokens/CPU-s':>12}  {'ratio':>6}"
+    )
     for name, (tps, tpc) in rows:
-        print(
-            f"  {name.ljust(width)}  {tps:12,.0f}  {tps / base:6.3f}  {tpc:12,.0f}  {tpc / base_cpu:6.3f}"
-        )
+        ratios = f"{tps / base:6.3f}  {tpc:12,.0f}  {tpc / base_cpu:6.3f}"
+        print(f"  {name.ljust(width)}  {tps:12,.0f}  {ratios}")
 
 
 def main() -> None:
@@ -101,10 +109,15 @@ def main() -> None:
         default="env",
         help="CPU quantizer: as MXPROBE_COMPILE says (env), or eager and compiled rows (both)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA rows")
     parser.add_argument("--gpu-steps", type=int, default=20)
     parser.add_argument("--gpu-batch-size", type=int, default=16)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  torch {torch.__version__}  "
@@ -121,7 +134,12 @@ def main() -> None:
     for mode in modes:
         os.environ["MXPROBE_COMPILE"] = mode
         label = "compiled" if mode not in ("0", "false", "False", "") else "eager"
-        rows.append((f"mxfp8_e4m3 + MX attention ({label})", tokens_per_second(config, "mxfp8_e4m3", **common)))
+        rows.append(
+            (
+                f"mxfp8_e4m3 + MX attention ({label})",
+                tokens_per_second(config, "mxfp8_e4m3", **common),
+            )
+        )
     _print_rows(
         f"CPU, size {args.size} ({count_parameters(plain):,} params), batch "
         f"{args.batch_size} x {plain.context} tokens, {args.steps} timed steps",
@@ -135,7 +153,10 @@ def main() -> None:
     gpu_mx = LLMConfig(size="L12", mx_attention=True)
     common = dict(batch_size=args.gpu_batch_size, steps=args.gpu_steps, warmup=3, device="cuda")
     rows = [
-        ("bf16 autocast (unconverted, SDPA)", tokens_per_second(gpu, None, autocast_dtype=torch.bfloat16, **common)),
+        (
+            "bf16 autocast (unconverted, SDPA)",
+            tokens_per_second(gpu, None, autocast_dtype=torch.bfloat16, **common),
+        ),
         ("mxfp8_e4m3 emulated (MX attention off)", tokens_per_second(gpu, "mxfp8_e4m3", **common)),
         ("mxfp8_e4m3 emulated + MX attention", tokens_per_second(gpu_mx, "mxfp8_e4m3", **common)),
     ]

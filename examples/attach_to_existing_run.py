@@ -14,7 +14,10 @@ loss ``training_step`` returns, with no logging) to recompute the batch in full 
 module, like many, already has one. Trains 60 steps on CPU in seconds; prints the loss, the
 monitor readings and the intervention from ``events.jsonl``.
 
-    PYTHONPATH=. python examples/attach_to_existing_run.py [--out runs/attach]
+    PYTHONPATH=. python examples/attach_to_existing_run.py [--out DIR] [--steps N]
+
+(On a machine shared with other jobs, OMP_NUM_THREADS=1 makes it several times faster: with
+tensors this small, a second OpenMP thread mostly spin-waits for a busy core.)
 """
 
 from __future__ import annotations
@@ -121,8 +124,8 @@ def main() -> None:
     trainer.fit(model, train, val)
 
     metrics = trainer.callback_metrics
-    print(f"\nval/loss {metrics['val/loss'].item():.4f}  train/loss {metrics['train/loss'].item():.4f}")
-    for name in ("mx/grad_bias/total/cosine", "mx/grad_bias/total/zeta"):
+    print()
+    for name in ("val/loss", "train/loss", "mx/grad_bias/total/cosine", "mx/grad_bias/total/zeta"):
         print(f"{name} {metrics[name].item():.4f}")
     events_path = os.path.join(trainer.log_dir, callbacks.EVENTS_FILE)
     for event in callbacks.read_events(events_path):

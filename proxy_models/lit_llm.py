@@ -102,7 +102,10 @@ class LLMModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         tokens = batch[1].numel()
         self._val_totals += torch.stack(
-            [self.compute_loss(batch).detach() * tokens, torch.tensor(float(tokens), device=self.device)]
+            [
+                self.compute_loss(batch).detach() * tokens,
+                torch.tensor(float(tokens), device=self.device),
+            ]
         )
 
     def on_validation_epoch_end(self) -> None:
@@ -138,7 +141,10 @@ class LLMModule(pl.LightningModule):
             final=self.final_lr_fraction,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class ByteTextDataModule(pl.LightningDataModule):

@@ -103,9 +103,7 @@ class LLMConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
-            raise ValueError(
-                f"d_model {self.d_model} is not a multiple of n_head {self.n_head}"
-            )
+            raise ValueError(f"d_model {self.d_model} is not a multiple of n_head {self.n_head}")
         if self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
         if self.mlp not in MLP_KINDS:
@@ -280,7 +278,7 @@ def size_table(names: list[str] | None = None, flops: float | None = None) -> st
             row.append(f"{steps_for_flops(flops, config, context=PAPER_CONTEXT):,}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 if __name__ == "__main__":

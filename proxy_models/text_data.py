@@ -71,7 +71,9 @@ def corpus_files(
             found.setdefault(entry.resolve(), entry.name)
         elif entry.is_dir():
             for root, dirs, files in os.walk(entry):
-                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in _SKIPPED_DIRS)
+                dirs[:] = sorted(
+                    d for d in dirs if not d.startswith(".") and d not in _SKIPPED_DIRS
+                )
                 for name in files:
                     if suffixes is None or name.endswith(tuple(suffixes)):
                         path = Path(root, name)
@@ -90,9 +92,7 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def cache_key(
-    files: Sequence[tuple[str, Path]], val_fraction: float, max_bytes: int | None
-) -> str:
+def cache_key(files: Sequence[tuple[str, Path]], val_fraction: float, max_bytes: int | None) -> str:
     """Hash of the file list (paths, sizes, mtimes) and the settings that shape the stream."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, val_fraction, max_bytes]).encode())
     for name, path in files:
@@ -230,7 +230,8 @@ class TrainWindows(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.tokens, self.context, self.batch_size = tokens, context, batch_size
-        self.seed, self.rank, self.world_size, self.start_batch = seed, rank, world_size, start_batch
+        self.seed, self.start_batch = seed, start_batch
+        self.rank, self.world_size = rank, world_size
 
     def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, index])
@@ -264,7 +265,9 @@ class ValWindows(IterableDataset):
     ):
         available = (len(tokens) - 1) // context
         if available < 1:
-            raise ValueError(f"{len(tokens)} validation tokens cannot fill a window of {context + 1}")
+            raise ValueError(
+                f"{len(tokens)} validation tokens cannot fill a window of {context + 1}"
+            )
         count = available if max_windows is None else min(max_windows, available)
         self.tokens, self.context, self.batch_size = tokens, context, batch_size
         self.starts = np.arange(count)[rank::world_size] * context

@@ -63,7 +63,9 @@ def _check_llm(path: Path) -> None:
 
 def _check_proxy(path: Path, tmp_path: Path) -> None:
     proxy = _import("mxprobe.cli.proxy")
-    cli = proxy.make_cli(["--config", str(path), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = proxy.make_cli(
+        ["--config", str(path), f"--trainer.default_root_dir={tmp_path}"], run=False
+    )
     assert cli.model is not None and cli.trainer is not None
 
 

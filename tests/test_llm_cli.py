@@ -62,7 +62,9 @@ def test_fit_with_the_tiny_config_logs_monitors_and_writes_events(tmp_path):
     threads = torch.get_num_threads()
     config = _tiny_config(tmp_path, step_rule_at=2)
     try:
-        code = main(["llm", "fit", "--config", str(config), f"--data.cache_dir={tmp_path}", *SHORT_RUN])
+        code = main(
+            ["llm", "fit", "--config", str(config), f"--data.cache_dir={tmp_path}", *SHORT_RUN]
+        )
     finally:
         assert torch.get_num_threads() == 1  # the config's num_threads
         torch.set_num_threads(threads)
@@ -96,14 +98,16 @@ def test_validate_subcommand_runs(tmp_path, capsys):
 
 
 def test_the_same_config_trains_on_two_cpu_processes_with_ddp(tmp_path):
-    # Lightning's DDP launcher re-runs sys.argv in each child, so the command must be a script.
-    launcher = tmp_path / "mxprobe_main.py"
-    launcher.write_text("import sys\nfrom mxprobe.cli import main\nsys.exit(main())\n")
+    # Lightning's DDP launcher starts the other rank by re-running this very command line.
     config = _tiny_config(tmp_path, step_rule_at=2)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     command = [
         sys.executable,
-        str(launcher),
+        "-m",
+        "mxprobe.cli",
         "llm",
         "fit",
         "--config",

@@ -147,7 +147,7 @@ def test_ranks_share_one_global_batch_and_resume_continues_the_stream():
 def test_dataloader_workers_keep_the_batch_order():
     stream = TrainWindows(_tokens(), 16, 2, seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=2)
-    got = [x for (x, _), _ in zip(loader, range(5))]
+    got = [x for (x, _), _ in zip(loader, range(5), strict=False)]
     for i, x in enumerate(got):
         torch.testing.assert_close(x, stream.batch(i)[0])
 

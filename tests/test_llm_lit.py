@@ -42,7 +42,9 @@ def test_cosine_schedule_warms_up_then_decays_to_the_final_fraction():
 
 
 def test_module_converts_and_compute_loss_is_pure(cache_dir):
-    module = LLMModule(LLMConfig(mx_attention=True), scheme="mxfp8_e4m3", overrides={"*lm_head": "bf16"})
+    module = LLMModule(
+        LLMConfig(mx_attention=True), scheme="mxfp8_e4m3", overrides={"*lm_head": "bf16"}
+    )
     assert isinstance(module.model.lm_head, MxLinear)
     assert module.model.lm_head.mx_scheme.weight == "bf16"
     assert module.model.blocks[0].attn.qkv.mx_scheme.weight == "fp8_e4m3"
@@ -92,15 +94,20 @@ def test_fit_logs_validation_bits_per_byte_and_follows_the_paper_optimizer(
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-15
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
     # 10 steps: 2 of warmup, cosine down to 10% of the peak.
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * cosine_with_warmup(10, 10, 2, 0.1))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.01 * cosine_with_warmup(10, 10, 2, 0.1)
+    )
 
 
 def test_datamodule_resumes_the_stream_and_shards_by_rank(cache_dir):
     data = _data(cache_dir, batch_size=2)
     data.setup("fit")
-    data.trainer = SimpleNamespace(global_step=7, accumulate_grad_batches=2, global_rank=1, world_size=2)
+    data.trainer = SimpleNamespace(
+        global_step=7, accumulate_grad_batches=2, global_rank=1, world_size=2
+    )
     stream = data.train_dataloader().dataset
     assert (stream.start_batch, stream.rank, stream.world_size) == (14, 1, 2)
     assert data.val_dataloader().dataset.starts.tolist() == [64 * i for i in range(1, 8, 2)]

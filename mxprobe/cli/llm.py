@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from typing import Optional
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -37,7 +36,7 @@ class LLMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--num_threads",
-            type=Optional[int],
+            type=int | None,
             default=None,
             help="torch.set_num_threads for this process (None: torch's default). Small models "
             "on shared CPUs run faster with 1: OpenMP threads spin-wait for busy cores.",
