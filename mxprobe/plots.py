@@ -59,7 +59,7 @@ def loss_curves(runs: list[Run], path: Path) -> Path | None:
             marker, color = _EVENT_STYLE.get(kind, ("o", "grey"))
             y = _value_at(steps, values, step)
             if kind == "rewind":
-                target = ev.get("to_step", ev.get("restored_step"))
+                target = ev.get("rewound_to")
                 ax.axvline(step, color=color, ls="--", lw=0.8)
                 if target is not None:
                     ax.annotate(

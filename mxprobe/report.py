@@ -147,7 +147,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> Report:
             plots.per_module_lines(
                 runs,
                 "norm_affine",
-                [("saturation", "γ saturated fraction"), ("bias", "mean signed rel. error of γ")],
+                [
+                    ("weight_saturation", "γ saturated fraction"),
+                    ("weight_rel_bias", "mean signed rel. error of γ"),
+                ],
                 out / "norm_affine.png",
                 "Norm-affine saturation and quantization bias per layer",
             ),
@@ -161,7 +164,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> Report:
             "Activations",
             plots.per_module_lines(
                 runs,
-                "activation",
+                "activations",
                 [("saturation", "saturated fraction"), ("sqnr_db", "SQNR (dB)")],
                 out / "activations.png",
                 "Activation quantization per layer",

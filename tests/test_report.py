@@ -14,7 +14,8 @@ def _write_run(root, steps=200, truncate=False, events=True):
     run = root / "lightning_logs" / "version_0"
     run.mkdir(parents=True)
     cols = ["epoch", "step", "train/loss", "mx/grad_bias/total/zeta", "mx/grad_bias/blocks.0.fc1/zeta",
-            "mx/norm_affine/blocks.0.ln/saturation", "mx/norm_affine/blocks.0.ln/bias"]
+            "mx/norm_affine/blocks.0.ln/weight_saturation",
+            "mx/norm_affine/blocks.0.ln/weight_rel_bias"]
     with open(run / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
