@@ -26,6 +26,6 @@ timeout 120 $PY benchmarks/train_overhead.py --steps 20 2>&1 | tee "$OUT/train_o
 log "4. paper-scale proxy (L=4, d=512, batch 2048, lr 6e-4, 9000 steps): fp32 vs mxfp8_e4m3"
 timeout 200 $PY -m mxprobe.cli proxy compare --config examples/configs/proxy_paper.yaml \
   --schemes fp32,mxfp8_e4m3 --seeds 0 --out "$OUT/proxy_paper" \
-  --trainer.accelerator=gpu --trainer.devices=1 2>&1 | tail -n 20 | tee -a "$OUT/summary.txt"
+  --set trainer.accelerator=gpu --set trainer.devices=1 2>&1 | tail -n 20 | tee -a "$OUT/summary.txt"
 cat "$OUT/proxy_paper/summary.csv" 2>/dev/null | tee -a "$OUT/summary.txt"
 log "done $(date -u)"

@@ -26,7 +26,9 @@ def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
     g = torch.Generator().manual_seed(3)
     rand = torch.randn(2048, 64, generator=g) * torch.exp(3 * torch.randn(2048, 64, generator=g))
     adv = adversarial(fmt)[:16].reshape(-1, 64)
-    x = torch.cat([rand, adv]).to(dtype)
+    poison = torch.ones(2, 64)
+    poison[0, 5], poison[1, 40] = float("nan"), -float("inf")  # NaN must survive the compiled max
+    x = torch.cat([rand, adv, poison]).to(dtype)
     assert x.numel() >= quantize._COMPILE_MIN_NUMEL
     got = quantize.quantize_mx(x, fmt, scale_mode=mode, rounding=rounding, backend="torch")
     assert not quantize._compile_failed, "the compiled path fell back to eager"
