@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/mxprobe formats --out out/formats
+	$(VENV)/bin/mxprobe demo --out out/demo
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q
