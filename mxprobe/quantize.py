@@ -199,7 +199,8 @@ def _run_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype):
         )
         _compiled[key] = torch.compile(variant, dynamic=True)
     try:
-        return _compiled[key](xb, noise=noise)
+        # detached: a requires_grad flip would otherwise cost a recompile per variant
+        return _compiled[key](xb.detach(), noise=noise)
     except Exception as err:  # a broken C++ toolchain must cost speed, not correctness
         _compile_failed = True
         warnings.warn(
