@@ -178,29 +178,29 @@ def set_compile(enabled: bool) -> bool:
     return previous
 
 
-def _run_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype):
-    """``_quantize_blocks``, through a compiled twin per variant for large CPU tensors."""
+def _maybe_compiled(fn, key: tuple, x: torch.Tensor, **static):
+    """``fn(x, **static)``, through a compiled twin per ``key`` for large CPU tensors.
+
+    One compiled function per variant: each gets its own recompile budget and the static
+    arguments (format constants, dtypes) are baked into the generated kernel.
+    """
     global _compile_failed
     use_compiled = (
         _compile_on
         and not _compile_failed
-        and xb.device.type == "cpu"
-        and xb.numel() >= _COMPILE_MIN_NUMEL
+        and x.device.type == "cpu"
+        and x.numel() >= _COMPILE_MIN_NUMEL
         and not torch.compiler.is_compiling()
     )
     if not use_compiled:
-        return _quantize_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype)
-    key = (fmt, scale_mode, rounding, out_dtype)
+        return fn(x, **static)
+    dynamic = {k: v for k, v in static.items() if isinstance(v, torch.Tensor) or v is None}
+    baked = {k: v for k, v in static.items() if k not in dynamic}
     if key not in _compiled:
-        # One compiled function per variant: each gets its own recompile budget and the
-        # format constants are baked into the generated kernel.
-        variant = functools.partial(
-            _quantize_blocks, fmt=fmt, scale_mode=scale_mode, rounding=rounding, out_dtype=out_dtype
-        )
-        _compiled[key] = torch.compile(variant, dynamic=True)
+        _compiled[key] = torch.compile(functools.partial(fn, **baked), dynamic=True)
     try:
         # detached: a requires_grad flip would otherwise cost a recompile per variant
-        return _compiled[key](xb.detach(), noise=noise)
+        return _compiled[key](x.detach(), **dynamic)
     except Exception as err:  # a broken C++ toolchain must cost speed, not correctness
         _compile_failed = True
         warnings.warn(
@@ -209,7 +209,21 @@ def _run_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype):
             RuntimeWarning,
             stacklevel=3,
         )
-        return _quantize_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype)
+        return fn(x, **static)
+
+
+def _run_blocks(xb, fmt, scale_mode, rounding, noise, out_dtype):
+    """``_quantize_blocks`` (compiled for large CPU tensors)."""
+    return _maybe_compiled(
+        _quantize_blocks,
+        (fmt, scale_mode, rounding, out_dtype),
+        xb,
+        fmt=fmt,
+        scale_mode=scale_mode,
+        rounding=rounding,
+        noise=noise,
+        out_dtype=out_dtype,
+    )
 
 
 def _check_common(x, fmt, block_size, axis, scale_mode, rounding, backend):
@@ -454,6 +468,27 @@ def mx_decode(
     return _from_blocks(out, layout).to(dtype)
 
 
+def _round_cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    return x.to(target).to(x.dtype)
+
+
+def _round(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """Round ``x`` to ``target`` and back (one fused pass when compiled)."""
+    return _maybe_compiled(_round_cast, ("round", target, x.dtype), x, target=target)
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    """Elementwise rounding in the forward pass, identity gradient (one op, no add/sub)."""
+
+    @staticmethod
+    def forward(ctx, x, target):
+        return _round(x, target)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Elementwise round-to-nearest-even to ``"bf16"`` / ``"fp16"`` (returned in ``x``'s dtype).
 
@@ -466,7 +501,6 @@ def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
     target = torch.bfloat16 if fmt == "bf16" else torch.float16
     if x.dtype == target:
         return x
-    rounded = x.to(target).to(x.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
-        return x + (rounded - x).detach()
-    return rounded
+        return _RoundStraightThrough.apply(x, target)
+    return _round(x, target)
