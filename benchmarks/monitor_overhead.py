@@ -4,11 +4,12 @@ Trains the student-teacher proxy (``proxy_models.lit.ProxyLitModule``; d=256, de
 512, ``mxfp8_e4m3`` by default) with no callbacks and with all of them — GradientBiasMonitor,
 NormAffineMonitor, ActivationMonitor (every 50 steps), LossSpikeDetector (every step) and a
 PrecisionIntervention whose never-firing rewind rule makes it snapshot every 100 steps — in
-one process, alternating the two variants ``--rounds`` times so that load from other
-processes hits both alike. Time per step is the wall time from the start of the first
-measured step to the end of training, divided by the number of measured steps; the first
-``--warmup`` steps are not measured, and an unmeasured run with every callback comes first
-so that torch.compile of the quantizer (CPU) has met every shape before timing starts.
+one process, alternating the two variants ``--rounds`` times in ABBA order so that load
+from other processes (and its drift) hits both alike. Time per step is the wall time from
+the start of the first measured step to the end of training, divided by the number of
+measured steps; the first ``--warmup`` steps are not measured, and an unmeasured run with
+every callback comes first so that torch.compile of the quantizer (CPU) has met every shape
+before timing starts.
 Measured steps should span several multiples of 50 so that monitored steps appear at their
 real rate. Prints both times and their ratio (goal: <= 1.05).
 
@@ -177,12 +178,16 @@ def main() -> None:
         # One unmeasured run first: torch.compile of the quantizer (CPU) specializes on the
         # shapes it meets, and the first measured run would otherwise pay for all of them.
         time_run(argparse.Namespace(**{**vars(args), "steps": 1}), all_callbacks(), root)
-        for _ in range(args.rounds):
-            times["none"].append(time_run(args, [], root)[0])
-            step, hooks = time_run(args, all_callbacks(), root)
-            times["all"].append(step)
-            for name, seconds in hooks.items():
-                inside[name] = inside.get(name, 0.0) + seconds / args.rounds
+        for round_ in range(args.rounds):
+            # ABBA order: a load that drifts linearly over time hits both variants alike.
+            for variant in ("none", "all") if round_ % 2 == 0 else ("all", "none"):
+                if variant == "none":
+                    times["none"].append(time_run(args, [], root)[0])
+                    continue
+                step, hooks = time_run(args, all_callbacks(), root)
+                times["all"].append(step)
+                for name, seconds in hooks.items():
+                    inside[name] = inside.get(name, 0.0) + seconds / args.rounds
     none, every = sum(times["none"]), sum(times["all"])
     print(
         f"monitor overhead: d={args.width} depth={args.depth} batch={args.batch_size} "

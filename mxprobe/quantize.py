@@ -162,6 +162,7 @@ def _quantize_blocks(
 
 
 _compiled: dict[tuple, object] = {}
+_RECOMPILE_LIMIT = 512
 _compile_failed = False
 _compile_on = os.environ.get("MXPROBE_COMPILE", "1") not in ("0", "false", "False", "")
 
@@ -199,8 +200,11 @@ def _maybe_compiled(fn, key: tuple, x: torch.Tensor, **static):
     if key not in _compiled:
         _compiled[key] = torch.compile(functools.partial(fn, **baked), dynamic=True)
     try:
-        # detached: a requires_grad flip would otherwise cost a recompile per variant
-        return _compiled[key](x.detach(), **dynamic)
+        # All variants share one code object, and dynamo's recompile limit counts per code
+        # object: without the raised limit the ninth variant would silently run eager.
+        # Detached: a requires_grad flip would otherwise cost a recompile per variant.
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return _compiled[key](x.detach(), **dynamic)
     except Exception as err:  # a broken C++ toolchain must cost speed, not correctness
         _compile_failed = True
         warnings.warn(
