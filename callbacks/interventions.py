@@ -60,11 +60,12 @@ class PrecisionIntervention(Callback):
       event of the requested signal for step ``g - 1``.
     - ``metric`` trigger compares the latest ``trainer.callback_metrics[name]`` with
       ``value``, once per *measurement*: for a metric of an mxprobe monitor
-      (``mx/grad_bias/``, ``mx/norm_affine/``, ``mx/activations/``) a measurement is a step
-      the monitor measured, so ``for_steps: 3`` with ``every_n_steps=50`` means three
-      consecutive measurements (100+ steps); any other metric is read at every step. Checks
-      start at ``global_step >= max(1, after)``; a metric absent from ``callback_metrics`` at
-      its first check stops training with a message listing the metrics that exist.
+      (``mx/grad_bias/``, ``mx/norm_affine/``, ``mx/activations/``, ``mx/spikes/``) a
+      measurement is a step the monitor measured, so ``for_steps: 3`` with
+      ``every_n_steps=50`` means three consecutive measurements (100+ steps); any other
+      metric is read at every step. Checks start at ``global_step >= max(1, after)``; a
+      metric absent from ``callback_metrics`` at its first check (for a monitor's metric:
+      its first measurement) stops training with a message listing the metrics that exist.
 
     Actions (each one appended to ``events.jsonl`` and to :attr:`timeline`):
 
@@ -245,6 +246,13 @@ class PrecisionIntervention(Callback):
             return True, True, False, {"spike_step": step - 1, **events[0]["values"]}
         if step < max(1, trigger.after):
             return False, False, False, {}
+        producers = [
+            c
+            for c in trainer.callbacks
+            if isinstance(c, PeriodicMonitor) and trigger.name.startswith(c.metric_prefix)
+        ]
+        if producers and not producers[0].measures(step - 1):
+            return False, False, False, {}  # no new measurement; skip the costly lookup
         state = self._rule_state[rule.name]
         # After a resume, callback_metrics starts empty; the checkpoint's values stand in, as
         # Lightning's stale values do in the uninterrupted run.
@@ -254,13 +262,7 @@ class PrecisionIntervention(Callback):
             return False, False, not state["seen"], {}
         state["seen"] = True
         value = float(metric)
-        producers = [
-            c
-            for c in trainer.callbacks
-            if isinstance(c, PeriodicMonitor) and trigger.name.startswith(c.metric_prefix)
-        ]
-        fresh = producers[0].measures(step - 1) if producers else True
-        return OPERATORS[trigger.op](value, trigger.value), fresh, False, {trigger.name: value}
+        return OPERATORS[trigger.op](value, trigger.value), True, False, {trigger.name: value}
 
     def _may_fire(self, rule: Rule, step: int) -> bool:
         state = self._rule_state[rule.name]

@@ -18,7 +18,7 @@ def _feed(detector, losses, grad_norms=None, start=0):
     scores = []
     for i, loss in enumerate(losses):
         grad = None if grad_norms is None else grad_norms[i]
-        scores.append(detector._check(_TRAINER, start + i, loss, grad)[0])
+        scores.append(detector._check(_TRAINER, start + i, loss, grad))
     return scores
 
 
