@@ -158,8 +158,9 @@ def quantization_sums(
         rounding=rounding,
         generator=generator,
     )
-    x64, q64 = x.double(), q.double()
+    x, q = x.float(), q.float()
     nonzero = x != 0
+    # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squares are summed in float64.
     return torch.stack(
         [
             torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
@@ -168,8 +169,8 @@ def quantization_sums(
             ).double(),
             nonzero.sum().double(),
             ((q == 0) & nonzero).sum().double(),
-            x64.square().sum(),
-            (x64 - q64).square().sum(),
+            x.square().sum(dtype=torch.float64),
+            (x - q).square().sum(dtype=torch.float64),
         ]
     )
 

@@ -99,7 +99,7 @@ def test_quantization_sums_add_up():
     q = quantize_mx(x, "e4m3")
     assert stats["saturation"].item() == saturation_fraction(x, "e4m3").item()
     assert stats["underflow"].item() == underflow_fraction(x, q).item()
-    assert stats["sqnr_db"].item() == pytest.approx(sqnr_db(x, q).item(), rel=1e-12)
+    assert stats["sqnr_db"].item() == pytest.approx(sqnr_db(x, q).item(), rel=1e-6)
 
 
 def test_gradient_comparison_by_hand():

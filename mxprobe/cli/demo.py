@@ -19,7 +19,7 @@ import yaml
 
 # The embedded default: the CPU proxy configuration (examples/configs/proxy_cpu.yaml), with a
 # step budget that fits the demo's time on two cores. --quick shrinks it for a smoke test.
-FULL = {"depth": 4, "width": 64, "batch_size": 256, "lr": 1.4e-2, "steps": 1200, "every": 50}
+FULL = {"depth": 4, "width": 64, "batch_size": 256, "lr": 1.4e-2, "steps": 900, "every": 50}
 QUICK = {"depth": 2, "width": 32, "batch_size": 64, "lr": 1.4e-2, "steps": 60, "every": 20}
 
 DEFAULT_RULES = [
