@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from mxprobe.modules import MX_CLASS_OF, MxModule
-from mxprobe.scheme import BACKWARD_ROLES, ROLES, PrecisionScheme, parse_scheme, resolve_scheme, validate_overrides
+from mxprobe.scheme import (
+    BACKWARD_ROLES,
+    ROLES,
+    PrecisionScheme,
+    parse_scheme,
+    resolve_scheme,
+    validate_overrides,
+)
 
 Overrides = Mapping[str, "str | PrecisionScheme"] | None
 
@@ -160,7 +167,8 @@ class Description:
             lines.append((name or "<root>", kind, *(roles[r] for r in header[2:])))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
         return "\n".join(
-            "  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines
+            "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+            for line in lines
         )
 
 

@@ -73,7 +73,9 @@ class _MxLinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if s.quantize_backprop:
             if ctx.needs_input_grad[0]:
-                dx = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(weight, s, "weight_bp", 0)
+                dx = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(
+                    weight, s, "weight_bp", 0
+                )
                 dx = _elementwise(dx, s)
             if ctx.needs_input_grad[1]:
                 dw = quantize_role(dy, s, "grad_wgrad", 0).t() @ quantize_role(x2d, s, "act_bp", 0)

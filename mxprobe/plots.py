@@ -34,7 +34,7 @@ def _save(fig, path: Path) -> Path:
 
 def _value_at(steps: list[int], values: list[float], step: int) -> float | None:
     best = None
-    for s, v in zip(steps, values):
+    for s, v in zip(steps, values, strict=True):
         if s <= step and math.isfinite(v):
             best = v
     return best
@@ -48,7 +48,7 @@ def loss_curves(runs: list[Run], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, (run, name) in enumerate(drawn):
         steps, values = run.series(name)
-        pos = [(s, v) for s, v in zip(steps, values) if math.isfinite(v) and v > 0]
+        pos = [(s, v) for s, v in zip(steps, values, strict=True) if math.isfinite(v) and v > 0]
         if pos:
             ax.plot([s for s, _ in pos], [v for _, v in pos], lw=1, color=f"C{i}", label=run.name)
         for ev in run.events:
@@ -91,7 +91,7 @@ def module_heatmap(run: Run, monitor: str, stat: str, path: Path, title: str) ->
     grid = [[math.nan] * len(steps) for _ in modules]
     col = {s: i for i, s in enumerate(steps)}
     for r, m in enumerate(modules):
-        for s, v in zip(*per_module[m]):
+        for s, v in zip(*per_module[m], strict=True):
             grid[r][col[s]] = v
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(modules) + 2))
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
@@ -108,11 +108,13 @@ def per_module_lines(
     runs: list[Run], monitor: str, stats: list[tuple[str, str]], path: Path, title: str
 ) -> Path | None:
     """One panel per (stat, axis label): a line per module (and run) over steps."""
-    panels = [(stat, label) for stat, label in stats if any(r.mx_metrics(monitor, stat) for r in runs)]
+    panels = [
+        (stat, label) for stat, label in stats if any(r.mx_metrics(monitor, stat) for r in runs)
+    ]
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
-    for ax, (stat, label) in zip(axes[:, 0], panels):
+    for ax, (stat, label) in zip(axes[:, 0], panels, strict=True):
         for run in runs:
             for module, (steps, values) in sorted(run.mx_metrics(monitor, stat).items()):
                 prefix = f"{run.name}: " if len(runs) > 1 else ""

@@ -82,7 +82,7 @@ def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
 
 
 def block_scale_exponent(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str) -> torch.Tensor:
-    """The shared scale exponent S (int32, clamped to E8M0's [-127, 127]) of blocks with max ``amax``.
+    """The shared scale exponent S (int32, clamped to E8M0's [-127, 127]) of blocks of max amax.
 
     - ``floor`` (OCP v1.0): S = floor(log2 amax) - emax.
     - ``ceil`` (torchao CEIL): S = ceil(log2 amax) - emax, one more than floor unless amax is a
@@ -234,9 +234,7 @@ def _check_common(x, fmt, block_size, axis, scale_mode, rounding, backend):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"unsupported dtype {x.dtype}; expected one of float32, bfloat16, float16"
-        )
+        raise TypeError(f"unsupported dtype {x.dtype}; expected one of float32, bfloat16, float16")
     fmt = mx_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
@@ -314,9 +312,7 @@ def _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, gene
     if _resolve_backend(backend, x) == "triton":
         from mxprobe.triton_kernels import quantize_mx_triton
 
-        return quantize_mx_triton(
-            x, fmt, block_size, axis, scale_mode, rounding, generator
-        )
+        return quantize_mx_triton(x, fmt, block_size, axis, scale_mode, rounding, generator)
     xb, layout = _to_blocks(x, axis, block_size)
     noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
     out, _ = _run_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype)

@@ -65,8 +65,19 @@ def read_outcome_table(paths: list[Path]) -> list[dict]:
 
 # Columns that are results, not configuration: never an axis of the stability map.
 _RESULT_COLUMNS = {
-    "outcome", "final_loss", "min_loss", "diverged", "divergence_step", "recovered_spikes",
-    "wall_s", "wall_time", "time_s", "status", "run_dir", "steps", "seed",
+    "outcome",
+    "final_loss",
+    "min_loss",
+    "diverged",
+    "divergence_step",
+    "recovered_spikes",
+    "wall_s",
+    "wall_time",
+    "time_s",
+    "status",
+    "run_dir",
+    "steps",
+    "seed",
 }
 
 
@@ -125,7 +136,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> Report:
             Section(
                 f"Gradient bias per layer — {run.name}",
                 plots.module_heatmap(
-                    run, "grad_bias", "zeta", out / f"grad_bias_{_slug(run.name)}.png",
+                    run,
+                    "grad_bias",
+                    "zeta",
+                    out / f"grad_bias_{_slug(run.name)}.png",
                     "ζ = ‖g_q − g_fp‖² / ‖g_fp‖² per module (same weights, same batch)",
                 ),
                 "Relative squared error of the MX gradient against the full-precision gradient "
@@ -229,9 +243,11 @@ def _write_markdown(report: Report, path: Path, first: Run) -> None:
 
 
 def _write_html(report: Report, path: Path) -> None:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mxprobe report</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
-             "img{max-width:100%}</style></head><body><h1>mxprobe report</h1><h2>Runs</h2><ul>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>mxprobe report</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}"
+        "img{max-width:100%}</style></head><body><h1>mxprobe report</h1><h2>Runs</h2><ul>",
+    ]
     parts += [f"<li>{html.escape(_run_line(r)[2:])}</li>" for r in report.runs]
     parts.append("</ul>")
     if report.notes:

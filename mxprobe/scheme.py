@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mxprobe.formats import PLAIN_FORMATS, canonical_format
+from mxprobe.quantize import ROUNDINGS, SCALE_MODES
 
 ROLES = (
     "weight",
@@ -55,8 +56,6 @@ ROLES = (
 )
 BACKWARD_ROLES = ("weight_bp", "act_bp", "grad_wgrad", "grad_dgrad")
 GEMM_ROLES = ("weight", "act", *BACKWARD_ROLES)
-SCALE_MODES = ("floor", "rceil", "ceil", "even")
-ROUNDINGS = ("even", "nearest", "floor", "stochastic")
 
 # String key -> the fields it sets.
 _KEYS: dict[str, tuple[str, ...]] = {

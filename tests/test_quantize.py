@@ -31,7 +31,7 @@ def adversarial(fmt: str) -> torch.Tensor:
     rows.append([1.99 * 2.0**f.emax, 1.0, -0.5, 0.25] + [0.1] * 28)
     rows.append([509.44, 3.0] + [1.0] * 30)
     # ties between every pair of neighbouring grid values at the top binade and subnormals
-    mids = [(a + b) / 2 for a, b in zip(grid[1:], grid[2:])][-12:]
+    mids = [(a + b) / 2 for a, b in zip(grid[1:-1], grid[2:], strict=True)][-12:]
     rows.append([f.max_norm] + mids + [-(m) for m in mids] + [0.0] * (31 - 2 * len(mids)))
     sub_mids = [(k + 0.5) * step_min for k in range(8)]
     rows.append([2.0**f.emax] + sub_mids + [-m for m in sub_mids] + [0.0] * 15)

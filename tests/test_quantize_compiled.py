@@ -40,4 +40,6 @@ def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
     quantize.set_compile(True)
     got0 = quantize.quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding)
     quantize.set_compile(False)
-    assert bits_equal(got0, quantize.quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding))
+    assert bits_equal(
+        got0, quantize.quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding)
+    )

@@ -13,9 +13,15 @@ from mxprobe.runs import find_runs
 def _write_run(root, steps=200, truncate=False, events=True):
     run = root / "lightning_logs" / "version_0"
     run.mkdir(parents=True)
-    cols = ["epoch", "step", "train/loss", "mx/grad_bias/total/zeta", "mx/grad_bias/blocks.0.fc1/zeta",
-            "mx/norm_affine/blocks.0.ln/weight_saturation",
-            "mx/norm_affine/blocks.0.ln/weight_rel_bias"]
+    cols = [
+        "epoch",
+        "step",
+        "train/loss",
+        "mx/grad_bias/total/zeta",
+        "mx/grad_bias/blocks.0.fc1/zeta",
+        "mx/norm_affine/blocks.0.ln/weight_saturation",
+        "mx/norm_affine/blocks.0.ln/weight_rel_bias",
+    ]
     with open(run / "metrics.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(cols)
@@ -27,7 +33,9 @@ def _write_run(root, steps=200, truncate=False, events=True):
     if events:
         with open(run / "events.jsonl", "w") as fh:
             fh.write(json.dumps({"step": 120, "kind": "spike", "rule": None}) + "\n")
-            fh.write(json.dumps({"step": 150, "kind": "set_scheme", "rule": "norms-to-bf16"}) + "\n")
+            fh.write(
+                json.dumps({"step": 150, "kind": "set_scheme", "rule": "norms-to-bf16"}) + "\n"
+            )
             if truncate:
                 fh.write('{"step": 19')
     return run

@@ -59,5 +59,7 @@ def test_matches_torchao(fmt, mode, dtype):
     ours, theirs = ours.reshape(-1, 32)[keep], theirs.reshape(-1, 32)[keep]
     # A block max rounding past the dtype's range: torchao returns Inf, we saturate (never Inf).
     overflow = torch.isinf(theirs)
-    assert torch.equal(ours[overflow].abs(), torch.full_like(ours[overflow], torch.finfo(dtype).max))
+    assert torch.equal(
+        ours[overflow].abs(), torch.full_like(ours[overflow], torch.finfo(dtype).max)
+    )
     assert bits_equal(ours[~overflow], theirs[~overflow])

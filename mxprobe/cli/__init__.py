@@ -13,7 +13,10 @@ import sys
 
 # subcommand -> (module in this package, one-line help)
 SUBCOMMANDS = {
-    "formats": ("formats", "print the MX format table, SQNR per format, and the E4M3 code-gap plot"),
+    "formats": (
+        "formats",
+        "print the MX format table, SQNR per format, and the E4M3 code-gap plot",
+    ),
     "proxy": ("proxy", "train the paper's student-teacher proxy (fit, compare)"),
     "sweep": ("sweep", "run an ablation grid of proxy runs (local processes or emitted commands)"),
     "llm": ("llm", "train / validate the OLMo-style byte-level LLM (LightningCLI)"),

@@ -49,8 +49,11 @@ def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.size * args.size
-    print(f"{args.size}x{args.size}, device {args.device}, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'dtype':9} {'format':9} {'warmup_s':>8} {'Melem/s':>9} {'clone':>9} {'ratio':>6} {'torchao':>9}")
+    print(
+        f"{args.size}x{args.size}, {args.device}, {args.threads} threads, torch {torch.__version__}"
+    )
+    header = ("dtype", "format", "warmup_s", "Melem/s", "clone", "ratio", "torchao")
+    print(f"{header[0]:9} {header[1]:9} " + " ".join(f"{h:>9}" for h in header[2:]))
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(args.size, args.size, device=args.device).to(dtype)
         sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -62,17 +65,18 @@ def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
             # clone and quantize alternate so both see the same machine state
             t_clone, t_q = [], []
             for _ in range(args.reps):
-                t_clone.append(_median_seconds(lambda: (x.clone(), sync()), 1))
-                t_q.append(_median_seconds(lambda: (quantize_mx(x, fmt), sync()), 1))
+                t_clone.append(_median_seconds(lambda x=x, s=sync: (x.clone(), s()), 1))
+                t_q.append(_median_seconds(lambda x=x, f=fmt, s=sync: (quantize_mx(x, f), s()), 1))
             clone_rate = n / statistics.median(t_clone) / 1e6
             q_rate = n / statistics.median(t_q) / 1e6
             ao = _torchao_fn(x, fmt)
             ao_text = "-"
             if ao is not None:
                 ao()
-                ao_text = f"{n / _median_seconds(lambda: (ao(), sync()), args.reps) / 1e6:9.0f}"
+                seconds = _median_seconds(lambda ao=ao, s=sync: (ao(), s()), args.reps)
+                ao_text = f"{n / seconds / 1e6:9.0f}"
             print(
-                f"{str(dtype).replace('torch.', ''):9} {fmt:9} {warm:8.1f} {q_rate:9.0f} "
-                f"{clone_rate:9.0f} {q_rate / clone_rate:6.2f} {ao_text:>9}"
+                f"{str(dtype).replace('torch.', ''):9} {fmt:9} {warm:9.1f} {q_rate:9.0f} "
+                f"{clone_rate:9.0f} {q_rate / clone_rate:9.2f} {ao_text:>9}"
             )
     return 0

@@ -70,9 +70,9 @@ def gaussian_stats(numel: int, block_size: int, seed: int) -> list[dict]:
 def _print_rows(rows: list[dict]) -> None:
     keys = list(rows[0])
     widths = [max(len(str(k)), *(len(str(r[k])) for r in rows)) for k in keys]
-    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True)))
     for r in rows:
-        print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths)))
+        print("  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths, strict=True)))
 
 
 def run(argv: list[str], prog: str = "mxprobe formats") -> int:
@@ -100,5 +100,7 @@ def run(argv: list[str], prog: str = "mxprobe formats") -> int:
     from mxprobe.plots import e4m3_code_gaps  # matplotlib only when drawing
 
     e4m3_code_gaps(out / "e4m3_code_gaps.png")
-    print(f"\nwrote {out / 'formats.csv'}, {out / 'gaussian_sqnr.csv'}, {out / 'e4m3_code_gaps.png'}")
+    print(
+        f"\nwrote {out / 'formats.csv'}, {out / 'gaussian_sqnr.csv'}, {out / 'e4m3_code_gaps.png'}"
+    )
     return 0

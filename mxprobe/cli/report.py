@@ -19,7 +19,8 @@ def run(argv: list[str], prog: str = "mxprobe report") -> int:
         print(f"mxprobe report: {err}", file=sys.stderr)
         return 1
     drawn = sum(s.image is not None for s in report.sections)
-    print(f"{len(report.runs)} run(s), {drawn}/{len(report.sections)} figures -> {args.out}/report.md, {args.out}/report.html")
+    figures = f"{drawn}/{len(report.sections)} figures"
+    print(f"{len(report.runs)} run(s), {figures} -> {args.out}/report.md, {args.out}/report.html")
     for note in report.notes:
         print(f"note: {note}")
     return 0
