@@ -26,7 +26,6 @@ from callbacks.rules import (
 )
 from callbacks.spikes import LossSpikeDetector
 from mxprobe.convert import amend_scheme, module_names, restore_schemes, schemes_of
-from mxprobe.modules import MxModule
 from mxprobe.scheme import PrecisionScheme
 
 
@@ -290,12 +289,6 @@ class PrecisionIntervention(Callback):
             "source": type(self).__name__,
         }
         if isinstance(action, SetSchemeAction):
-            # amend_scheme skips modules without a scheme (full precision, e.g. the fp32
-            # modules of ProxyLitModule); give them the fp32 scheme so "switch to MX" works.
-            for name, module in pl_module.named_modules():
-                if isinstance(module, MxModule) and module.mx_scheme is None:
-                    if fnmatch.fnmatchcase(name, action.modules):
-                        module.mx_scheme = PrecisionScheme()
             changed = amend_scheme(pl_module, action.scheme, action.modules)
             event.update(
                 scheme=action.scheme,

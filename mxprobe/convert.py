@@ -111,9 +111,9 @@ def amend_scheme(
     the partial string ``change`` (e.g. ``"norm=bf16"``). Returns {name: (before, after)}."""
     changed = {}
     for name, module in _mx_modules(model):
-        if module.mx_scheme is None or not fnmatch.fnmatchcase(name, modules):
+        if not fnmatch.fnmatchcase(name, modules):
             continue
-        before = module.mx_scheme
+        before = module.mx_scheme or PrecisionScheme()  # None means full precision = fp32
         module.mx_scheme = before.amend(change)
         changed[name] = (before, module.mx_scheme)
     if not changed:
