@@ -11,24 +11,12 @@ import yaml
 
 from mxprobe.cli import proxy
 from mxprobe.cli.sweep import Spec
+from tests.proxy_tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PROXY_CONFIGS = sorted((ROOT / "examples" / "configs").glob("proxy_*.yaml"))
 
-TINY = {
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 3,
-        "log_every_n_steps": 1,
-        "limit_val_batches": 0,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-    },
-    "model": {"depth": 1, "width": 32, "lr": 1e-3},
-    "data": {"batch_size": 16, "val_batches": 0},
-}
+TINY = tiny_config(max_steps=3, batch_size=16)
 
 
 @pytest.fixture

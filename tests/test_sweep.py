@@ -6,21 +6,9 @@ import json
 import yaml
 
 from mxprobe.cli import sweep
+from tests.proxy_tiny import tiny_config
 
-TINY = {
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_steps": 2,
-        "log_every_n_steps": 1,
-        "limit_val_batches": 0,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "enable_checkpointing": False,
-    },
-    "model": {"depth": 1, "width": 32, "lr": 1e-3},
-    "data": {"batch_size": 8, "val_batches": 0},
-}
+TINY = tiny_config(max_steps=2, batch_size=8)
 
 
 def _spec(tmp_path):
