@@ -1,5 +1,6 @@
 """mxprobe: emulate MX (Microscaling) training exactly, diagnose it, and intervene mid-run."""
 
+from mxprobe.compiled import compile_model
 from mxprobe.convert import (
     amend_scheme,
     convert,
@@ -25,6 +26,7 @@ __all__ = [
     "PrecisionScheme",
     "amend_scheme",
     "canonical_format",
+    "compile_model",
     "convert",
     "describe",
     "full_precision",

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mxprobe.compiled import compile_model
 from mxprobe.formats import MX_FORMAT_NAMES, ElementFormat, mx_format
 
 SCALE_MODES = ("floor", "rceil", "ceil", "even")
@@ -55,8 +56,6 @@ def _fp32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-# Formats torch can cast to natively (a few fused passes instead of a dozen on the hot path).
-_NATIVE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # fp32(1 / max_norm) per format, computed here once: torch.compile cannot trace struct.
 _INV_MAX_FP32 = {name: _fp32(1.0 / mx_format(name).max_norm) for name in MX_FORMAT_NAMES}
@@ -69,11 +68,6 @@ def _normalized(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     small = v < 2.0**-126
     return torch.where(small, v * 2.0**64, v), small.to(torch.int32) * 64
-
-
-def _floor_log2(v: torch.Tensor) -> torch.Tensor:
-    n, shift = _normalized(v)
-    return _exponent(n) - shift
 
 
 def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
@@ -98,7 +92,9 @@ def block_scale_exponent(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str
     a format torchao does not have). Zero amax gives S = -127.
     """
     if scale_mode == "floor":
-        s = _floor_log2(amax) - fmt.emax
+        # A subnormal amax has floor(log2) <= -127, so the clamp below gives -127 whether its
+        # log2 is exact or read from the bits as -127: skip the normalization (hot path).
+        s = _exponent(amax) - fmt.emax
     elif scale_mode == "ceil":
         s = _ceil_log2(amax) - fmt.emax
     elif scale_mode == "even":
@@ -108,6 +104,22 @@ def block_scale_exponent(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str
     else:  # rceil
         s = _ceil_log2(amax * _INV_MAX_FP32[fmt.name])
     return s.clamp(-127, 127)
+
+
+def _round_even_float(y: torch.Tensor, fmt: ElementFormat) -> torch.Tensor:
+    """``y`` (fp32, already divided by the block scale) rounded to the float element format,
+    ties to even, saturating at its max normal; -0 stays -0, Inf/NaN come out Inf or NaN.
+
+    One fp32 addition does the rounding: adding c = 2^(p + 23 - mbits), with p = the element's
+    binade floor(log2|y|) clamped below at emin, leaves exactly ``mbits`` bits of |y| after its
+    leading one (subnormals: a fixed step 2^(emin - mbits)), and the hardware rounds the sum to
+    nearest-even; subtracting c again is exact. About ten cheap vectorized passes, no selects,
+    no fp8 casts (both are slow on CPU for small tensors).
+    """
+    a = y.abs()
+    binade = a.clamp_min(2.0**fmt.emin).view(torch.int32) & 0x7F800000
+    c = (binade + ((23 - fmt.mbits) << 23)).view(torch.float32)
+    return torch.copysign(((a + c) - c).clamp_max(fmt.max_norm), y)
 
 
 def _round_magnitude(r: torch.Tensor, rounding: str, noise: torch.Tensor | None) -> torch.Tensor:
@@ -123,6 +135,16 @@ def _round_magnitude(r: torch.Tensor, rounding: str, noise: torch.Tensor | None)
     return q + (noise < frac).to(r.dtype)  # stochastic: P(up) = frac, unbiased
 
 
+def _block_scale(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str) -> torch.Tensor:
+    """2^S (fp32, from 2^-127 up) for blocks of max ``amax``; S as in ``block_scale_exponent``."""
+    if scale_mode == "floor":
+        # Masking amax to its exponent bits gives 2^floor(log2 amax) (0 for 0 and subnormals,
+        # which the clamp maps to 2^-127 as the exponent clamp does): three small passes.
+        top = (amax.view(torch.int32) & 0x7F800000).view(torch.float32)
+        return (top * 2.0**-fmt.emax).clamp(2.0**-127, 2.0**127)
+    return _pow2(block_scale_exponent(amax, fmt, scale_mode))
+
+
 def _quantize_blocks(
     xb: torch.Tensor,
     fmt: ElementFormat,
@@ -131,34 +153,37 @@ def _quantize_blocks(
     noise: torch.Tensor | None,
     out_dtype: torch.dtype,
     elements: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+):
     """Fake-quantize blocks ``xb`` of shape (outer, nblocks, block_size, inner), computing in fp32.
 
-    Returns the dequantized values in ``out_dtype`` (with ``elements``: the signed fp32 element
-    values before scaling) and the scale exponents S (int32, shape (outer, nblocks, inner)),
-    S = 128 marking a NaN/Inf block. The dtype casts live here so that the compiled path fuses them.
+    Returns the dequantized values in ``out_dtype``; with ``elements``, instead (the signed fp32
+    element values before scaling, the scale exponents S as int32 of shape (outer, nblocks,
+    inner) with S = 128 marking a NaN/Inf block). The dtype casts live here so that the compiled
+    path fuses them.
     """
     xb = xb.float()
     amax = xb.abs().amax(dim=2, keepdim=True)  # torch.amax propagates NaN (Inf stays Inf)
-    bad = ~torch.isfinite(amax)
-    s = block_scale_exponent(amax, fmt, scale_mode)
-    y = xb * _pow2(-s)  # exact: multiplying by a power of two
-    native = _NATIVE_DTYPES.get(fmt.name)
-    if native is not None and rounding == "even":
-        # torch's fp8 casts round to nearest-even with subnormals, exactly our element step
-        # (checked against the reference in the tests); clamping first makes them saturate.
-        v = y.clamp(-fmt.max_norm, fmt.max_norm).to(native).float()
+    # amax * 0 is +0 for a finite block and NaN for a NaN/Inf one: the scale carries the NaN to
+    # every element of the block without a select.
+    scale = _block_scale(amax, fmt, scale_mode) + amax * 0.0
+    y = xb * (1.0 / scale)  # exact: the reciprocal of a power of two, then a power-of-two product
+    if rounding == "even" and not fmt.is_int:
+        v = _round_even_float(y, fmt)
     else:
         p = _exponent(y).clamp_min(fmt.emin)
         step_exp = p - fmt.mbits
         q = _round_magnitude(y.abs() * _pow2(-step_exp), rounding, noise)
         v = torch.copysign(torch.clamp_max(q * _pow2(step_exp), fmt.max_norm), y)
     if elements:
-        return v, torch.where(bad, 128, s).squeeze(2)
-    out_max = torch.finfo(out_dtype).max
-    out = (v * _pow2(s)).clamp(-out_max, out_max)  # past the dtype's range: saturate, never Inf
-    out = out.masked_fill(bad, float("nan"))
-    return out.to(out_dtype), torch.where(bad, 128, s).squeeze(2)
+        s = _exponent(scale).masked_fill(~torch.isfinite(amax), 128)  # 2^-127 reads as -127
+        return v, s.squeeze(2)
+    out = v * scale
+    if scale_mode != "floor" or out_dtype != torch.float32:
+        # Past the dtype's range: saturate, never Inf. A floor-scaled value is at most
+        # max_norm * 2^(floor(log2 amax) - emax) < 2^128 and exact in fp32: no pass needed.
+        out_max = torch.finfo(out_dtype).max
+        out = out.clamp(-out_max, out_max)
+    return out.to(out_dtype)
 
 
 _compiled: dict[tuple, object] = {}
@@ -172,7 +197,9 @@ def set_compile(enabled: bool) -> bool:
 
     Returns the previous setting. Compiling costs 10-30 s per (format, scale mode, rounding,
     dtype) the first time on a machine (Inductor caches it on disk), then runs several times
-    faster than eager torch on large tensors; one-shot tools turn it off.
+    faster than eager torch on large tensors; one-shot tools turn it off. The first compile
+    raises ``torch._dynamo.config.recompile_limit`` to at least 512 for the process, so that
+    every variant gets compiled.
     """
     global _compile_on
     previous, _compile_on = _compile_on, bool(enabled)
@@ -198,13 +225,15 @@ def _maybe_compiled(fn, key: tuple, x: torch.Tensor, **static):
     dynamic = {k: v for k, v in static.items() if isinstance(v, torch.Tensor) or v is None}
     baked = {k: v for k, v in static.items() if k not in dynamic}
     if key not in _compiled:
-        _compiled[key] = torch.compile(functools.partial(fn, **baked), dynamic=True)
-    try:
         # All variants share one code object, and dynamo's recompile limit counts per code
-        # object: without the raised limit the ninth variant would silently run eager.
+        # object: without a raised limit the ninth variant would silently run eager. Raised
+        # once, process-wide (a per-call config.patch costs more than a small quantization).
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, _RECOMPILE_LIMIT)
+        _compiled[key] = compile_model(functools.partial(fn, **baked), dynamic=True)
+    try:
         # Detached: a requires_grad flip would otherwise cost a recompile per variant.
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            return _compiled[key](x.detach(), **dynamic)
+        return _compiled[key](x.detach(), **dynamic)
     except Exception as err:  # a broken C++ toolchain must cost speed, not correctness
         _compile_failed = True
         warnings.warn(
@@ -315,7 +344,7 @@ def _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, gene
         return quantize_mx_triton(x, fmt, block_size, axis, scale_mode, rounding, generator)
     xb, layout = _to_blocks(x, axis, block_size)
     noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
-    out, _ = _run_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype)
+    out = _run_blocks(xb, fmt, scale_mode, rounding, noise, x.dtype)
     return _from_blocks(out, layout)
 
 

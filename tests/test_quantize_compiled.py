@@ -20,6 +20,8 @@ def compiled():
     [
         ("fp8_e4m3", "floor", "even", torch.float32),
         ("fp4_e2m1", "rceil", "nearest", torch.bfloat16),
+        ("fp6_e3m2", "floor", "even", torch.float16),
+        ("fp8_e5m2", "even", "even", torch.bfloat16),
     ],
 )
 def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
