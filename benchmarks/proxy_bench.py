@@ -6,6 +6,10 @@ process, interleaved round by round, so machine load hits them alike; the ratio 
 read. Usage::
 
     python benchmarks/proxy_bench.py [--steps 20] [--paper-steps 3] [--threads 2] [--device cpu]
+        [--modes eager,compiled]
+
+``compiled`` runs both schemes through ``ProxyLitModule(compiled=True)`` (torch.compile with
+exact emulated roundings); its compilation happens in the untimed warm-up steps.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ CONFIGS = {
 SCHEMES = ("fp32", "mxfp8_e4m3")
 
 
-def _setup(cfg: dict, scheme: str, device: str):
-    model = ProxyLitModule(depth=cfg["depth"], width=cfg["width"], lr=1e-3, scheme=scheme)
+def _setup(cfg: dict, scheme: str, device: str, compiled: bool):
+    model = ProxyLitModule(
+        depth=cfg["depth"], width=cfg["width"], lr=1e-3, scheme=scheme, compiled=compiled
+    )
     model.to(device)
     data = ProxyDataModule(width=cfg["width"], depth=cfg["depth"], batch_size=cfg["batch_size"])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -53,22 +59,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
-    print(f"{'configuration':32s} {'fp32 s/step':>12s} {'mx s/step':>12s} {'mx / fp32':>10s}")
+    print(f"{'configuration':42s} {'fp32 s/step':>12s} {'mx s/step':>12s} {'mx / fp32':>10s}")
     for label, cfg in CONFIGS.items():
-        n = args.paper_steps if cfg["width"] >= 512 else args.steps
-        runs = {s: _setup(cfg, s, args.device) for s in SCHEMES}
+        for mode in args.modes.split(","):
+            _bench(f"{label} {mode}", cfg, mode == "compiled", args)
+
+
+def _bench(label: str, cfg: dict, compiled: bool, args) -> None:
+    n = args.paper_steps if cfg["width"] >= 512 else args.steps
+    runs = {s: _setup(cfg, s, args.device, compiled) for s in SCHEMES}
+    for scheme in SCHEMES:
+        _steps(*runs[scheme], 2, args.device)  # warm-up (and compile, where it applies)
+    best = dict.fromkeys(SCHEMES, float("inf"))
+    for _ in range(args.rounds):
         for scheme in SCHEMES:
-            _steps(*runs[scheme], 1, args.device)  # warm-up (and compile, where it applies)
-        best = dict.fromkeys(SCHEMES, float("inf"))
-        for _ in range(args.rounds):
-            for scheme in SCHEMES:
-                best[scheme] = min(best[scheme], _steps(*runs[scheme], n, args.device))
-        ratio = best["mxfp8_e4m3"] / best["fp32"]
-        print(f"{label:32s} {best['fp32']:12.4f} {best['mxfp8_e4m3']:12.4f} {ratio:10.1f}")
+            best[scheme] = min(best[scheme], _steps(*runs[scheme], n, args.device))
+    ratio = best["mxfp8_e4m3"] / best["fp32"]
+    print(f"{label:42s} {best['fp32']:12.4f} {best['mxfp8_e4m3']:12.4f} {ratio:10.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ class ProxyLitModule(pl.LightningModule):
     def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """MSE of the student on ``batch = (x, y)``; no logging, no side effects."""
         x, y = batch
-        forward = self._student_forward or self.student
+        # Evaluation without grad runs eager: one compilation for training is enough.
+        compiled = self._student_forward is not None and torch.is_grad_enabled()
+        forward = self._student_forward if compiled else self.student
         return F.mse_loss(forward(x), y)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -21,6 +21,8 @@ def test_compiled_proxy_equals_eager_forward_bitwise_and_grads_to_reduction_orde
     got = torch.autograd.grad(compiled.compute_loss((x, y)), list(compiled.parameters()))
     for (name, _), g_want, g_got in zip(eager.named_parameters(), want, got, strict=True):
         torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():  # evaluation runs eager (no second compilation)
+        assert bits_equal(compiled.compute_loss((x, y)), eager.compute_loss((x, y)))
     # state_dict keys are the student's: the compiled function is not a submodule
     assert compiled.state_dict().keys() == eager.state_dict().keys()
 

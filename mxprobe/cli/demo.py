@@ -1,6 +1,6 @@
 """``mxprobe demo [--out DIR] [--quick]``: the paper's story on this machine, in minutes.
 
-On the CPU proxy configuration (docs/proxy_cpu.md) it trains, from the same initial weights on
+On a CPU proxy configuration (d=64, docs/proxy_cpu.md) it trains, from the same initial weights on
 the same batches: (a) FP32, (b) MX (``mxfp8_e4m3``: E4M3 GEMMs and LayerNorm affine weights,
 bf16 elementwise, OCP floor scale) without intervention, (c) the same MX run with the default
 automatic rules (a loss spike or a non-finite loss -> rewind to a snapshot and switch the
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import yaml
 
-# The embedded default: the CPU proxy configuration (examples/configs/proxy_cpu.yaml), with a
-# step budget that fits the demo's time on two cores. --quick shrinks it for a smoke test.
+# The embedded default: the first CPU proxy configuration of docs/proxy_cpu.md (d=64, lr 1.4e-2;
+# eager emulation), with a step budget that fits the demo's time on two cores. --quick shrinks
+# it for a smoke test.
 FULL = {"depth": 4, "width": 64, "batch_size": 256, "lr": 1.4e-2, "steps": 900, "every": 50}
 QUICK = {"depth": 2, "width": 32, "batch_size": 64, "lr": 1.4e-2, "steps": 60, "every": 20}
 

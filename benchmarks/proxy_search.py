@@ -1,0 +1,82 @@
+"""One proxy run as a plain training loop: the search tool behind docs/proxy_cpu.md.
+
+Same student, teacher, batches (``make_batch``), loss and Adam as ``mxprobe proxy compare``, with
+the student compiled through ``mxprobe.compile_model``, but without Lightning, so a scan of many
+configurations costs less; ``--switch-at N --switch-to "norm=bf16"`` amends every module's scheme
+before step N (the paper's intervention experiment). Prints one JSON line: the configuration,
+the divergence summary of ``mxprobe proxy compare`` (same rule: loss above 10x its running
+minimum for 500 consecutive steps, or non-finite), wall time and LayerNorm gamma statistics.
+Stops 500 steps after a divergence starts. Example::
+
+    python benchmarks/proxy_search.py --width 128 --lr 8.5e-3 --scheme mxfp8_e4m3 --seed 0 \\
+        --steps 1200 --switch-at 200 --switch-to norm=bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+import mxprobe
+from mxprobe.cli.proxy import DivergenceTracker
+from proxy_models.data import make_batch
+from proxy_models.student_teacher import ProxyConfig, build_student, build_teacher
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--scheme", default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="model seed = data seed")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--noise", type=float, default=0.005)
+    p.add_argument("--teacher-gain", type=float, default=1.0)
+    p.add_argument("--switch-at", type=int, default=-1)
+    p.add_argument("--switch-to", default="")
+    p.add_argument("--eager", action="store_true", help="do not torch.compile the student")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-losses", default=None, help="torch.save the loss list here")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    student = build_student(ProxyConfig(a.depth, a.width), a.seed)
+    mxprobe.convert(student, a.scheme)
+    teacher = build_teacher(a.width, a.depth, "gelu", 1234, a.teacher_gain)
+    forward = student if a.eager else mxprobe.compile_model(student.forward)
+    opt = torch.optim.Adam(student.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
+    tracker = DivergenceTracker()
+    start = time.perf_counter()
+    for step in range(a.steps):
+        if step == a.switch_at:
+            mxprobe.amend_scheme(student, a.switch_to)
+        x, y = make_batch(teacher, a.width, a.batch_size, a.seed, step, a.noise)
+        loss = F.mse_loss(forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        tracker.update(loss.item())
+        if tracker.divergence_step is not None and (
+            step - tracker.divergence_step >= tracker.patience or not torch.isfinite(loss)
+        ):
+            break
+    gammas = torch.cat(
+        [m.weight.detach() for m in student.modules() if isinstance(m, torch.nn.LayerNorm)]
+    )
+    row = {k: v for k, v in vars(a).items() if k not in ("save_losses", "threads")}
+    row.update(
+        tracker.summary(), steps_run=tracker.step, wall_s=round(time.perf_counter() - start, 1)
+    )
+    row.update(gamma_mean=round(gammas.mean().item(), 4), gamma_std=round(gammas.std().item(), 4))
+    if a.save_losses:
+        torch.save(tracker.losses, a.save_losses)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
