@@ -6,7 +6,7 @@ process, interleaved round by round, so machine load hits them alike; the ratio 
 read. Usage::
 
     python benchmarks/proxy_bench.py [--steps 20] [--paper-steps 3] [--threads 2] [--device cpu]
-        [--modes eager,compiled]
+        [--modes eager,compiled] [--configs cpu,cpu128,paper]
 
 ``compiled`` runs both schemes through ``ProxyLitModule(compiled=True)`` (torch.compile with
 exact emulated roundings); its compilation happens in the untimed warm-up steps.
@@ -23,8 +23,9 @@ from proxy_models.data import ProxyDataModule
 from proxy_models.lit import ProxyLitModule
 
 CONFIGS = {
-    "cpu (L=4, d=64, batch 256)": dict(depth=4, width=64, batch_size=256),
-    "paper (L=4, d=512, batch 2048)": dict(depth=4, width=512, batch_size=2048),
+    "cpu": ("L=4, d=64, batch 256", dict(depth=4, width=64, batch_size=256)),
+    "cpu128": ("L=4, d=128, batch 256", dict(depth=4, width=128, batch_size=256)),
+    "paper": ("L=4, d=512, batch 2048", dict(depth=4, width=512, batch_size=2048)),
 }
 SCHEMES = ("fp32", "mxfp8_e4m3")
 
@@ -60,14 +61,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", default="eager", help="comma-separated: eager, compiled")
+    parser.add_argument(
+        "--configs", default="cpu,paper", help=f"comma-separated: {', '.join(CONFIGS)}"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads")
     print(f"{'configuration':42s} {'fp32 s/step':>12s} {'mx s/step':>12s} {'mx / fp32':>10s}")
-    for label, cfg in CONFIGS.items():
+    for name in args.configs.split(","):
+        label, cfg = CONFIGS[name]
         for mode in args.modes.split(","):
-            _bench(f"{label} {mode}", cfg, mode == "compiled", args)
+            _bench(f"{name} ({label}) {mode}", cfg, mode == "compiled", args)
 
 
 def _bench(label: str, cfg: dict, compiled: bool, args) -> None:

@@ -49,3 +49,19 @@ def test_compiled_follows_a_precision_switch():
     # fp32 kernels fuse differently under Inductor: equal to rounding, not to the bit
     torch.testing.assert_close(fp_out, model.student(x), rtol=1e-5, atol=1e-6)
     assert (mx_out - fp_out).abs().max() > 1e-3
+
+
+def test_forward_hooks_registered_after_compilation_still_run():
+    """Dynamo does not guard on hooks; compile_model falls back to eager while hooks exist."""
+    x, y = _batch(32, n=8)
+    model = ProxyLitModule(depth=1, width=32, scheme="mxfp8_e4m3", compiled=True)
+    model.compute_loss((x, y)).backward()  # compiled before any hook exists
+    seen = []
+    handle = model.student.blocks[0].mlp.fc1.register_forward_hook(
+        lambda module, args, out: seen.append(out.shape)
+    )
+    model.compute_loss((x, y)).backward()
+    assert seen == [torch.Size([8, 128])]
+    handle.remove()
+    model.compute_loss((x, y)).backward()
+    assert len(seen) == 1
