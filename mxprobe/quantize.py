@@ -57,6 +57,9 @@ def _fp32(v: float) -> float:
 
 
 
+# Formats torch can cast to natively (see _quantize_blocks).
+_NATIVE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
 # fp32(1 / max_norm) per format, computed here once: torch.compile cannot trace struct.
 _INV_MAX_FP32 = {name: _fp32(1.0 / mx_format(name).max_norm) for name in MX_FORMAT_NAMES}
 
@@ -135,16 +138,6 @@ def _round_magnitude(r: torch.Tensor, rounding: str, noise: torch.Tensor | None)
     return q + (noise < frac).to(r.dtype)  # stochastic: P(up) = frac, unbiased
 
 
-def _block_scale(amax: torch.Tensor, fmt: ElementFormat, scale_mode: str) -> torch.Tensor:
-    """2^S (fp32, from 2^-127 up) for blocks of max ``amax``; S as in ``block_scale_exponent``."""
-    if scale_mode == "floor":
-        # Masking amax to its exponent bits gives 2^floor(log2 amax) (0 for 0 and subnormals,
-        # which the clamp maps to 2^-127 as the exponent clamp does): three small passes.
-        top = (amax.view(torch.int32) & 0x7F800000).view(torch.float32)
-        return (top * 2.0**-fmt.emax).clamp(2.0**-127, 2.0**127)
-    return _pow2(block_scale_exponent(amax, fmt, scale_mode))
-
-
 def _quantize_blocks(
     xb: torch.Tensor,
     fmt: ElementFormat,
@@ -163,11 +156,18 @@ def _quantize_blocks(
     """
     xb = xb.float()
     amax = xb.abs().amax(dim=2, keepdim=True)  # torch.amax propagates NaN (Inf stays Inf)
+    s = block_scale_exponent(amax, fmt, scale_mode)
     # amax * 0 is +0 for a finite block and NaN for a NaN/Inf one: the scale carries the NaN to
     # every element of the block without a select.
-    scale = _block_scale(amax, fmt, scale_mode) + amax * 0.0
-    y = xb * (1.0 / scale)  # exact: the reciprocal of a power of two, then a power-of-two product
-    if rounding == "even" and not fmt.is_int:
+    scale = _pow2(s) + amax * 0.0
+    y = xb * _pow2(-s)  # exact: multiplying by a power of two
+    native = _NATIVE_DTYPES.get(fmt.name)
+    if rounding == "even" and native is not None and torch.compiler.is_compiling():
+        # Inductor vectorizes fp8 casts, which round to nearest-even with subnormals exactly as
+        # the element step does (clamping first makes them saturate); eager fp8 casts are slow
+        # (~85 us per 16k elements back to fp32), hence the bit-mask form below outside compile.
+        v = y.clamp(-fmt.max_norm, fmt.max_norm).to(native).float()
+    elif rounding == "even" and not fmt.is_int:
         v = _round_even_float(y, fmt)
     else:
         p = _exponent(y).clamp_min(fmt.emin)
@@ -175,8 +175,7 @@ def _quantize_blocks(
         q = _round_magnitude(y.abs() * _pow2(-step_exp), rounding, noise)
         v = torch.copysign(torch.clamp_max(q * _pow2(step_exp), fmt.max_norm), y)
     if elements:
-        s = _exponent(scale).masked_fill(~torch.isfinite(amax), 128)  # 2^-127 reads as -127
-        return v, s.squeeze(2)
+        return v, s.masked_fill(~torch.isfinite(amax), 128).squeeze(2)
     out = v * scale
     if scale_mode != "floor" or out_dtype != torch.float32:
         # Past the dtype's range: saturate, never Inf. A floor-scaled value is at most
