@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--noise", type=float, default=0.005)
     p.add_argument("--teacher-gain", type=float, default=1.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="> 0: AdamW instead of Adam")
     p.add_argument("--switch-at", type=int, default=-1)
     p.add_argument("--switch-to", default="")
     p.add_argument("--eager", action="store_true", help="do not torch.compile the student")
@@ -49,7 +50,11 @@ def main() -> None:
     mxprobe.convert(student, a.scheme)
     teacher = build_teacher(a.width, a.depth, "gelu", 1234, a.teacher_gain)
     forward = student if a.eager else mxprobe.compile_model(student.forward)
-    opt = torch.optim.Adam(student.parameters(), lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
+    adam = dict(lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
+    if a.weight_decay > 0:
+        opt = torch.optim.AdamW(student.parameters(), weight_decay=a.weight_decay, **adam)
+    else:
+        opt = torch.optim.Adam(student.parameters(), **adam)
     tracker = DivergenceTracker()
     start = time.perf_counter()
     for step in range(a.steps):
