@@ -389,9 +389,9 @@ class PrecisionIntervention(Callback):
         values = dict(self._restored_metrics)
         if trainer is not None:
             for rule in self.rules:
-                name = getattr(rule.trigger, "name", None)
-                if isinstance(rule.trigger, MetricTrigger) and name in trainer.callback_metrics:
-                    values[name] = float(trainer.callback_metrics[name])
+                trigger = rule.trigger
+                if isinstance(trigger, MetricTrigger) and trigger.name in trainer.callback_metrics:
+                    values[trigger.name] = float(trainer.callback_metrics[trigger.name])
         return values
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

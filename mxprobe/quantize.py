@@ -56,7 +56,6 @@ def _fp32(v: float) -> float:
     return struct.unpack("f", struct.pack("f", v))[0]
 
 
-
 # Formats torch can cast to natively (see _quantize_blocks).
 _NATIVE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
@@ -146,7 +145,7 @@ def _quantize_blocks(
     noise: torch.Tensor | None,
     out_dtype: torch.dtype,
     elements: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Fake-quantize blocks ``xb`` of shape (outer, nblocks, block_size, inner), computing in fp32.
 
     Returns the dequantized values in ``out_dtype``; with ``elements``, instead (the signed fp32
@@ -157,9 +156,6 @@ def _quantize_blocks(
     xb = xb.float()
     amax = xb.abs().amax(dim=2, keepdim=True)  # torch.amax propagates NaN (Inf stays Inf)
     s = block_scale_exponent(amax, fmt, scale_mode)
-    # amax * 0 is +0 for a finite block and NaN for a NaN/Inf one: the scale carries the NaN to
-    # every element of the block without a select.
-    scale = _pow2(s) + amax * 0.0
     y = xb * _pow2(-s)  # exact: multiplying by a power of two
     native = _NATIVE_DTYPES.get(fmt.name)
     if rounding == "even" and native is not None and torch.compiler.is_compiling():
@@ -176,7 +172,9 @@ def _quantize_blocks(
         v = torch.copysign(torch.clamp_max(q * _pow2(step_exp), fmt.max_norm), y)
     if elements:
         return v, s.masked_fill(~torch.isfinite(amax), 128).squeeze(2)
-    out = v * scale
+    # amax * 0 is +0 for a finite block and NaN for a NaN/Inf one: the scale carries the NaN to
+    # every element of the block without a select.
+    out = v * (_pow2(s) + amax * 0.0)
     if scale_mode != "floor" or out_dtype != torch.float32:
         # Past the dtype's range: saturate, never Inf. A floor-scaled value is at most
         # max_norm * 2^(floor(log2 amax) - emax) < 2^128 and exact in fp32: no pass needed.
@@ -208,8 +206,8 @@ def set_compile(enabled: bool) -> bool:
 def _maybe_compiled(fn, key: tuple, x: torch.Tensor, **static):
     """``fn(x, **static)``, through a compiled twin per ``key`` for large CPU tensors.
 
-    One compiled function per variant: each gets its own recompile budget and the static
-    arguments (format constants, dtypes) are baked into the generated kernel.
+    One compiled function per variant, so that the static arguments (format constants, dtypes)
+    are baked into the generated kernel.
     """
     global _compile_failed
     use_compiled = (
