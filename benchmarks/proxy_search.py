@@ -39,6 +39,9 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.005)
     p.add_argument("--teacher-gain", type=float, default=1.0)
     p.add_argument("--weight-decay", type=float, default=0.0, help="> 0: AdamW instead of Adam")
+    p.add_argument("--beta2", type=float, default=0.999)
+    p.add_argument("--clip", type=float, default=0.0, help="> 0: clip the gradient norm to this")
+    p.add_argument("--activation", default="gelu")
     p.add_argument("--switch-at", type=int, default=-1)
     p.add_argument("--switch-to", default="")
     p.add_argument("--eager", action="store_true", help="do not torch.compile the student")
@@ -46,11 +49,11 @@ def main() -> None:
     p.add_argument("--save-losses", default=None, help="torch.save the loss list here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    student = build_student(ProxyConfig(a.depth, a.width), a.seed)
+    student = build_student(ProxyConfig(a.depth, a.width, a.activation), a.seed)
     mxprobe.convert(student, a.scheme)
-    teacher = build_teacher(a.width, a.depth, "gelu", 1234, a.teacher_gain)
+    teacher = build_teacher(a.width, a.depth, a.activation, 1234, a.teacher_gain)
     forward = student if a.eager else mxprobe.compile_model(student.forward)
-    adam = dict(lr=a.lr, betas=(0.9, 0.999), eps=1e-8)
+    adam = dict(lr=a.lr, betas=(0.9, a.beta2), eps=1e-8)
     if a.weight_decay > 0:
         opt = torch.optim.AdamW(student.parameters(), weight_decay=a.weight_decay, **adam)
     else:
@@ -64,6 +67,8 @@ def main() -> None:
         loss = F.mse_loss(forward(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if a.clip > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), a.clip)
         opt.step()
         tracker.update(loss.item())
         if tracker.divergence_step is not None and (
