@@ -3,9 +3,11 @@
 Same student, teacher, batches (``make_batch``), loss and Adam as ``mxprobe proxy compare``, with
 the student compiled through ``mxprobe.compile_model``, but without Lightning, so a scan of many
 configurations costs less; ``--switch-at N --switch-to "norm=bf16"`` amends every module's scheme
-before step N (the paper's intervention experiment). Prints one JSON line: the configuration,
-the divergence summary of ``mxprobe proxy compare`` (same rule: loss above 10x its running
-minimum for 500 consecutive steps, or non-finite), wall time and LayerNorm gamma statistics.
+before step N (the paper's intervention experiment; ``--snap`` first sets the switched weights
+to the values the old scheme's forward used, see ``mxprobe.amend_scheme``). Prints one JSON
+line: the configuration, the divergence summary of ``mxprobe proxy compare`` (same rule: loss
+above 10x its running minimum for 500 consecutive steps, or non-finite), wall time and LayerNorm
+gamma statistics.
 Stops 500 steps after a divergence starts. Example::
 
     python benchmarks/proxy_search.py --width 128 --lr 8.5e-3 --scheme mxfp8_e4m3 --seed 0 \\
@@ -44,6 +46,7 @@ def main() -> None:
     p.add_argument("--activation", default="gelu")
     p.add_argument("--switch-at", type=int, default=-1)
     p.add_argument("--switch-to", default="")
+    p.add_argument("--snap", action="store_true", help="function-preserving switch")
     p.add_argument("--eager", action="store_true", help="do not torch.compile the student")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-losses", default=None, help="torch.save the loss list here")
@@ -62,7 +65,7 @@ def main() -> None:
     start = time.perf_counter()
     for step in range(a.steps):
         if step == a.switch_at:
-            mxprobe.amend_scheme(student, a.switch_to)
+            mxprobe.amend_scheme(student, a.switch_to, snap=a.snap)
         x, y = make_batch(teacher, a.width, a.batch_size, a.seed, step, a.noise)
         loss = F.mse_loss(forward(x), y)
         opt.zero_grad(set_to_none=True)

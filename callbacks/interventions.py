@@ -68,8 +68,11 @@ class PrecisionIntervention(Callback):
 
     Actions (each one appended to ``events.jsonl`` and to :attr:`timeline`):
 
-    - ``set_scheme``: ``mxprobe.amend_scheme(pl_module, scheme, modules)``; a partial string
-      amends each module's current scheme, a leading preset replaces it.
+    - ``set_scheme``: ``mxprobe.amend_scheme(pl_module, scheme, modules, snap)``; a partial
+      string amends each module's current scheme, a leading preset replaces it. ``snap:
+      true`` first sets each switched weight to the value the old scheme's forward used, so
+      the output does not jump at the switch (a run adapted to, e.g., floor-saturated
+      LayerNorm gamma can otherwise blow up right after switching it to bf16).
     - ``scale_lr``: multiplies ``lr`` (and ``initial_lr``) of every parameter group of every
       optimizer and the ``base_lrs`` of every LR scheduler, so schedulers keep the change.
     - ``rewind``: restores the newest snapshot taken at a step ``<= g - steps`` (the oldest
@@ -289,10 +292,11 @@ class PrecisionIntervention(Callback):
             "source": type(self).__name__,
         }
         if isinstance(action, SetSchemeAction):
-            changed = amend_scheme(pl_module, action.scheme, action.modules)
+            changed = amend_scheme(pl_module, action.scheme, action.modules, snap=action.snap)
             event.update(
                 scheme=action.scheme,
                 modules=action.modules,
+                snap=action.snap,
                 scheme_before=scheme_strings({n: b for n, (b, _) in changed.items()}),
                 scheme_after=scheme_strings({n: a for n, (_, a) in changed.items()}),
             )

@@ -13,7 +13,8 @@ A rule as YAML::
 Triggers: ``{kind: spike, signal: any}`` (``signal``: ``any``, ``loss``, ``grad_norm`` or
 ``nonfinite``), ``{kind: step, at: 4500}``, ``{kind: metric, name, op, value, for_steps: 1,
 after: 0}``. Actions: ``{kind: set_scheme, scheme, modules: "*"}``, ``{kind: scale_lr,
-factor}``, ``{kind: rewind, steps, then: <set_scheme or scale_lr action>}``.
+factor}``, ``{kind: rewind, steps, then: <set_scheme or scale_lr action>}``; ``set_scheme``
+takes ``snap: true`` for a function-preserving switch.
 """
 
 from __future__ import annotations
@@ -68,10 +69,13 @@ class MetricTrigger:
 @dataclasses.dataclass(frozen=True)
 class SetSchemeAction:
     """Amend the scheme of the MX modules matching the glob ``modules`` with ``scheme`` (a
-    partial string amends, a leading preset replaces; see ``mxprobe.amend_scheme``)."""
+    partial string amends, a leading preset replaces; see ``mxprobe.amend_scheme``). With
+    ``snap`` the switched weights first take the values the old scheme's forward used, so
+    the switch does not change the network's output (see ``mxprobe.modules.snap_parameters``)."""
 
     scheme: str
     modules: str = "*"
+    snap: bool = False
     kind: str = "set_scheme"
 
 
@@ -247,7 +251,10 @@ def _parse_action(d: Any, where: str, nested: bool = False) -> Action:
             raise ValueError(f"{where}: bad scheme {scheme!r}: {exc}") from None
         if not isinstance(modules, str) or not modules:
             raise ValueError(f"{where}: modules must be a glob string, got {modules!r}")
-        return SetSchemeAction(scheme=scheme, modules=modules)
+        snap = fields.get("snap", False)
+        if not isinstance(snap, bool):
+            raise ValueError(f"{where}: snap must be true or false, got {snap!r}")
+        return SetSchemeAction(scheme=scheme, modules=modules, snap=snap)
     if cls is ScaleLrAction:
         factor = _check_number(fields["factor"], f"{where} factor")
         if not factor > 0:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mxprobe.modules import MX_CLASS_OF, MxModule
+from mxprobe.modules import MX_CLASS_OF, MxModule, snap_parameters
 from mxprobe.scheme import (
     BACKWARD_ROLES,
     ROLES,
@@ -105,17 +105,25 @@ def set_scheme(
 
 
 def amend_scheme(
-    model: nn.Module, change: str, modules: str = "*"
+    model: nn.Module, change: str, modules: str = "*", snap: bool = False
 ) -> dict[str, tuple[PrecisionScheme, PrecisionScheme]]:
     """Amend the current scheme of every MX module whose name matches the glob ``modules`` with
-    the partial string ``change`` (e.g. ``"norm=bf16"``). Returns {name: (before, after)}."""
+    the partial string ``change`` (e.g. ``"norm=bf16"``). Returns {name: (before, after)}.
+
+    ``snap=True`` first overwrites every parameter whose forward rounding changes with the
+    value the old scheme's forward used (``mxprobe.modules.snap_parameters``), so a switch to
+    a finer format leaves the network's output unchanged instead of jolting it.
+    """
     changed = {}
     for name, module in _mx_modules(model):
         if not fnmatch.fnmatchcase(name, modules):
             continue
         before = module.mx_scheme or PrecisionScheme()  # None means full precision = fp32
-        module.mx_scheme = before.amend(change)
-        changed[name] = (before, module.mx_scheme)
+        after = before.amend(change)
+        if snap:
+            snap_parameters(module, before, after)
+        module.mx_scheme = after
+        changed[name] = (before, after)
     if not changed:
         raise ValueError(f"no MX module matches {modules!r}; names: {module_names(model)[:10]}")
     return changed

@@ -137,6 +137,8 @@ class MxModule:
     mx_enabled: bool = True
     # The roles this kind of module uses (what describe() reports).
     mx_roles: tuple[str, ...] = ("elementwise",)
+    # {parameter name: role that rounds it in the forward pass} (what snap_parameters snaps).
+    mx_param_roles: dict[str, str] = {}
 
     def active_scheme(self) -> PrecisionScheme | None:
         """The scheme in force now, or ``None`` for full precision."""
@@ -150,6 +152,7 @@ class MxLinear(MxModule, nn.Linear):
     """``nn.Linear`` whose GEMMs are MX-emulated according to ``mx_scheme``."""
 
     mx_roles = _GEMM_ROLES
+    mx_param_roles = {"weight": "weight", "bias": "elementwise"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
@@ -172,6 +175,7 @@ class MxLayerNorm(MxModule, nn.LayerNorm):
     ``elementwise``."""
 
     mx_roles = ("norm_affine", "elementwise")
+    mx_param_roles = {"weight": "norm_affine", "bias": "norm_affine"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
@@ -187,6 +191,7 @@ class MxRMSNorm(MxModule, nn.RMSNorm):
     ``elementwise``."""
 
     mx_roles = ("norm_affine", "elementwise")
+    mx_param_roles = {"weight": "norm_affine"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
@@ -195,6 +200,36 @@ class MxRMSNorm(MxModule, nn.RMSNorm):
         w, _ = _affine(self, scheme)
         y = F.rms_norm(_elementwise(x, scheme), self.normalized_shape, w, self.eps)
         return _elementwise(y, scheme)
+
+
+def _role_quantizer(scheme: PrecisionScheme, role: str) -> tuple:
+    fmt = getattr(scheme, role)
+    if is_mx(fmt):
+        return fmt, scheme.block_size, scheme.scale_mode, scheme.rounding
+    return (fmt,)
+
+
+def snap_parameters(
+    module: MxModule, before: PrecisionScheme | None, after: PrecisionScheme | None
+) -> list[str]:
+    """Overwrite each parameter of ``module`` whose forward rounding differs between the two
+    schemes with the value the forward pass used under ``before``; returns their names.
+
+    A run adapts to the quantized weights it computes with (e.g. floor-saturated LayerNorm
+    gamma), not to the latent fp32 ones, so switching to a finer format without snapping
+    changes the network's function at once. With snapping the function is unchanged whenever
+    ``before``'s grid is contained in ``after``'s (MX fp8/fp6/fp4 into bf16 or fp32).
+    """
+    before, after = before or PrecisionScheme(), after or PrecisionScheme()
+    snapped = []
+    for name, role in module.mx_param_roles.items():
+        param = getattr(module, name, None)
+        if param is None or _role_quantizer(before, role) == _role_quantizer(after, role):
+            continue
+        with torch.no_grad():
+            param.copy_(quantize_role(param, before, role, -1))
+        snapped.append(name)
+    return snapped
 
 
 class MxActivation(MxModule):

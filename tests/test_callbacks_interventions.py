@@ -15,6 +15,7 @@ from callbacks import (
     Rule,
     read_events,
 )
+from mxprobe.modules import quantize_role
 from tests.helpers_lightning import TinyMx, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -53,6 +54,29 @@ def test_step_rule_switches_norm_affine(tmp_path):
     after = mxprobe.PrecisionScheme.parse(event["scheme_after"]["model.0.norm"])
     assert after == mxprobe.PRESETS["mxfp8_e4m3"].amend("norm=bf16")
     assert intervention.timeline == _without_time([event])
+
+
+@pytest.mark.parametrize("snap", [True, False])
+def test_snapping_rule_sets_switched_weights_to_their_mx_values(tmp_path, snap):
+    module = TinyMx(lr=0.0)  # the weights move only by the snap
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
+    with torch.no_grad():
+        for i, norm in enumerate(norms):
+            gen = torch.Generator().manual_seed(i)
+            norm.weight.copy_(1.0 + 0.1 * torch.randn(norm.weight.shape, generator=gen))
+            norm.bias.copy_(0.1 * torch.randn(norm.bias.shape, generator=gen))
+    initial = [p.clone() for norm in norms for p in (norm.weight, norm.bias)]
+    scheme = mxprobe.PRESETS["mxfp8_e4m3"]
+    mx_values = [quantize_role(p, scheme, "norm_affine") for p in initial]
+    assert not all(torch.equal(q, p) for q, p in zip(mx_values, initial, strict=True))
+    action = {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "*norm", "snap": snap}
+    intervention = PrecisionIntervention(rules=[_rule("snap", {"kind": "step", "at": 2}, action)])
+    trainer(tmp_path, 3, [intervention]).fit(module)
+    final = [p for norm in norms for p in (norm.weight, norm.bias)]
+    want = mx_values if snap else initial
+    assert all(torch.equal(a, b) for a, b in zip(final, want, strict=True))
+    (event,) = read_events(tmp_path / "events.jsonl")
+    assert event["snap"] is snap
 
 
 def test_spike_rule_acts_at_the_next_step(tmp_path):
@@ -273,6 +297,16 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
                 )
             ],
             "then: unknown kind 'rewind'",
+        ),
+        (
+            [
+                _rule(
+                    "r",
+                    {"kind": "step", "at": 1},
+                    {"kind": "set_scheme", "scheme": "norm=bf16", "snap": "yes"},
+                )
+            ],
+            "snap must be true or false, got 'yes'",
         ),
         (
             [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": -1})],

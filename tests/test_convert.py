@@ -276,6 +276,43 @@ def test_amend_scheme_on_a_glob():
         amend_scheme(model, "norm=bf16", "decoder.*")
 
 
+NORM_PARAMS = [f"blocks.{i}.norm.{p}" for i in (0, 1) for p in ("weight", "bias")]
+LINEAR_WEIGHTS = [f"blocks.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2)]
+
+
+@pytest.mark.parametrize(
+    ("change", "snapped_names"),
+    [
+        ("norm=bf16", [*NORM_PARAMS, "head.norm.weight"]),
+        ("w=fp32", [*LINEAR_WEIGHTS, "head.lm_head.weight"]),
+    ],
+)
+def test_snapping_switch_keeps_the_output_a_plain_switch_does_not(change, snapped_names):
+    model = convert(tiny_lm(), "mxfp8_e4m3")
+    with torch.no_grad():  # gamma near 1 (as trained LayerNorms are): its block max saturates
+        for name, module in model.named_modules():
+            if isinstance(module, (MxLayerNorm, MxRMSNorm)):
+                module.weight.copy_(1.0 + 0.1 * batch(len(name), D))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.1 * batch(len(name) + 1, D))
+    x = inputs()
+    out = model(x)
+    plain, snapped = copy.deepcopy(model), copy.deepcopy(model)
+    amend_scheme(plain, change)
+    assert not torch.equal(plain(x), out)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    amend_scheme(snapped, change, snap=True)
+    assert torch.equal(snapped(x), out)
+    moved = [n for n, p in snapped.named_parameters() if not torch.equal(p, before[n])]
+    assert sorted(moved) == sorted(snapped_names)
+    # Snapped values are exactly what the old forward used: a second snap moves nothing.
+    assert schemes_of(snapped) == schemes_of(plain)
+    again = copy.deepcopy(snapped)
+    amend_scheme(again, change, snap=True)
+    pairs = zip(again.parameters(), snapped.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
 def test_schemes_of_restore_schemes_round_trip():
     model = convert(tiny_lm(), "mxfp8_e4m3", {"head.*": "bf16"})
     x = inputs()
