@@ -4,8 +4,9 @@ On a CPU proxy configuration (d=64, docs/proxy_cpu.md) it trains, from the same 
 the same batches: (a) FP32, (b) MX (``mxfp8_e4m3``: E4M3 GEMMs and LayerNorm affine weights,
 bf16 elementwise, OCP floor scale) without intervention, (c) the same MX run with the default
 automatic rules (a loss spike or a non-finite loss -> rewind to a snapshot and switch the
-layer-norm affine weights to bf16, snapped to the values the MX forward used). Then it writes the report (``mxprobe report``), prints a
-five-line summary computed from the runs, and writes it to ``summary.json``.
+layer-norm affine weights to bf16, snapped to the values the MX forward used). Then it writes
+the report (``mxprobe report``), prints a five-line summary computed from the runs, and writes
+it to ``summary.json``.
 """
 
 from __future__ import annotations
