@@ -209,27 +209,21 @@ def _role_quantizer(scheme: PrecisionScheme, role: str) -> tuple:
     return (fmt,)
 
 
-def snap_parameters(
-    module: MxModule, before: PrecisionScheme | None, after: PrecisionScheme | None
-) -> list[str]:
+def snap_parameters(module: MxModule, before: PrecisionScheme, after: PrecisionScheme) -> None:
     """Overwrite each parameter of ``module`` whose forward rounding differs between the two
-    schemes with the value the forward pass used under ``before``; returns their names.
+    schemes with the value the forward pass used under ``before``.
 
     A run adapts to the quantized weights it computes with (e.g. floor-saturated LayerNorm
     gamma), not to the latent fp32 ones, so switching to a finer format without snapping
     changes the network's function at once. With snapping the function is unchanged whenever
     ``before``'s grid is contained in ``after``'s (MX fp8/fp6/fp4 into bf16 or fp32).
     """
-    before, after = before or PrecisionScheme(), after or PrecisionScheme()
-    snapped = []
     for name, role in module.mx_param_roles.items():
         param = getattr(module, name, None)
         if param is None or _role_quantizer(before, role) == _role_quantizer(after, role):
             continue
         with torch.no_grad():
             param.copy_(quantize_role(param, before, role, -1))
-        snapped.append(name)
-    return snapped
 
 
 class MxActivation(MxModule):
