@@ -34,7 +34,15 @@ from __future__ import annotations
 import torch
 
 from mxprobe.formats import ElementFormat, mx_format
-from mxprobe.quantize import _pow2, block_scale_exponent, quantize_mx
+from mxprobe.quantize import (
+    _check_common,
+    _maybe_compiled,
+    _pow2,
+    _quantize_blocks,
+    _stochastic_noise,
+    _to_blocks,
+    block_scale_exponent,
+)
 
 
 def _blocks(x: torch.Tensor, block_size: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +140,26 @@ def relative_error(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, error / norm.clamp_min(torch.finfo(torch.float64).tiny), error)
 
 
+def _block_sums(xb: torch.Tensor, *, fmt, scale_mode, rounding, noise) -> torch.Tensor:
+    """The last five sums of :func:`quantization_sums` over blocks ``xb`` (zero padding adds
+    nothing to any of them). One function so that the compiled CPU path fuses it."""
+    # q in x's dtype first: the values the model computes with (fp16 may round or clip them).
+    q = _quantize_blocks(xb, fmt, scale_mode, rounding, noise, xb.dtype).float()
+    x = xb.float()
+    s = block_scale_exponent(x.abs().amax(dim=2, keepdim=True), fmt, scale_mode)
+    nonzero = x != 0
+    # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squares are summed in float64.
+    return torch.stack(
+        [
+            ((x * _pow2(-s)).abs() > fmt.max_norm).sum(dtype=torch.float64),
+            nonzero.sum(dtype=torch.float64),
+            ((q == 0) & nonzero).sum(dtype=torch.float64),
+            x.square().sum(dtype=torch.float64),
+            (x - q).square().sum(dtype=torch.float64),
+        ]
+    )
+
+
 def quantization_sums(
     x: torch.Tensor,
     fmt: str | ElementFormat,
@@ -145,34 +173,24 @@ def quantization_sums(
     """Additive sums of one MX quantization of ``x`` (float64 6-vector): elements, saturated,
     nonzero, underflowed to zero, signal energy ``sum x^2``, noise energy ``sum (x - q)^2``.
 
-    Sums of several tensors (or ranks) add; :func:`quantization_stats` turns them into
-    fractions and SQNR.
+    ``q`` is :func:`~mxprobe.quantize_mx` of ``x`` with the same arguments (torch backend; the
+    same draws from ``generator``). Sums of several tensors (or ranks) add;
+    :func:`quantization_stats` turns them into fractions and SQNR.
     """
-    x = x.detach()
-    q = quantize_mx(
-        x,
-        fmt,
-        block_size=block_size,
-        axis=axis,
+    fmt, axis = _check_common(x, fmt, block_size, axis, scale_mode, rounding, "torch")
+    xb, _ = _to_blocks(x.detach(), axis, block_size)
+    noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
+    sums = _maybe_compiled(
+        _block_sums,
+        ("quantization_sums", fmt, scale_mode, rounding),
+        xb,
+        fmt=fmt,
         scale_mode=scale_mode,
         rounding=rounding,
-        generator=generator,
+        noise=noise,
     )
-    x, q = x.float(), q.float()
-    nonzero = x != 0
-    # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squares are summed in float64.
-    return torch.stack(
-        [
-            torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
-            saturation_count(
-                x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode
-            ).double(),
-            nonzero.sum().double(),
-            ((q == 0) & nonzero).sum().double(),
-            x.square().sum(dtype=torch.float64),
-            (x - q).square().sum(dtype=torch.float64),
-        ]
-    )
+    numel = torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)
+    return torch.cat([numel, sums])
 
 
 def quantization_stats(sums: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -195,13 +213,14 @@ def gradient_sums(g_q: torch.Tensor, g_fp: torch.Tensor) -> torch.Tensor:
     ``zeta`` keeps its precision and identical gradients give exactly zero.
     """
     q, f = g_q.detach().reshape(-1).double(), g_fp.detach().reshape(-1).double()
+    d = q - f
     return torch.stack(
         [
             torch.tensor(float(q.numel()), dtype=torch.float64, device=q.device),
             torch.dot(q, q),
             torch.dot(f, f),
             torch.dot(q, f),
-            (q - f).square().sum(),
+            torch.dot(d, d),  # one pass, where square().sum() takes two
             q.sum(),
             f.sum(),
         ]

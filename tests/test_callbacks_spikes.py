@@ -4,8 +4,10 @@ import math
 import types
 
 import pytest
+import torch
 
 from callbacks import LossSpikeDetector, read_events
+from callbacks.spikes import squared_norm
 from tests.helpers_lightning import TinyMx, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -113,3 +115,23 @@ def test_spike_and_nan_in_a_run(tmp_path, return_dict):
     assert events[1]["values"]["loss"] == "nan"
     for e in events:
         assert {"step", "kind", "rule", "values", "scheme_before", "scheme_after"} <= set(e)
+
+
+@pytest.mark.parametrize("multi_tensor", [False, True])
+def test_squared_gradient_norm_against_float64(multi_tensor):
+    """Both kernels (per-tensor dot on CPU, multi-tensor norm elsewhere) give sum g^2."""
+    g = torch.Generator().manual_seed(0)
+    grads = [
+        torch.randn(300, 70, generator=g) * 1e3,
+        torch.randn(64, 128, generator=g).t(),  # not contiguous
+        torch.randn(5, generator=g).to(torch.bfloat16),
+        torch.zeros(0),
+    ]
+    want = sum(t.double().square().sum() for t in grads).item()
+    got = squared_norm(grads, multi_tensor=multi_tensor)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    grads[1][3, 4] = float("nan")
+    assert math.isnan(squared_norm(grads, multi_tensor=multi_tensor).item())
+    grads[1][3, 4] = float("inf")
+    assert squared_norm(grads, multi_tensor=multi_tensor).item() == math.inf

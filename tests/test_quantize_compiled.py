@@ -45,3 +45,28 @@ def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
     assert bits_equal(
         got0, quantize.quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding)
     )
+
+
+@pytest.mark.parametrize(
+    "fmt, mode, rounding, dtype",
+    [
+        ("fp8_e4m3", "floor", "even", torch.float32),
+        ("fp4_e2m1", "rceil", "stochastic", torch.bfloat16),
+    ],
+)
+def test_compiled_quantization_sums_equal_eager(compiled, fmt, mode, rounding, dtype):
+    """ActivationMonitor's sums go through the compiled path as one fused pass."""
+    from mxprobe.stats import quantization_sums
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1024, 96, generator=g) * torch.exp(3 * torch.randn(1024, 96, generator=g))
+    x[7, :40] = 0.0
+    x = x.to(dtype)
+    kw = {"scale_mode": mode, "rounding": rounding}
+    got = quantization_sums(x, fmt, generator=torch.Generator().manual_seed(2), **kw)
+    assert not quantize._compile_failed, "the compiled path fell back to eager"
+    assert any(key[0] == "quantization_sums" for key in quantize._compiled)
+    quantize.set_compile(False)
+    want = quantization_sums(x, fmt, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.equal(got[:4], want[:4])  # counts: exact
+    assert torch.allclose(got[4:], want[4:], rtol=1e-12)  # float64 sums in another order

@@ -16,6 +16,7 @@ from mxprobe.stats import (
     quantization_sums,
     relative_bias,
     relative_error,
+    saturation_count,
     saturation_fraction,
     sqnr_db,
     underflow_fraction,
@@ -100,6 +101,49 @@ def test_quantization_sums_add_up():
     assert stats["saturation"].item() == saturation_fraction(x, "e4m3").item()
     assert stats["underflow"].item() == underflow_fraction(x, q).item()
     assert stats["sqnr_db"].item() == pytest.approx(sqnr_db(x, q).item(), rel=1e-6)
+
+
+def unfused_quantization_sums(x, fmt, **kw):
+    """quantization_sums spelled out from quantize_mx and saturation_count (the reference)."""
+    q = quantize_mx(x, fmt, **kw).float()
+    sat_kw = {k: v for k, v in kw.items() if k in ("block_size", "axis", "scale_mode")}
+    x = x.float()
+    nonzero = x != 0
+    return torch.stack(
+        [
+            torch.tensor(float(x.numel()), dtype=torch.float64),
+            saturation_count(x, fmt, **sat_kw).double(),
+            nonzero.sum().double(),
+            ((q == 0) & nonzero).sum().double(),
+            x.square().sum(dtype=torch.float64),
+            (x - q).square().sum(dtype=torch.float64),
+        ]
+    )
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e3m2", "e2m1", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantization_sums_equal_the_unfused_formula_on_adversarial_inputs(fmt, dtype):
+    from tests.test_quantize import adversarial
+
+    g = torch.Generator().manual_seed(6)
+    wide = torch.randn(40, 70, generator=g) * torch.logspace(-30, 30, 70)  # tail blocks padded
+    wide[3, 7], wide[5, 1] = float("nan"), -float("inf")
+    for x in (adversarial(fmt).to(dtype), wide.to(dtype)):
+        for scale_mode, rounding, axis, block_size in [
+            ("floor", "even", -1, 32),
+            ("rceil", "nearest", 0, 32),
+            ("even", "floor", -1, 16),
+            ("floor", "stochastic", 0, 8),
+        ]:
+            kw = {"block_size": block_size, "axis": axis, "scale_mode": scale_mode}
+            kw["rounding"] = rounding
+            got = quantization_sums(x, fmt, generator=torch.Generator().manual_seed(1), **kw)
+            want = unfused_quantization_sums(
+                x, fmt, generator=torch.Generator().manual_seed(1), **kw
+            )
+            assert torch.equal(got[:4], want[:4]), (scale_mode, rounding, axis)
+            assert torch.allclose(got[4:], want[4:], rtol=1e-12, equal_nan=True)
 
 
 def test_gradient_comparison_by_hand():
