@@ -45,20 +45,19 @@ from mxprobe.quantize import (
 )
 
 
-def _blocks(x: torch.Tensor, block_size: int, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 blocks of shape (nblocks, block_size), bool mask of real (unpadded) elements)."""
-    rows = x.detach().float().movedim(axis, -1)
-    rows = rows.reshape(-1, rows.shape[-1])
-    real = torch.ones_like(rows, dtype=torch.bool)
-    pad = (-rows.shape[-1]) % block_size
-    if pad:
-        rows = torch.nn.functional.pad(rows, (0, pad))
-        real = torch.nn.functional.pad(real, (0, pad))
-    return rows.reshape(-1, block_size), real.reshape(-1, block_size)
+def _fp32_blocks(x: torch.Tensor, block_size: int, axis: int) -> torch.Tensor:
+    """fp32 blocks of ``x`` along ``axis``, shaped (outer, nblocks, block_size, inner) as the
+    quantizer forms them; a short tail block is zero-padded."""
+    if not -x.dim() <= axis < x.dim():
+        raise IndexError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
+    return _to_blocks(x.detach().float(), axis % x.dim(), block_size)[0]
 
 
-def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
-    return blocks.abs().amax(dim=-1, keepdim=True)
+def _saturated(blocks: torch.Tensor, fmt: ElementFormat, scale_mode: str) -> torch.Tensor:
+    """Mask of the elements of fp32 ``blocks`` (block along dim 2) that the element format
+    clips: ``|x| / 2^S > max_norm``."""
+    s = block_scale_exponent(blocks.abs().amax(dim=2, keepdim=True), fmt, scale_mode)
+    return (blocks * _pow2(-s)).abs() > fmt.max_norm
 
 
 def saturation_count(
@@ -70,10 +69,7 @@ def saturation_count(
     scale_mode: str = "floor",
 ) -> torch.Tensor:
     """Number of elements of ``x`` clipped by the saturating element format (int64 tensor)."""
-    f = mx_format(fmt)
-    blocks, _ = _blocks(x, block_size, axis)
-    s = block_scale_exponent(_block_amax(blocks), f, scale_mode)
-    return ((blocks * _pow2(-s)).abs() > f.max_norm).sum()
+    return _saturated(_fp32_blocks(x, block_size, axis), mx_format(fmt), scale_mode).sum()
 
 
 def saturation_fraction(
@@ -94,14 +90,13 @@ def floor_overflow_count(
 ) -> tuple[torch.Tensor, int]:
     """(number of blocks whose max mantissa exceeds ``max_norm / 2^emax``, number of blocks)."""
     f = mx_format(fmt)
-    blocks, _ = _blocks(x, block_size, axis)
-    amax = _block_amax(blocks).squeeze(-1)
+    amax = _fp32_blocks(x, block_size, axis).abs().amax(dim=2)
     # amax / 2^floor(log2 amax) is 1 + (fp32 mantissa field) / 2^23, read from the bits once
     # subnormals are scaled into the normal range (exact).
     normal = torch.where(amax < 2.0**-126, amax * 2.0**64, amax)
     mantissa = 1 + (normal.view(torch.int32) & 0x7FFFFF).double() / 2.0**23
     over = (amax > 0) & (mantissa > f.max_norm / 2.0**f.emax)
-    return over.sum(), blocks.shape[0]
+    return over.sum(), amax.numel()
 
 
 def floor_overflow_fraction(
@@ -146,12 +141,11 @@ def _block_sums(xb: torch.Tensor, *, fmt, scale_mode, rounding, noise) -> torch.
     # q in x's dtype first: the values the model computes with (fp16 may round or clip them).
     q = _quantize_blocks(xb, fmt, scale_mode, rounding, noise, xb.dtype).float()
     x = xb.float()
-    s = block_scale_exponent(x.abs().amax(dim=2, keepdim=True), fmt, scale_mode)
     nonzero = x != 0
     # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squares are summed in float64.
     return torch.stack(
         [
-            ((x * _pow2(-s)).abs() > fmt.max_norm).sum(dtype=torch.float64),
+            _saturated(x, fmt, scale_mode).sum(dtype=torch.float64),
             nonzero.sum(dtype=torch.float64),
             ((q == 0) & nonzero).sum(dtype=torch.float64),
             x.square().sum(dtype=torch.float64),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mxprobe.quantize as quantize
+from mxprobe.stats import quantization_sums
 from tests.conftest import bits_equal
 from tests.test_quantize import adversarial
 
@@ -56,8 +57,6 @@ def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
 )
 def test_compiled_quantization_sums_equal_eager(compiled, fmt, mode, rounding, dtype):
     """ActivationMonitor's sums go through the compiled path as one fused pass."""
-    from mxprobe.stats import quantization_sums
-
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1024, 96, generator=g) * torch.exp(3 * torch.randn(1024, 96, generator=g))
     x[7, :40] = 0.0

@@ -21,6 +21,7 @@ from mxprobe.stats import (
     sqnr_db,
     underflow_fraction,
 )
+from tests.test_quantize import adversarial
 
 
 def _block(*head: float, size: int = 32, fill: float = 1.0) -> torch.Tensor:
@@ -124,8 +125,6 @@ def unfused_quantization_sums(x, fmt, **kw):
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2", "e3m2", "e2m1", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_quantization_sums_equal_the_unfused_formula_on_adversarial_inputs(fmt, dtype):
-    from tests.test_quantize import adversarial
-
     g = torch.Generator().manual_seed(6)
     wide = torch.randn(40, 70, generator=g) * torch.logspace(-30, 30, 70)  # tail blocks padded
     wide[3, 7], wide[5, 1] = float("nan"), -float("inf")
