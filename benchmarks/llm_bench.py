@@ -29,9 +29,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+from mxprobe.models.llm import LLM, LLMConfig, count_parameters
 
 from mxprobe.convert import convert
-from proxy_models.llm import LLM, LLMConfig, count_parameters
 
 
 def _step_fn(model, optimizer, autocast_dtype):

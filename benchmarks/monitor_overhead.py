@@ -1,6 +1,6 @@
 """Step-time overhead of the mxprobe callbacks at their default cadence.
 
-Trains the student-teacher proxy (``proxy_models.lit.ProxyLitModule``; d=256, depth 4, batch
+Trains the student-teacher proxy (``mxprobe.models.lit.ProxyLitModule``; d=256, depth 4, batch
 512, ``mxfp8_e4m3`` by default) with no callbacks and with all of them — GradientBiasMonitor,
 NormAffineMonitor, ActivationMonitor (every 50 steps), LossSpikeDetector (every step) and a
 PrecisionIntervention whose never-firing rewind rule makes it snapshot every 100 steps — in
@@ -35,16 +35,15 @@ import warnings
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-
-from callbacks import (
+from mxprobe.callbacks import (
     ActivationMonitor,
     GradientBiasMonitor,
     LossSpikeDetector,
     NormAffineMonitor,
     PrecisionIntervention,
 )
-from proxy_models.data import ProxyDataModule
-from proxy_models.lit import ProxyLitModule
+from mxprobe.models.data import ProxyDataModule
+from mxprobe.models.lit import ProxyLitModule
 
 HOOKS = (
     "setup",

@@ -18,9 +18,8 @@ import argparse
 import time
 
 import torch
-
-from proxy_models.data import ProxyDataModule
-from proxy_models.lit import ProxyLitModule
+from mxprobe.models.data import ProxyDataModule
+from mxprobe.models.lit import ProxyLitModule
 
 CONFIGS = {
     "cpu": ("L=4, d=64, batch 256", dict(depth=4, width=64, batch_size=256)),

@@ -22,11 +22,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from mxprobe.models.data import make_batch
+from mxprobe.models.student_teacher import ProxyConfig, build_student, build_teacher
 
 import mxprobe
-from mxprobe.cli.proxy import DivergenceTracker
-from proxy_models.data import make_batch
-from proxy_models.student_teacher import ProxyConfig, build_student, build_teacher
+from mxprobe.outcome import DivergenceTracker
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ The body lives in ``mxprobe/cli/bench.py`` so that ``mxprobe bench`` runs the sa
 
 import sys
 
-from mxprobe.cli.bench import run
+from mxprobe.app.cli.bench import run
 
 if __name__ == "__main__":
     sys.exit(run(sys.argv[1:], prog="quant_bench.py"))

@@ -9,15 +9,16 @@
 - :class:`LossSpikeDetector`: loss spikes, gradient-norm blow-ups, NaN/Inf (``mx/spikes/...``).
 - :class:`PrecisionIntervention`: rule-driven precision switches, rewinds and LR scaling.
 
-Events go to ``events.jsonl`` in the run's log directory (:mod:`callbacks.events`).
+Events go to ``events.jsonl`` in the run's log directory (format: :mod:`mxprobe.events`).
 """
 
-from callbacks.events import EVENTS_FILE, read_events
-from callbacks.grad_bias import GradientBiasMonitor
-from callbacks.interventions import PrecisionIntervention
-from callbacks.quant_monitor import ActivationMonitor, NormAffineMonitor
-from callbacks.rules import Rule
-from callbacks.spikes import LossSpikeDetector
+from mxprobe.callbacks.grad_bias import GradientBiasMonitor
+from mxprobe.callbacks.interventions import PrecisionIntervention
+from mxprobe.callbacks.quant_monitor import ActivationMonitor, NormAffineMonitor
+from mxprobe.callbacks.rules import Rule
+from mxprobe.callbacks.spikes import LossSpikeDetector
+
+from mxprobe.events import EVENTS_FILE, read_events
 
 __all__ = [
     "EVENTS_FILE",

@@ -21,8 +21,6 @@ strict JSON. Only global rank 0 writes.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 from typing import Any
@@ -31,20 +29,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-EVENTS_FILE = "events.jsonl"
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with tensors as numbers and non-finite floats as strings (strict JSON)."""
-    if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+from mxprobe.events import EVENTS_FILE, event_line
 
 
 class EventLog:
@@ -62,15 +47,9 @@ class EventLog:
         if not trainer.is_global_zero or self.path is None:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        line = json.dumps(_plain({**event, "time": round(time.time(), 3)}), allow_nan=False)
+        line = event_line({**event, "time": round(time.time(), 3)})
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
-
-
-def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every event of an ``events.jsonl`` file, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def is_monitored_step(step: int, every_n_steps: int) -> bool:
@@ -79,7 +58,7 @@ def is_monitored_step(step: int, every_n_steps: int) -> bool:
 
 class PeriodicMonitor(Callback):
     """Base of the monitors that measure at every ``every_n_steps``-th optimizer step and log
-    under ``metric_prefix`` (how :class:`~callbacks.PrecisionIntervention` tells a fresh
+    under ``metric_prefix`` (how :class:`~mxprobe.callbacks.PrecisionIntervention` tells a fresh
     measurement from a stale value in ``trainer.callback_metrics``)."""
 
     metric_prefix = ""

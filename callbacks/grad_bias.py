@@ -9,15 +9,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.optim import Optimizer
-
-from callbacks.events import (
+from mxprobe.callbacks.events import (
     PeriodicMonitor,
     check_every_n_steps,
     is_monitored_step,
     log_stats,
     reduce_mean,
 )
+from torch.optim import Optimizer
+
 from mxprobe import full_precision
 from mxprobe.stats import gradient_comparison, gradient_sums
 

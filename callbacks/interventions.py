@@ -11,9 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
-
-from callbacks.events import EventLog, PeriodicMonitor, reduce_sum, scheme_strings
-from callbacks.rules import (
+from mxprobe.callbacks.events import EventLog, PeriodicMonitor, reduce_sum, scheme_strings
+from mxprobe.callbacks.rules import (
     OPERATORS,
     MetricTrigger,
     RewindAction,
@@ -24,7 +23,8 @@ from callbacks.rules import (
     StepTrigger,
     parse_rules,
 )
-from callbacks.spikes import LossSpikeDetector
+from mxprobe.callbacks.spikes import LossSpikeDetector
+
 from mxprobe.convert import amend_scheme, module_names, restore_schemes, schemes_of
 from mxprobe.scheme import PrecisionScheme
 
@@ -40,8 +40,8 @@ def _clone(obj: Any) -> Any:
 class PrecisionIntervention(Callback):
     r"""Change precision, rewind or scale the learning rate mid-run when a rule's trigger fires.
 
-    Rules are plain dicts (YAML) or :class:`~callbacks.rules.Rule` objects; see
-    :mod:`callbacks.rules` for the grammar. Example::
+    Rules are plain dicts (YAML) or :class:`~mxprobe.callbacks.rules.Rule` objects; see
+    :mod:`mxprobe.callbacks.rules` for the grammar. Example::
 
         - name: norms-to-bf16
           trigger: {kind: spike}
@@ -55,7 +55,7 @@ class PrecisionIntervention(Callback):
     ``global_step == g`` applies from step ``g`` on:
 
     - ``step`` trigger ``at: g`` fires at ``g`` (before step ``g`` trains).
-    - ``spike`` trigger fires at ``g`` when a :class:`~callbacks.LossSpikeDetector` reported an
+    - ``spike`` trigger fires at ``g`` when a ``LossSpikeDetector`` reported an
       event of the requested signal for step ``g - 1``.
     - ``metric`` trigger compares the latest ``trainer.callback_metrics[name]`` with
       ``value``, once per *measurement*: for a metric of an mxprobe monitor
@@ -176,7 +176,7 @@ class PrecisionIntervention(Callback):
             if isinstance(rule.trigger, SpikeTrigger) and not self._detectors(trainer):
                 raise MisconfigurationException(
                     f"rule {rule.name!r} has a spike trigger but the Trainer has no "
-                    "LossSpikeDetector callback; add callbacks.LossSpikeDetector(...)"
+                    "LossSpikeDetector callback; add mxprobe.callbacks.LossSpikeDetector(...)"
                 )
         self._apply_pending_schemes()
 

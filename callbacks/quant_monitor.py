@@ -7,16 +7,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
-from torch.optim import Optimizer
-
-from callbacks.events import (
+from mxprobe.callbacks.events import (
     PeriodicMonitor,
     check_every_n_steps,
     is_monitored_step,
     log_stats,
     reduce_sum,
 )
+from torch import nn
+from torch.optim import Optimizer
+
 from mxprobe.formats import canonical_format, is_mx
 from mxprobe.modules import MxLinear, MxModule
 from mxprobe.quantize import quantize_mx

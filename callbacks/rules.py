@@ -39,7 +39,7 @@ SPIKE_SIGNALS = ("any", "loss", "grad_norm", "nonfinite")
 
 @dataclasses.dataclass(frozen=True)
 class SpikeTrigger:
-    """Fires at the step after a :class:`~callbacks.LossSpikeDetector` event of ``signal``."""
+    """Fires at the step after a ``LossSpikeDetector`` event of ``signal``."""
 
     signal: str = "any"
     kind: str = "spike"

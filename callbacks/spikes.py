@@ -9,9 +9,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from mxprobe.callbacks.events import EventLog, PeriodicMonitor, reduce_sum
 from torch.optim import Optimizer
-
-from callbacks.events import EventLog, PeriodicMonitor, reduce_sum
 
 METHODS = ("zscore", "ema_ratio", "derivative")
 DEFAULT_THRESHOLDS = {"zscore": 6.0, "ema_ratio": 2.0, "derivative": 0.01}
@@ -55,7 +54,7 @@ class LossSpikeDetector(PeriodicMonitor):
     A *spike* is the first step of an anomalous episode (the episode ends at the first normal
     step), so a diverging run writes one event, not one per step. Each event is appended to
     ``events.jsonl`` and to :attr:`spikes` (the last 100 events); :meth:`events_at` gives the
-    events of one step; :class:`~callbacks.PrecisionIntervention` reads them. All of it,
+    events of one step; :class:`~mxprobe.callbacks.PrecisionIntervention` reads them. All of it,
     history included, is in ``state_dict``, so a resumed run detects exactly as the
     uninterrupted one.
 

@@ -5,16 +5,16 @@ about mxprobe. The three additions marked ``# mxprobe`` make the same run train 
 emulation with the gradient-bias, LayerNorm-affine and activation monitors, a loss-spike
 detector and an intervention rule:
 
-    import callbacks, mxprobe                                  # 1. the packages
+    import mxprobe, mxprobe.callbacks as mxcb                  # 1. the packages
     mxprobe.convert(model, "mxfp8_e4m3")                       # 2. every Linear/LayerNorm/GELU
-    Trainer(..., callbacks=[callbacks.GradientBiasMonitor(), ...])  # 3. monitors, intervention
+    Trainer(..., callbacks=[mxcb.GradientBiasMonitor(), ...])  # 3. monitors, intervention
 
 Only ``GradientBiasMonitor`` asks something of the module: a ``compute_loss(batch)`` method (the
 loss ``training_step`` returns, with no logging) to recompute the batch in full precision; this
 module, like many, already has one. Trains 60 steps on CPU in seconds; prints the loss, the
 monitor readings and the intervention from ``events.jsonl``.
 
-    PYTHONPATH=. python examples/attach_to_existing_run.py [--out DIR] [--steps N]
+    python examples/attach_to_existing_run.py [--out DIR] [--steps N]
 
 (On a machine shared with other jobs, OMP_NUM_THREADS=1 makes it several times faster: with
 tensors this small, a second OpenMP thread mostly spin-waits for a busy core.)
@@ -26,12 +26,12 @@ import argparse
 import os
 
 import lightning.pytorch as pl
+import mxprobe.callbacks as mxcb  # mxprobe (1/3)
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import callbacks  # mxprobe (1/3)
 import mxprobe  # mxprobe (1/3)
 
 
@@ -114,11 +114,11 @@ def main() -> None:
         enable_model_summary=False,
         enable_progress_bar=False,
         callbacks=[  # mxprobe (3/3)
-            callbacks.GradientBiasMonitor(every_n_steps=20),
-            callbacks.NormAffineMonitor(every_n_steps=20),
-            callbacks.ActivationMonitor(every_n_steps=20),
-            callbacks.LossSpikeDetector(window=20),
-            callbacks.PrecisionIntervention(rules=[NORMS_TO_BF16_AT_40]),
+            mxcb.GradientBiasMonitor(every_n_steps=20),
+            mxcb.NormAffineMonitor(every_n_steps=20),
+            mxcb.ActivationMonitor(every_n_steps=20),
+            mxcb.LossSpikeDetector(window=20),
+            mxcb.PrecisionIntervention(rules=[NORMS_TO_BF16_AT_40]),
         ],
     )
     trainer.fit(model, train, val)
@@ -127,8 +127,8 @@ def main() -> None:
     print()
     for name in ("val/loss", "train/loss", "mx/grad_bias/total/cosine", "mx/grad_bias/total/zeta"):
         print(f"{name} {metrics[name].item():.4f}")
-    events_path = os.path.join(trainer.log_dir, callbacks.EVENTS_FILE)
-    for event in callbacks.read_events(events_path):
+    events_path = os.path.join(trainer.log_dir, mxcb.EVENTS_FILE)
+    for event in mxcb.read_events(events_path):
         after = sorted(set(event["scheme_after"].values()))
         print(f"event at step {event['step']}: {event['kind']} by {event['rule']!r} -> {after}")
     print(f"metrics: {os.path.join(trainer.log_dir, 'metrics.csv')}\nevents: {events_path}")

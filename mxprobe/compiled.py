@@ -8,8 +8,8 @@ equal to eager and its gradients equal up to reduction order (tests/test_compile
 
 Dynamo also does not guard on module hooks (``skip_nnmodule_hook_guards``): a forward hook
 registered after the first compiled call would silently never run, which would blind
-``callbacks.ActivationMonitor``. So a compiled module runs eagerly whenever one of its modules
-has a forward hook (monitors attach theirs only on measured steps).
+``mxprobe.callbacks.ActivationMonitor``. So a compiled module runs eagerly whenever one of its
+modules has a forward hook (monitors attach theirs only on measured steps).
 """
 
 from __future__ import annotations

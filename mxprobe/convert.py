@@ -14,7 +14,7 @@ Modules whose ``forward`` torch never calls are not emulated: ``nn.MultiheadAtte
 projection weights directly, so its projections stay in full precision (a warning says so).
 ``nn.TransformerEncoderLayer``'s fused inference fast path is switched off so that its linears
 and norms are emulated in eval mode too.
-Build attention from ``nn.Linear`` + ``MxMatmul`` (as ``proxy_models.llm`` does) to emulate it.
+Build attention from ``nn.Linear`` + ``MxMatmul`` (as ``mxprobe.models.llm`` does) to emulate it.
 """
 
 from __future__ import annotations

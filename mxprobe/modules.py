@@ -252,7 +252,7 @@ class MxMatmul(MxModule, nn.Module):
     """An attention product ``a @ b`` as a module, so that ``convert``/``set_scheme`` reach it.
 
     Unconverted (``mx_scheme`` None) it is a plain matmul; models that want MX attention
-    products (``proxy_models.llm``) hold one per product.
+    products (``mxprobe.models.llm``) hold one per product.
     """
 
     mx_roles = ("act", "act_bp", "grad_wgrad", "grad_dgrad", "elementwise")

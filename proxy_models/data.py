@@ -2,7 +2,7 @@
 pure function of (data seed, i).
 
 ``x ~ N(0, I)`` from a numpy generator seeded by (seed, stream, batch index); ``y = teacher(x) +
-noise · N(0, 1)`` with the frozen teacher of ``proxy_models.student_teacher`` built from its own
+noise · N(0, 1)`` with the frozen teacher of ``mxprobe.models.student_teacher`` built from its own
 seed. The training stream starts at batch ``global_step * accumulate_grad_batches`` when
 ``train_dataloader()`` is called; Lightning restores ``global_step`` from a checkpoint before it
 builds the dataloaders, so a resumed run sees exactly the batches the uninterrupted run would
@@ -16,9 +16,8 @@ from collections.abc import Iterator
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from mxprobe.models.student_teacher import ACTIVATIONS, Teacher, build_teacher
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
-
-from proxy_models.student_teacher import ACTIVATIONS, Teacher, build_teacher
 
 _TRAIN_STREAM, _VAL_STREAM = 0, 1
 

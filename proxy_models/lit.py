@@ -7,10 +7,10 @@ import math
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from mxprobe.models.student_teacher import ProxyConfig, build_student
 
 import mxprobe
 from mxprobe.scheme import PrecisionScheme, parse_scheme
-from proxy_models.student_teacher import ProxyConfig, build_student
 
 SCHEDULES = ("constant", "cosine")
 

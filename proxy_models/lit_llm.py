@@ -10,11 +10,11 @@ import os
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from mxprobe.models.llm import LLM, LLMConfig
+from mxprobe.models.text_data import TrainWindows, ValWindows, build_cache, load_cache
 from torch.utils.data import DataLoader
 
 from mxprobe.convert import convert
-from proxy_models.llm import LLM, LLMConfig
-from proxy_models.text_data import TrainWindows, ValWindows, build_cache, load_cache
 
 
 def cosine_with_warmup(step: int, total: int, warmup: int, final: float) -> float:
@@ -30,7 +30,7 @@ class LLMModule(pl.LightningModule):
     """The OLMo-style byte-level LLM trained as in the paper, MX-emulated by ``scheme``.
 
     Args:
-        config: architecture (:class:`~proxy_models.llm.LLMConfig`); ``None`` is the ``tiny`` size.
+        config: architecture (``LLMConfig``); ``None`` is the ``tiny`` size.
         scheme: precision scheme string given to ``mxprobe.convert`` (``"fp32"``,
             ``"mxfp8_e4m3"``, ``"w=e4m3,a=bf16"``, ...). The model is converted even under
             ``fp32``, so callbacks can switch precision mid-run.

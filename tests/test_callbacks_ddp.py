@@ -18,8 +18,9 @@ def main(out_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from mxprobe.callbacks import GradientBiasMonitor, LossSpikeDetector, PrecisionIntervention
+
     import mxprobe
-    from callbacks import GradientBiasMonitor, LossSpikeDetector, PrecisionIntervention
     from tests.helpers_lightning import TinyMx, trainer
 
     module = TinyMx(spike_at=6, spike_rank=1)

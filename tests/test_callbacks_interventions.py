@@ -6,15 +6,15 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-import mxprobe
-from callbacks import (
+from mxprobe.callbacks import (
     GradientBiasMonitor,
     LossSpikeDetector,
     PrecisionIntervention,
     Rule,
     read_events,
 )
+
+import mxprobe
 from mxprobe.modules import quantize_role
 from tests.helpers_lightning import TinyMx, trainer
 
@@ -373,14 +373,14 @@ def test_callbacks_parse_from_yaml():
 
     config = """
 callbacks:
-  - class_path: callbacks.GradientBiasMonitor
+  - class_path: mxprobe.callbacks.GradientBiasMonitor
     init_args: {every_n_steps: 25}
-  - class_path: callbacks.NormAffineMonitor
-  - class_path: callbacks.ActivationMonitor
+  - class_path: mxprobe.callbacks.NormAffineMonitor
+  - class_path: mxprobe.callbacks.ActivationMonitor
     init_args: {reference_format: e4m3}
-  - class_path: callbacks.LossSpikeDetector
+  - class_path: mxprobe.callbacks.LossSpikeDetector
     init_args: {method: derivative, window: 100}
-  - class_path: callbacks.PrecisionIntervention
+  - class_path: mxprobe.callbacks.PrecisionIntervention
     init_args:
       snapshot_every: 50
       rules:

@@ -4,9 +4,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from mxprobe.callbacks import ActivationMonitor, GradientBiasMonitor, NormAffineMonitor
 
 import mxprobe
-from callbacks import ActivationMonitor, GradientBiasMonitor, NormAffineMonitor
 from mxprobe.stats import compare_gradients, quantization_sums
 from tests.helpers_lightning import NoComputeLoss, TinyMx, trainer
 

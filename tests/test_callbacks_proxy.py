@@ -1,10 +1,8 @@
-"""The callbacks on the real proxy (proxy_models.lit.ProxyLitModule + ProxyDataModule)."""
+"""The callbacks on the real proxy (mxprobe.models.lit.ProxyLitModule + ProxyDataModule)."""
 
 import pytest
 import torch
-
-import mxprobe
-from callbacks import (
+from mxprobe.callbacks import (
     ActivationMonitor,
     GradientBiasMonitor,
     LossSpikeDetector,
@@ -12,10 +10,12 @@ from callbacks import (
     PrecisionIntervention,
     read_events,
 )
+
+import mxprobe
 from tests.helpers_lightning import trainer
 
-lit = pytest.importorskip("proxy_models.lit")
-data = pytest.importorskip("proxy_models.data")
+lit = pytest.importorskip("mxprobe.models.lit")
+data = pytest.importorskip("mxprobe.models.data")
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 

@@ -5,9 +5,9 @@ import types
 
 import pytest
 import torch
+from mxprobe.callbacks import LossSpikeDetector, read_events
+from mxprobe.callbacks.spikes import squared_norm
 
-from callbacks import LossSpikeDetector, read_events
-from callbacks.spikes import squared_norm
 from tests.helpers_lightning import TinyMx, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

@@ -1,9 +1,9 @@
 """mxprobe.compile_model keeps MX emulation exact under torch.compile (bf16 roundings included)."""
 
 import torch
+from mxprobe.models.lit import ProxyLitModule
 
 import mxprobe
-from proxy_models.lit import ProxyLitModule
 from tests.conftest import bits_equal
 
 

@@ -42,9 +42,10 @@ def _construct(class_path: str, init_args: dict):
 
 
 def _check_llm(path: Path) -> None:
-    from mxprobe.cli.llm import LLMCLI, llm_cli
+    from mxprobe.models.llm import LLMConfig, count_parameters
+
+    from mxprobe.app.cli.llm import LLMCLI, llm_cli
     from mxprobe.scheme import PrecisionScheme, validate_overrides
-    from proxy_models.llm import LLMConfig, count_parameters
 
     class ParseOnly(LLMCLI):
         def instantiate_classes(self) -> None:  # a GPU config must parse on a CPU machine too
@@ -62,7 +63,7 @@ def _check_llm(path: Path) -> None:
 
 
 def _check_proxy(path: Path, tmp_path: Path) -> None:
-    proxy = _import("mxprobe.cli.proxy")
+    proxy = _import("mxprobe.app.cli.proxy")
     cli = proxy.make_cli(
         ["--config", str(path), f"--trainer.default_root_dir={tmp_path}"], run=False
     )
@@ -70,8 +71,8 @@ def _check_proxy(path: Path, tmp_path: Path) -> None:
 
 
 def _check_sweep(path: Path, tmp_path: Path) -> None:
-    sweep = _import("mxprobe.cli.sweep")
-    proxy = _import("mxprobe.cli.proxy")
+    sweep = _import("mxprobe.app.cli.sweep")
+    proxy = _import("mxprobe.app.cli.proxy")
     spec = sweep.Spec.load(path)
     base = ["--config", str(spec.config)] if spec.config else []
     cli = proxy.make_cli([*base, f"--trainer.default_root_dir={tmp_path}"], run=False)

@@ -3,7 +3,7 @@
 import csv
 import json
 
-from mxprobe.cli import main
+from mxprobe.app.cli import main
 
 
 def test_demo_quick(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from mxprobe.cli import main
+from mxprobe.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "llm_tiny_cpu.yaml"
@@ -107,7 +107,7 @@ def test_the_same_config_trains_on_two_cpu_processes_with_ddp(tmp_path):
     command = [
         sys.executable,
         "-m",
-        "mxprobe.cli",
+        "mxprobe.app.cli",
         "llm",
         "fit",
         "--config",

@@ -1,4 +1,4 @@
-"""proxy_models.text_data: byte-level corpus, cached memmap, deterministic DDP-sharded sampling."""
+"""Byte-level corpus, cached memmap, deterministic DDP-sharded sampling."""
 
 import os
 import socket
@@ -6,9 +6,7 @@ import socket
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
-from proxy_models.text_data import (
+from mxprobe.models.text_data import (
     DOCUMENT_SEPARATOR,
     TrainWindows,
     ValWindows,
@@ -17,6 +15,7 @@ from proxy_models.text_data import (
     load_cache,
     stdlib_root,
 )
+from torch.utils.data import DataLoader
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from callbacks import read_events
+from mxprobe.callbacks import read_events
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "attach_to_existing_run.py"
 

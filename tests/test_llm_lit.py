@@ -1,4 +1,4 @@
-"""proxy_models.lit_llm: LLMModule (loss, optimizer, schedule, validation) and the DataModule."""
+"""mxprobe.models.lit_llm: LLMModule (loss, optimizer, schedule, validation) and the DataModule."""
 
 import math
 from types import SimpleNamespace
@@ -7,10 +7,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
+from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule, cosine_with_warmup
+from mxprobe.models.llm import LLMConfig
 
 from mxprobe.modules import MxLinear
-from proxy_models.lit_llm import ByteTextDataModule, LLMModule, cosine_with_warmup
-from proxy_models.llm import LLMConfig
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,8 @@
-"""proxy_models.llm: the OLMo-style decoder, its sizes, parameter counts and FLOPs helper."""
+"""mxprobe.models.llm: the OLMo-style decoder, its sizes, parameter counts and FLOPs helper."""
 
 import pytest
 import torch
-from torch import nn
-
-import mxprobe
-from mxprobe.modules import MxGELU, MxLayerNorm, MxLinear, MxMatmul, MxSiLU
-from proxy_models.llm import (
+from mxprobe.models.llm import (
     LLM,
     SIZES,
     LLMConfig,
@@ -14,6 +10,10 @@ from proxy_models.llm import (
     size_table,
     steps_for_flops,
 )
+from torch import nn
+
+import mxprobe
+from mxprobe.modules import MxGELU, MxLayerNorm, MxLinear, MxMatmul, MxSiLU
 
 
 def _model(seed=0, **kw):

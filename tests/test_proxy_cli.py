@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mxprobe.cli import proxy
-from mxprobe.cli.sweep import Spec
+from mxprobe.app.cli import proxy
+from mxprobe.app.cli.sweep import Spec
+from mxprobe.outcome import divergence_summary
 from tests.proxy_tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,14 +64,14 @@ def test_compare_writes_run_dirs_and_summary(tmp_path, tiny_config):
 
 def test_divergence_rule():
     stable = [1.0, 0.5, 0.2, 0.1] + [0.1] * 20
-    assert proxy.divergence_summary(stable, factor=10, patience=5)["diverged"] == "false"
+    assert divergence_summary(stable, factor=10, patience=5)["diverged"] == "false"
     spike = [1.0, 0.1, 0.1, 2.0, 3.0, 0.1, 0.1]
-    summary = proxy.divergence_summary(spike, factor=10, patience=5)
+    summary = divergence_summary(spike, factor=10, patience=5)
     assert summary["diverged"] == "false" and summary["recovered_spikes"] == 1
     blowup = [1.0, 0.1, 0.1] + [5.0] * 5 + [0.1]
-    summary = proxy.divergence_summary(blowup, factor=10, patience=5)
+    summary = divergence_summary(blowup, factor=10, patience=5)
     assert summary["diverged"] == "true" and summary["divergence_step"] == 3
-    nan = proxy.divergence_summary([1.0, 0.5, math.nan, 0.4], factor=10, patience=5)
+    nan = divergence_summary([1.0, 0.5, math.nan, 0.4], factor=10, patience=5)
     assert nan["diverged"] == "true" and nan["divergence_step"] == 2
     assert nan["min_loss"] == 0.4
 

@@ -4,13 +4,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from mxprobe.models.data import ProxyDataModule, make_batch
+from mxprobe.models.lit import ProxyLitModule
+from mxprobe.models.student_teacher import ProxyConfig, Student, build_student, build_teacher
 from torch import nn
 
 import mxprobe
 from mxprobe.modules import MxGELU, MxLayerNorm, MxLinear, MxSiLU
-from proxy_models.data import ProxyDataModule, make_batch
-from proxy_models.lit import ProxyLitModule
-from proxy_models.student_teacher import ProxyConfig, Student, build_student, build_teacher
 
 D = 32
 

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from mxprobe.cli import main
-from mxprobe.report import NoRunsError, build_report
-from mxprobe.runs import find_runs
+from mxprobe.app.cli import main
+from mxprobe.app.report import NoRunsError, build_report
+from mxprobe.app.runs import find_runs
 
 
 def _write_run(root, steps=200, truncate=False, events=True):

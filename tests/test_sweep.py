@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from mxprobe.cli import sweep
+from mxprobe.app.cli import sweep
 from tests.proxy_tiny import tiny_config
 
 TINY = tiny_config(max_steps=2, batch_size=8)

@@ -12,8 +12,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mxprobe import plots
-from mxprobe.runs import Run, find_runs, finite
+from mxprobe.app import plots
+from mxprobe.app.runs import Run, find_runs, finite
 
 _TABLE_NAMES = ("summary.csv", "results.csv")
 

@@ -97,7 +97,7 @@ def run(argv: list[str], prog: str = "mxprobe formats") -> int:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    from mxprobe.plots import e4m3_code_gaps  # matplotlib only when drawing
+    from mxprobe.app.plots import e4m3_code_gaps  # matplotlib only when drawing
 
     e4m3_code_gaps(out / "e4m3_code_gaps.png")
     print(

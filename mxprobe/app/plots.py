@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from mxprobe.app.runs import Run, finite  # noqa: E402
 from mxprobe.formats import mx_format  # noqa: E402
-from mxprobe.runs import Run, finite  # noqa: E402
 
 _EVENT_STYLE = {
     "spike": ("v", "C3"),

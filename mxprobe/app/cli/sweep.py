@@ -40,7 +40,8 @@ from pathlib import Path
 
 import yaml
 
-from mxprobe.cli.proxy import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE, SUMMARY_COLUMNS, write_csv
+from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, write_csv
+from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
 
 RESULT_FILE = "result.json"
 RESULT_COLUMNS = ("run", "finished") + SUMMARY_COLUMNS[2:] + ("steps", "wall_s", "cpu_s")
@@ -131,7 +132,7 @@ def is_finished(spec: Spec, point: dict) -> bool:
 
 def run_one(spec: Spec, index: int) -> dict:
     """Train run ``index`` of the grid and write its ``result.json`` (atomically)."""
-    from mxprobe.cli.proxy import train_run
+    from mxprobe.app.cli.proxy import train_run
 
     point = spec.runs[index]
     run_dir = spec.run_dir(point)
@@ -171,7 +172,7 @@ def command(spec: Spec, index: int, executable: list[str] | None = None) -> list
 
 
 def _local_executable() -> list[str]:
-    return [sys.executable, "-c", "import sys; from mxprobe.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from mxprobe.app.cli import main; sys.exit(main())"]
 
 
 def execute(spec: Spec, jobs: int) -> int:

@@ -4,7 +4,7 @@
     mxprobe llm validate --config FILE.yaml [--ckpt_path CKPT]
     mxprobe llm sizes [--flops 1e18]
 
-Model (``proxy_models.lit_llm.LLMModule``: architecture, ``scheme``, ``overrides``, optimizer),
+Model (``mxprobe.models.lit_llm.LLMModule``: architecture, ``scheme``, ``overrides``, optimizer),
 data (``ByteTextDataModule``) and trainer (callbacks, logger, strategy) all come from one YAML;
 any key can be overridden on the command line. The data's context is linked to the model's.
 The same YAML scales out with ``--trainer.strategy=ddp --trainer.devices=N``.
@@ -19,7 +19,7 @@ import warnings
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from proxy_models.lit_llm import ByteTextDataModule, LLMModule
+from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
 
@@ -66,7 +66,7 @@ def llm_cli(
 
 
 def _sizes(argv: list[str], prog: str) -> int:
-    from proxy_models.llm import SIZES, size_table
+    from mxprobe.models.llm import SIZES, size_table
 
     parser = argparse.ArgumentParser(
         prog=f"{prog} sizes",

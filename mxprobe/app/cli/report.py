@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mxprobe.report import NoRunsError, build_report
+from mxprobe.app.report import NoRunsError, build_report
 
 
 def run(argv: list[str], prog: str = "mxprobe report") -> int:

@@ -8,11 +8,12 @@ line, metrics are sparse (each logging call fills only its columns), and events 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mxprobe.events import EVENTS_FILE, read_events
 
 # mx/<monitor>/<module>/<stat>; module names contain dots, never slashes.
 _MX_METRIC = re.compile(r"^mx/(?P<monitor>[^/]+)/(?P<module>.+)/(?P<stat>[^/]+)$")
@@ -93,21 +94,6 @@ def read_metrics(path: Path) -> tuple[dict[str, tuple[list[int], list[float]]], 
     return metrics, notes
 
 
-def read_events(path: Path) -> tuple[list[dict], list[str]]:
-    events, bad = [], 0
-    with open(path) as fh:
-        for line in fh:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-    notes = [f"{path.name}: skipped {bad} unreadable event line(s)"] if bad else []
-    return events, notes
-
-
 def find_runs(paths: list[str | Path]) -> list[Run]:
     """Every run under ``paths`` (a directory with metrics.csv, searched recursively)."""
     runs = []
@@ -119,8 +105,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
             run.metrics, run.notes = read_metrics(metrics_path)
             events_path = _find_events(run_dir, root)
             if events_path is not None:
-                run.events, notes = read_events(events_path)
-                run.notes += notes
+                run.events = read_events(events_path, run.notes)
             runs.append(run)
     return runs
 
@@ -129,7 +114,7 @@ def _find_events(run_dir: Path, root: Path) -> Path | None:
     """events.jsonl next to metrics.csv, or in a parent up to ``root``."""
     current = run_dir
     while True:
-        candidate = current / "events.jsonl"
+        candidate = current / EVENTS_FILE
         if candidate.exists():
             return candidate
         if current == root or current.parent == current:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from mxprobe.events import EVENTS_FILE, read_events
+
 # The embedded default: the first CPU proxy configuration of docs/proxy_cpu.md (d=64, lr 1.4e-2;
 # eager emulation), with a step budget that fits the demo's time on two cores. --quick shrinks
 # it for a smoke test.
@@ -43,16 +45,25 @@ DEFAULT_RULES = [
 
 def _callbacks(every: int, intervene: bool) -> list[dict]:
     monitors = [
-        {"class_path": "callbacks.GradientBiasMonitor", "init_args": {"every_n_steps": every}},
-        {"class_path": "callbacks.NormAffineMonitor", "init_args": {"every_n_steps": every}},
-        {"class_path": "callbacks.ActivationMonitor", "init_args": {"every_n_steps": every}},
+        {
+            "class_path": "mxprobe.callbacks.GradientBiasMonitor",
+            "init_args": {"every_n_steps": every},
+        },
+        {
+            "class_path": "mxprobe.callbacks.NormAffineMonitor",
+            "init_args": {"every_n_steps": every},
+        },
+        {
+            "class_path": "mxprobe.callbacks.ActivationMonitor",
+            "init_args": {"every_n_steps": every},
+        },
     ]
     if not intervene:
         return monitors
     return monitors + [
-        {"class_path": "callbacks.LossSpikeDetector", "init_args": {"method": "zscore"}},
+        {"class_path": "mxprobe.callbacks.LossSpikeDetector", "init_args": {"method": "zscore"}},
         {
-            "class_path": "callbacks.PrecisionIntervention",
+            "class_path": "mxprobe.callbacks.PrecisionIntervention",
             "init_args": {"rules": DEFAULT_RULES, "snapshot_every": 50, "keep_snapshots": 4},
         },
     ]
@@ -87,10 +98,8 @@ def demo_config(size: dict, scheme: str, callbacks: list[dict], seed: int) -> di
 
 
 def _events(run_dir: Path) -> list[dict]:
-    path = next(run_dir.rglob("events.jsonl"), None)
-    if path is None:
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path = next(run_dir.rglob(EVENTS_FILE), None)
+    return [] if path is None else read_events(path)
 
 
 def _describe_run(row: dict, steps: int) -> str:
@@ -143,8 +152,8 @@ def run(argv: list[str], prog: str = "mxprobe demo") -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the step budget")
     args = parser.parse_args(argv)
 
-    from mxprobe.cli.proxy import SUMMARY_COLUMNS, train_run, write_csv  # Lightning from here
-    from mxprobe.report import build_report
+    from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, train_run, write_csv  # Lightning from here
+    from mxprobe.app.report import build_report
 
     size = dict(QUICK if args.quick else FULL)
     if args.steps:

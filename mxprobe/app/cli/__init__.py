@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(f"mxprobe.cli.{SUBCOMMANDS[name][0]}")
+    module = importlib.import_module(f"mxprobe.app.cli.{SUBCOMMANDS[name][0]}")
     result = module.run(rest, prog=f"mxprobe {name}")
     return int(result or 0)
 

@@ -1,0 +1,5 @@
+import sys
+
+from mxprobe.app.cli import main
+
+sys.exit(main())

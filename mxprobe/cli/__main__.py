@@ -1,5 +1,0 @@
-import sys
-
-from mxprobe.cli import main
-
-sys.exit(main())
