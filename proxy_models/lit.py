@@ -7,12 +7,16 @@ import math
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from mxprobe.callbacks.precision_state import SCHEMES_KEY, load_schemes, save_schemes
 from mxprobe.models.student_teacher import ProxyConfig, build_student
 
 import mxprobe
 from mxprobe.scheme import PrecisionScheme, parse_scheme
 
 SCHEDULES = ("constant", "cosine")
+# Where checkpoints written before mxprobe.callbacks.precision_state kept the schemes, as
+# {name relative to the student: scheme dict}.
+_LEGACY_SCHEMES_KEY = "mx_schemes"
 
 
 class ProxyLitModule(pl.LightningModule):
@@ -44,7 +48,9 @@ class ProxyLitModule(pl.LightningModule):
     Gradient clipping is off unless the Trainer's ``gradient_clip_val`` asks for it (the paper
     does not clip). Modules whose resolved scheme is all-fp32 run PyTorch's own forward
     (``mx_scheme = None``), so an fp32 run is bit-identical to an unconverted model; every module
-    is still an MX module, so callbacks can switch its precision mid-run.
+    is still an MX module, so callbacks can switch its precision mid-run. Checkpoints keep the
+    current scheme of every MX module, however it changed (a rule, ``mxprobe.amend_scheme``), and
+    loading one puts them back (``mxprobe.callbacks.precision_state``).
 
     Raises:
         ValueError: for an unknown activation, init, schedule, scheme or override.
@@ -125,19 +131,13 @@ class ProxyLitModule(pl.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Schemes switched mid-run (interventions) must survive a resume.
-        checkpoint["mx_schemes"] = {
-            name: None if s is None else s.to_dict()
-            for name, s in mxprobe.schemes_of(self.student).items()
-        }
+        save_schemes(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("mx_schemes")
-        if saved is not None:
-            mxprobe.restore_schemes(
-                self.student,
-                {n: None if d is None else PrecisionScheme.from_dict(d) for n, d in saved.items()},
-            )
+        legacy = checkpoint.get(_LEGACY_SCHEMES_KEY)
+        if legacy is not None and SCHEMES_KEY not in checkpoint:
+            checkpoint[SCHEMES_KEY] = {f"student.{name}": d for name, d in legacy.items()}
+        load_schemes(self, checkpoint)
 
     @property
     def scheme(self) -> PrecisionScheme:

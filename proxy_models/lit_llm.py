@@ -10,6 +10,7 @@ import os
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from mxprobe.callbacks.precision_state import load_schemes, save_schemes
 from mxprobe.models.llm import LLM, LLMConfig
 from mxprobe.models.text_data import TrainWindows, ValWindows, build_cache, load_cache
 from torch.utils.data import DataLoader
@@ -46,6 +47,10 @@ class LLMModule(pl.LightningModule):
     byte) and ``val/bpb`` (bits per byte = val/loss / ln 2) over the whole validation set,
     reduced exactly across DDP ranks. Gradient clipping is the Trainer's
     (``gradient_clip_val: 1.0`` in the YAML).
+
+    Checkpoints keep the current scheme of every MX module, however it changed (a rule,
+    ``mxprobe.amend_scheme``, ``mxprobe.set_scheme``), and loading one puts them back
+    (``mxprobe.callbacks.precision_state``).
 
     Raises:
         ValueError: from ``configure_optimizers`` when the run has no finite length
@@ -115,6 +120,12 @@ class LLMModule(pl.LightningModule):
         loss = loss_sum / tokens.clamp_min(1)
         # Already identical on every rank; sync_dist only keeps Lightning from warning about it.
         self.log_dict({"val/loss": loss, "val/bpb": loss / math.log(2)}, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        save_schemes(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        load_schemes(self, checkpoint)
 
     def configure_optimizers(self):
         total = self.trainer.estimated_stepping_batches

@@ -128,7 +128,7 @@ def test_rewind_restores_the_snapshot_exactly(tmp_path):
     for ours, theirs in zip(optimizer_state.values(), ref_state, strict=True):
         assert all(torch.equal(ours[k], theirs[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
     assert run.global_step == 8  # the step counter keeps going
-    assert [s["step"] for s in intervention.snapshots] == [2, 4, 6]
+    assert [s.step for s in intervention.snapshots] == [2, 4, 6]
     kinds = [(e["step"], e["kind"], e.get("rewound_to")) for e in intervention.timeline]
     assert kinds == [(6, "rewind", 4), (6, "set_scheme", None)]
 
@@ -246,7 +246,7 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
     with pytest.warns(UserWarning, match="adopting its timeline"):
         trainer(tmp_path, 3, [renamed]).fit(TinyMx(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert [e["rule"] for e in renamed.timeline] == ["a"]
-    assert renamed._rule_state["a"]["fired"] == 1
+    assert renamed.rule_states["a"].fired == 1
 
 
 @pytest.mark.parametrize(
