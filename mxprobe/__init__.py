@@ -1,5 +1,6 @@
 """mxprobe: emulate MX (Microscaling) training exactly, diagnose it, and intervene mid-run."""
 
+from mxprobe.adapters import register_adapter
 from mxprobe.compiled import compile_model
 from mxprobe.convert import (
     amend_scheme,
@@ -38,6 +39,7 @@ __all__ = [
     "mx_matmul",
     "parse_scheme",
     "quantize_mx",
+    "register_adapter",
     "restore_schemes",
     "round_to",
     "schemes_of",

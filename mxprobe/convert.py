@@ -1,20 +1,27 @@
 """Turn any PyTorch model into an MX-emulated one in place, and change its precision at run time.
 
-- ``convert(model, scheme, overrides)`` swaps the class of every ``nn.Linear``, ``nn.LayerNorm``,
-  ``nn.RMSNorm``, ``nn.GELU``, ``nn.ReLU`` and ``nn.SiLU`` (exact types, not subclasses) to its
-  MX twin. The module objects and their Parameters stay the same, so ``state_dict`` keys,
-  optimizer state and hooks are untouched. Converting an already converted model is the same as
-  ``set_scheme`` (idempotent).
-- ``set_scheme(model, scheme, overrides)`` changes the precision of every MX module: an attribute
-  change, nothing is allocated. On a model with no MX module it raises ``ValueError``.
+- ``convert(model, scheme, overrides)`` gives every module that computes a GEMM, a norm or an
+  activation its MX twin class, by what it computes (the adapter registry of
+  :mod:`mxprobe.adapters`: torch classes and their subclasses, transformers' ``Conv1D`` and
+  ``*RMSNorm``, timm and litgpt norms, your own registered classes). The module objects and
+  their Parameters stay the same, so ``state_dict`` keys, optimizer state and hooks are
+  untouched. It warns once, naming every parameter-holding module it left in full precision
+  and why. Converting an already converted model is the same as ``set_scheme`` (idempotent).
+- ``set_scheme(model, scheme, overrides)`` changes the precision of every MX module: an
+  attribute change, nothing is allocated.
+- ``amend_scheme(model, change, modules, snap)`` amends the current scheme of some modules.
 - ``full_precision(model)`` turns quantization off inside a ``with`` block (shadow passes).
-- ``describe(model)`` tabulates the effective format of every role of every MX module.
+- ``describe(model)`` tabulates the effective format of every role of every MX module, every
+  parameter-holding module left in full precision, and the share of parameters emulated.
+
+Never silent: an override glob that matches no MX module, or a scheme item naming a role no
+matched module has (``norm=bf16`` on a model without norms), raises ``ValueError``.
 
 Modules whose ``forward`` torch never calls are not emulated: ``nn.MultiheadAttention`` reads its
-projection weights directly, so its projections stay in full precision (a warning says so).
+projection weights directly, so its projections stay in full precision (the warning says so).
 ``nn.TransformerEncoderLayer``'s fused inference fast path is switched off so that its linears
-and norms are emulated in eval mode too.
-Build attention from ``nn.Linear`` + ``MxMatmul`` (as ``mxprobe.models.llm`` does) to emulate it.
+and norms are emulated in eval mode too. Build attention from ``nn.Linear`` + ``MxMatmul`` (as
+``mxprobe.models.llm`` does) to emulate its products.
 """
 
 from __future__ import annotations
@@ -27,11 +34,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mxprobe.modules import MX_CLASS_OF, MxModule, snap_parameters
+from mxprobe import hf_attention
+from mxprobe.adapters import MX_CLASS_OF, adapter_for, probe_weight_offset, twin_class
+from mxprobe.modules import MxMatmul, MxModule, role_quantizer, snap_parameters
 from mxprobe.scheme import (
     BACKWARD_ROLES,
     ROLES,
     PrecisionScheme,
+    named_roles,
     parse_scheme,
     resolve_scheme,
     validate_overrides,
@@ -50,43 +60,116 @@ def _inside_attention(name: str, attention_prefixes: list[str]) -> bool:
     return any(name.startswith(prefix + ".") for prefix in attention_prefixes)
 
 
+def _adapter(name: str, module: nn.Module, attention: list[str]):
+    """``adapter_for(module)``, except inside ``nn.MultiheadAttention`` (never called)."""
+    if isinstance(module, nn.MultiheadAttention) or _inside_attention(name, attention):
+        return None, (
+            "nn.MultiheadAttention reads its projection weights directly; those projections "
+            "stay full precision (build attention from nn.Linear)"
+        )
+    return adapter_for(module)
+
+
+def _attention_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+
+
+_ATTENTION_LEFT = (
+    "attention products (QKᵀ, PV) run in full precision: mxprobe emulates them in "
+    "transformers models and in attention built with mxprobe.MxMatmul"
+)
+
+
+def unemulated_attention(model: nn.Module) -> list[str]:
+    """Names of the attention modules whose products are not MX-emulated (no ``MxMatmul``)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("Attention")
+        and not any(isinstance(c, MxMatmul) for c in m.modules())
+    ]
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return any(p is not None for p in module._parameters.values())
+
+
 def convert(
     model: nn.Module, scheme: str | PrecisionScheme, overrides: Overrides = None
 ) -> nn.Module:
     """Make ``model`` MX-emulated in place under ``scheme`` (+ per-layer ``overrides``).
 
-    Returns the same model object. Raises ``ValueError`` for a bad scheme or override.
+    Returns the same model object. Warns (``UserWarning``) naming every parameter-holding
+    module left in full precision and why. Raises ``ValueError`` for a bad scheme, an override
+    that matches no MX module, or a norm whose forward is not a normalization times its weight.
     """
     base = parse_scheme(scheme)
     validate_overrides(overrides)
-    attention = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    if attention:
-        warnings.warn(
-            f"nn.MultiheadAttention in {attention[:3]} reads its projection weights directly; "
-            "those projections stay full precision (build attention from nn.Linear to emulate "
-            "them)",
-            UserWarning,
-            stacklevel=2,
-        )
+    attention = _attention_names(model)
+    left: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.TransformerEncoderLayer):
             # Its eval/no_grad fast path reads linear and norm weights directly, skipping our
             # forwards; the fast path is only taken when this flag is set.
             module.activation_relu_or_gelu = 0
-        mx_class = MX_CLASS_OF.get(type(module))
-        if mx_class is None or _inside_attention(name, attention):
+        if isinstance(module, MxModule):
             continue
-        module.__class__ = mx_class
+        adapter, reason = _adapter(name, module, attention)
+        if adapter is None:
+            if _holds_parameters(module):
+                left[name] = reason
+            continue
+        twin = twin_class(type(module), adapter)
+        # torch's own norms multiply by the weight itself; a library's norm is measured.
+        measure = adapter.kind == "norm" and type(module) not in MX_CLASS_OF
+        offset = probe_weight_offset(module) if measure else 0.0
+        module.__class__ = twin
+        if offset:
+            module.mx_weight_offset = offset
+    if hf_attention.is_transformers_model(model):
+        hf_attention.install(model)
+    left.update(dict.fromkeys(unemulated_attention(model), _ATTENTION_LEFT))
     _apply(model, base, overrides)
+    if left:
+        warnings.warn(_left_message(left), UserWarning, stacklevel=2)
     return model
 
 
+def _left_message(left: dict[str, str]) -> str:
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in left.items():
+        by_reason.setdefault(reason, []).append(name or "<root>")
+    lines = [f"mxprobe.convert left {len(left)} parameter-holding module(s) in full precision:"]
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        lines.append(f"  - {shown}: {reason}")
+    return "\n".join(lines)
+
+
 def _apply(model: nn.Module, base: PrecisionScheme, overrides: Overrides) -> int:
-    count = 0
-    for name, module in _mx_modules(model):
+    modules = list(_mx_modules(model))
+    for pattern in overrides or {}:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in modules):
+            raise ValueError(
+                f"override {pattern!r} matches no MX module (names: "
+                f"{[n for n, _ in modules][:8]}); fix the glob or drop the override"
+            )
+    for name, module in modules:
         module.mx_scheme = resolve_scheme(name, base, overrides)
-        count += 1
-    return count
+    return len(modules)
+
+
+def _check_roles(scheme: str | PrecisionScheme, modules: list[tuple[str, MxModule]], where: str):
+    """Raise when ``scheme`` names, item by item, a role that none of ``modules`` has."""
+    present = {role for _, module in modules for role in module.mx_roles}
+    missing = sorted(named_roles(scheme) - present)
+    if missing:
+        kinds = sorted({type(m).__name__ for _, m in modules})
+        raise ValueError(
+            f"scheme {str(scheme)!r} sets {', '.join(missing)}, but no MX module {where} has "
+            f"that role (module types: {kinds}); a norm role needs a converted norm "
+            "(register its class with mxprobe.register_adapter(cls, 'norm'))"
+        )
 
 
 def set_scheme(
@@ -99,8 +182,11 @@ def set_scheme(
     """
     base = parse_scheme(scheme)
     validate_overrides(overrides)
-    if _apply(model, base, overrides) == 0:
+    modules = list(_mx_modules(model))
+    if not modules:
         raise ValueError("model has no MX modules; call mxprobe.convert(model, scheme) first")
+    _check_roles(scheme, modules, "of the model")
+    _apply(model, base, overrides)
     return model
 
 
@@ -108,24 +194,31 @@ def amend_scheme(
     model: nn.Module, change: str, modules: str = "*", snap: bool = False
 ) -> dict[str, tuple[PrecisionScheme, PrecisionScheme]]:
     """Amend the current scheme of every MX module whose name matches the glob ``modules`` with
-    the partial string ``change`` (e.g. ``"norm=bf16"``). Returns {name: (before, after)}.
+    the partial string ``change`` (e.g. ``"norm=bf16"``).
 
-    ``snap=True`` first overwrites every parameter whose forward rounding changes with the
-    value the old scheme's forward used (``mxprobe.modules.snap_parameters``), so a switch to
-    a finer format leaves the network's output unchanged instead of jolting it.
+    Returns {name: (before, after)} of the modules whose effective rounding of some role they
+    have actually changed (a module already in that state, or one without the role, is not
+    listed). ``snap=True`` first overwrites every parameter whose forward rounding changes with
+    the value the old scheme's forward used (``mxprobe.modules.snap_parameters``), so a switch
+    to a finer format leaves the network's output unchanged instead of jolting it.
+
+    Raises:
+        ValueError: ``modules`` matches no MX module, or ``change`` names a role none of the
+            matched modules has.
     """
+    matched = [(n, m) for n, m in _mx_modules(model) if fnmatch.fnmatchcase(n, modules)]
+    if not matched:
+        raise ValueError(f"no MX module matches {modules!r}; names: {module_names(model)[:10]}")
+    _check_roles(change, matched, f"matching {modules!r}")
     changed = {}
-    for name, module in _mx_modules(model):
-        if not fnmatch.fnmatchcase(name, modules):
-            continue
+    for name, module in matched:
         before = module.mx_scheme or PrecisionScheme()  # None means full precision = fp32
         after = before.amend(change)
         if snap:
             snap_parameters(module, before, after)
         module.mx_scheme = after
-        changed[name] = (before, after)
-    if not changed:
-        raise ValueError(f"no MX module matches {modules!r}; names: {module_names(model)[:10]}")
+        if any(role_quantizer(before, r) != role_quantizer(after, r) for r in module.mx_roles):
+            changed[name] = (before, after)
     return changed
 
 
@@ -164,9 +257,19 @@ def full_precision(model: nn.Module) -> Iterator[nn.Module]:
 
 @dataclass
 class Description:
-    """Rows of (module name, module type, {role: format}) with a printable table."""
+    """Rows of (module name, module type, {role: format}) for the MX modules, (name, type,
+    reason) for the parameter-holding modules left in full precision, and the share of the
+    model's parameters (elements, tied ones counted once) held by MX modules."""
 
     rows: list[tuple[str, str, dict[str, str]]]
+    left: list[tuple[str, str, str]]
+    emulated_parameters: int
+    total_parameters: int
+    attention_left: list[str]
+
+    @property
+    def emulated_share(self) -> float:
+        return self.emulated_parameters / self.total_parameters if self.total_parameters else 1.0
 
     def __str__(self) -> str:
         header = ("module", "type", *ROLES, "block", "scale", "round", "backprop")
@@ -174,10 +277,20 @@ class Description:
         for name, kind, roles in self.rows:
             lines.append((name or "<root>", kind, *(roles[r] for r in header[2:])))
         widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
-        return "\n".join(
+        text = [
             "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
             for line in lines
+        ]
+        if self.attention_left:
+            text.append(f"attention products in full precision: {', '.join(self.attention_left)}")
+        if self.left:
+            text.append("left in full precision:")
+            text += [f"  {name or '<root>'} ({kind}): {why}" for name, kind, why in self.left]
+        text.append(
+            f"parameters held by MX modules: {self.emulated_parameters} of "
+            f"{self.total_parameters} ({100 * self.emulated_share:.1f} %)"
         )
+        return "\n".join(text)
 
 
 def _effective(module: MxModule, role: str) -> str:
@@ -190,10 +303,23 @@ def _effective(module: MxModule, role: str) -> str:
 
 
 def describe(model: nn.Module) -> Description:
-    """The effective format of every role of every MX module: ``fp32`` when switched off or
-    when backprop is not quantized, ``-`` for a role the module does not have."""
-    rows = []
-    for name, module in _mx_modules(model):
+    """The effective format of every role of every MX module (``fp32`` when switched off or
+    when backprop is not quantized, ``-`` for a role the module does not have), every
+    parameter-holding module left in full precision with the reason, and the share of
+    parameters held by MX modules."""
+    rows, left = [], []
+    attention = _attention_names(model)
+    emulated: dict[int, int] = {}
+    every: dict[int, int] = {}
+    for name, module in model.named_modules():
+        params = [p for p in module._parameters.values() if p is not None]
+        every.update((id(p), p.numel()) for p in params)
+        if not isinstance(module, MxModule):
+            if params:
+                _, reason = _adapter(name, module, attention)
+                left.append((name, type(module).__name__, reason or "not converted yet"))
+            continue
+        emulated.update((id(p), p.numel()) for p in params)
         scheme = module.active_scheme() or PrecisionScheme()
         roles = {r: _effective(module, r) for r in ROLES}
         roles.update(
@@ -203,4 +329,6 @@ def describe(model: nn.Module) -> Description:
             backprop=str(scheme.quantize_backprop).lower(),
         )
         rows.append((name, type(module).__name__, roles))
-    return Description(rows)
+    return Description(
+        rows, left, sum(emulated.values()), sum(every.values()), unemulated_attention(model)
+    )

@@ -25,7 +25,7 @@ from torch import nn
 
 from mxprobe.formats import is_mx
 from mxprobe.quantize import quantize_mx, round_to
-from mxprobe.scheme import PrecisionScheme
+from mxprobe.scheme import BACKWARD_ROLES, PrecisionScheme
 
 
 def quantize_role(
@@ -47,7 +47,7 @@ def quantize_role(
     return round_to(t, fmt)
 
 
-def _elementwise(t: torch.Tensor, scheme: PrecisionScheme) -> torch.Tensor:
+def round_elementwise(t: torch.Tensor, scheme: PrecisionScheme) -> torch.Tensor:
     return round_to(t, scheme.elementwise)
 
 
@@ -61,9 +61,9 @@ class _MxLinearFunction(torch.autograd.Function):
         wq = quantize_role(weight, scheme, "weight", -1)
         if scheme.elementwise == "fp32":
             return F.linear(xq, wq, bias)  # bias fused as nn.Linear does (same fp32 rounding)
-        y = _elementwise(xq @ wq.t(), scheme)
+        y = round_elementwise(xq @ wq.t(), scheme)
         if bias is not None:
-            y = _elementwise(y + _elementwise(bias, scheme), scheme)
+            y = round_elementwise(y + round_elementwise(bias, scheme), scheme)
         return y
 
     @staticmethod
@@ -76,12 +76,12 @@ class _MxLinearFunction(torch.autograd.Function):
                 dx = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(
                     weight, s, "weight_bp", 0
                 )
-                dx = _elementwise(dx, s)
+                dx = round_elementwise(dx, s)
             if ctx.needs_input_grad[1]:
                 dw = quantize_role(dy, s, "grad_wgrad", 0).t() @ quantize_role(x2d, s, "act_bp", 0)
-                dw = _elementwise(dw, s)
+                dw = round_elementwise(dw, s)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = _elementwise(dy.sum(0), s)
+                db = round_elementwise(dy.sum(0), s)
         else:
             dx = dy @ weight if ctx.needs_input_grad[0] else None
             dw = dy.t() @ x2d if ctx.needs_input_grad[1] else None
@@ -104,7 +104,7 @@ class _MxMatmulFunction(torch.autograd.Function):
         ctx.scheme = scheme
         ctx.save_for_backward(a, b)
         y = quantize_role(a, scheme, "act", -1) @ quantize_role(b, scheme, "act", -2)
-        return _elementwise(y, scheme)
+        return round_elementwise(y, scheme)
 
     @staticmethod
     def backward(ctx, dy):
@@ -119,7 +119,7 @@ class _MxMatmulFunction(torch.autograd.Function):
         db = quantize_role(a, s, "act_bp", -2).transpose(-1, -2) @ quantize_role(
             dy, s, "grad_wgrad", -2
         )
-        return _elementwise(da, s), _elementwise(db, s), None
+        return round_elementwise(da, s), round_elementwise(db, s), None
 
 
 def mx_matmul(a: torch.Tensor, b: torch.Tensor, scheme: PrecisionScheme | None) -> torch.Tensor:
@@ -137,22 +137,34 @@ class MxModule:
     mx_enabled: bool = True
     # The roles this kind of module uses (what describe() reports).
     mx_roles: tuple[str, ...] = ("elementwise",)
-    # {parameter name: role that rounds it in the forward pass} (what snap_parameters snaps).
-    mx_param_roles: dict[str, str] = {}
+    # {parameter name: (role that rounds it in the forward pass, axis of its blocks in the stored
+    # tensor)}: what snap_parameters snaps and what the monitors measure.
+    mx_param_roles: dict[str, tuple[str, int]] = {}
 
     def active_scheme(self) -> PrecisionScheme | None:
         """The scheme in force now, or ``None`` for full precision."""
         return self.mx_scheme if self.mx_enabled else None
 
+    def forward_operand(self, name: str) -> torch.Tensor:
+        """The tensor the forward pass multiplies by for parameter ``name``, before rounding
+        (the parameter itself, or e.g. ``1 + w`` for a norm that scales by ``1 + w``)."""
+        return getattr(self, name)
 
-_GEMM_ROLES = ("weight", "act", "weight_bp", "act_bp", "grad_wgrad", "grad_dgrad", "elementwise")
+    def forward_parameter(self, name: str, scheme: PrecisionScheme) -> torch.Tensor:
+        """The value parameter ``name`` takes in the forward pass under ``scheme`` (stored
+        layout; straight-through gradient to the parameter)."""
+        role, axis = self.mx_param_roles[name]
+        return quantize_role(getattr(self, name), scheme, role, axis)
+
+
+GEMM_ROLES = ("weight", "act", "weight_bp", "act_bp", "grad_wgrad", "grad_dgrad", "elementwise")
 
 
 class MxLinear(MxModule, nn.Linear):
     """``nn.Linear`` whose GEMMs are MX-emulated according to ``mx_scheme``."""
 
-    mx_roles = _GEMM_ROLES
-    mx_param_roles = {"weight": "weight", "bias": "elementwise"}
+    mx_roles = GEMM_ROLES
+    mx_param_roles = {"weight": ("weight", -1), "bias": ("elementwise", -1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
@@ -161,48 +173,53 @@ class MxLinear(MxModule, nn.Linear):
         return mx_linear(x, self.weight, self.bias, scheme)
 
 
-def _affine(module: nn.Module, scheme: PrecisionScheme) -> tuple:
+def _affine(module: MxModule, scheme: PrecisionScheme) -> tuple:
     """γ and β quantized by ``norm_affine`` (straight-through gradient to both)."""
-    w = module.weight
-    b = getattr(module, "bias", None)
-    w = quantize_role(w, scheme, "norm_affine", -1) if w is not None else None
-    b = quantize_role(b, scheme, "norm_affine", -1) if b is not None else None
-    return w, b
+    return tuple(
+        None if getattr(module, name, None) is None else module.forward_parameter(name, scheme)
+        for name in ("weight", "bias")
+    )
+
+
+NORM_ROLES = ("norm_affine", "elementwise")
 
 
 class MxLayerNorm(MxModule, nn.LayerNorm):
     """``nn.LayerNorm`` with γ/β quantized by ``norm_affine`` and its input/output rounded by
     ``elementwise``."""
 
-    mx_roles = ("norm_affine", "elementwise")
-    mx_param_roles = {"weight": "norm_affine", "bias": "norm_affine"}
+    mx_roles = NORM_ROLES
+    mx_param_roles = {"weight": ("norm_affine", -1), "bias": ("norm_affine", -1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
         if scheme is None:
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         w, b = _affine(self, scheme)
-        y = F.layer_norm(_elementwise(x, scheme), self.normalized_shape, w, b, self.eps)
-        return _elementwise(y, scheme)
+        y = F.layer_norm(round_elementwise(x, scheme), self.normalized_shape, w, b, self.eps)
+        return round_elementwise(y, scheme)
 
 
 class MxRMSNorm(MxModule, nn.RMSNorm):
     """``nn.RMSNorm`` with γ quantized by ``norm_affine`` and input/output rounded by
     ``elementwise``."""
 
-    mx_roles = ("norm_affine", "elementwise")
-    mx_param_roles = {"weight": "norm_affine"}
+    mx_roles = NORM_ROLES
+    mx_param_roles = {"weight": ("norm_affine", -1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
         if scheme is None:
             return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
         w, _ = _affine(self, scheme)
-        y = F.rms_norm(_elementwise(x, scheme), self.normalized_shape, w, self.eps)
-        return _elementwise(y, scheme)
+        y = F.rms_norm(round_elementwise(x, scheme), self.normalized_shape, w, self.eps)
+        return round_elementwise(y, scheme)
 
 
-def _role_quantizer(scheme: PrecisionScheme, role: str) -> tuple:
+def role_quantizer(scheme: PrecisionScheme, role: str) -> tuple:
+    """What rounds ``role`` under ``scheme``: equal tuples round identically."""
+    if role in BACKWARD_ROLES and not scheme.quantize_backprop:
+        return ("fp32",)
     fmt = getattr(scheme, role)
     if is_mx(fmt):
         return fmt, scheme.block_size, scheme.scale_mode, scheme.rounding
@@ -218,12 +235,12 @@ def snap_parameters(module: MxModule, before: PrecisionScheme, after: PrecisionS
     changes the network's function at once. With snapping the function is unchanged whenever
     ``before``'s grid is contained in ``after``'s (MX fp8/fp6/fp4 into bf16 or fp32).
     """
-    for name, role in module.mx_param_roles.items():
+    for name, (role, _) in module.mx_param_roles.items():
         param = getattr(module, name, None)
-        if param is None or _role_quantizer(before, role) == _role_quantizer(after, role):
+        if param is None or role_quantizer(before, role) == role_quantizer(after, role):
             continue
         with torch.no_grad():
-            param.copy_(quantize_role(param, before, role, -1))
+            param.copy_(module.forward_parameter(name, before))
 
 
 class MxActivation(MxModule):
@@ -233,7 +250,7 @@ class MxActivation(MxModule):
         scheme = self.active_scheme()
         if scheme is None:
             return super().forward(x)
-        return _elementwise(super().forward(_elementwise(x, scheme)), scheme)
+        return round_elementwise(super().forward(round_elementwise(x, scheme)), scheme)
 
 
 class MxGELU(MxActivation, nn.GELU):

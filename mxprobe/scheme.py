@@ -349,6 +349,14 @@ PRESETS: dict[str, PrecisionScheme] = {
 }
 
 
+def named_roles(scheme: str | PrecisionScheme) -> set[str]:
+    """The roles a scheme string names item by item (``"mxfp8_e4m3,norm=bf16"`` names
+    ``norm_affine``; a preset or a ``PrecisionScheme`` names none: it sets every role)."""
+    if isinstance(scheme, PrecisionScheme):
+        return set()
+    return set(_split(scheme)[1]) & set(ROLES)
+
+
 def _split(text: str) -> tuple[PrecisionScheme | None, dict[str, Any]]:
     """The leading preset (if any) and the field changes of a scheme string."""
     if not isinstance(text, str):

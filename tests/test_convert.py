@@ -19,6 +19,7 @@ from mxprobe import (
     describe,
     full_precision,
     module_names,
+    quantize_mx,
     restore_schemes,
     schemes_of,
     set_scheme,
@@ -250,7 +251,9 @@ def test_describe_rows_and_table():
 
     lines = str(desc).splitlines()
     assert lines[0].split() == ["module", "type", *ROLES, "block", "scale", "round", "backprop"]
-    assert len(lines) == 1 + len(names)
+    assert len(lines) == 1 + len(names) + 1  # header, one row per MX module, the share line
+    total = desc.total_parameters
+    assert lines[-1] == f"parameters held by MX modules: {total} of {total} (100.0 %)"
     fc1_line = next(line.split() for line in lines if line.startswith("blocks.0.fc1 "))
     want = "blocks.0.fc1 MxLinear fp8_e4m3 fp8_e4m3 fp32 fp32 fp32 fp32 - bf16 32 floor even false"
     assert fc1_line == want.split()
@@ -276,6 +279,23 @@ def test_amend_scheme_on_a_glob():
         amend_scheme(model, "norm=bf16", "decoder.*")
 
 
+def norms_near_one(model: nn.Module) -> None:
+    """γ near 1 (as trained norms are: its block max saturates under e4m3 floor), β small."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (MxLayerNorm, MxRMSNorm)):
+                module.weight.copy_(1.0 + 0.1 * batch(len(name), D))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.1 * batch(len(name) + 1, D))
+
+
+def snap_and_diff(model: nn.Module, change: str) -> dict[str, torch.Tensor]:
+    """Snap-amend ``change``; {name: new value} of every parameter that moved."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    amend_scheme(model, change, snap=True)
+    return {n: p.detach() for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
 NORM_PARAMS = [f"blocks.{i}.norm.{p}" for i in (0, 1) for p in ("weight", "bias")]
 LINEAR_WEIGHTS = [f"blocks.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2)]
 
@@ -289,12 +309,7 @@ LINEAR_WEIGHTS = [f"blocks.{i}.fc{j}.weight" for i in (0, 1) for j in (1, 2)]
 )
 def test_snapping_switch_keeps_the_output_a_plain_switch_does_not(change, snapped_names):
     model = convert(tiny_lm(), "mxfp8_e4m3")
-    with torch.no_grad():  # gamma near 1 (as trained LayerNorms are): its block max saturates
-        for name, module in model.named_modules():
-            if isinstance(module, (MxLayerNorm, MxRMSNorm)):
-                module.weight.copy_(1.0 + 0.1 * batch(len(name), D))
-                if getattr(module, "bias", None) is not None:
-                    module.bias.copy_(0.1 * batch(len(name) + 1, D))
+    norms_near_one(model)
     x = inputs()
     out = model(x)
     plain, snapped = copy.deepcopy(model), copy.deepcopy(model)
@@ -305,12 +320,48 @@ def test_snapping_switch_keeps_the_output_a_plain_switch_does_not(change, snappe
     assert torch.equal(snapped(x), out)
     moved = [n for n, p in snapped.named_parameters() if not torch.equal(p, before[n])]
     assert sorted(moved) == sorted(snapped_names)
-    # Snapped values are exactly what the old forward used: a second snap moves nothing.
     assert schemes_of(snapped) == schemes_of(plain)
-    again = copy.deepcopy(snapped)
-    amend_scheme(again, change, snap=True)
-    pairs = zip(again.parameters(), snapped.parameters(), strict=True)
-    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_snapping_moves_exactly_to_the_old_forward_values_and_never_moves_grid_values():
+    model = convert(tiny_lm(), "mxfp8_e4m3")
+    norms_near_one(model)
+    on_grid = quantize_mx(1.0 + 0.1 * batch(7, D), "fp4_e2m1")  # on the e2m1 and e4m3 grids
+    with torch.no_grad():
+        model.blocks[1].norm.weight.copy_(on_grid)
+    params = dict(model.named_parameters())
+    latent = {n: p.detach().clone() for n, p in params.items()}
+    norm_names = [*NORM_PARAMS, "head.norm.weight"]
+    moving_norms = [n for n in norm_names if n != "blocks.1.norm.weight"]
+
+    # e4m3 -> e2m1 for the norms: each γ/β becomes its e4m3 value (one block of D along -1).
+    moved = snap_and_diff(model, "norm=e2m1")
+    assert sorted(moved) == sorted(moving_norms)
+    for name in moving_norms:
+        assert torch.equal(params[name], quantize_mx(latent[name], "fp8_e4m3")), name
+    assert torch.equal(params["blocks.1.norm.weight"], on_grid)
+    assert all(dict(model.named_parameters())[n] is p for n, p in params.items())
+    after_first = {n: p.detach().clone() for n, p in params.items()}
+    first_schemes = schemes_of(model)
+
+    # A change of scale mode alone changes the forward rounding of every MX parameter role:
+    # the norms take their e2m1 (floor) value, the GEMM weights their e4m3 (floor) value.
+    moved = snap_and_diff(model, "scale=rceil")
+    for name in norm_names:
+        want = quantize_mx(after_first[name], "fp4_e2m1", scale_mode="floor")
+        assert torch.equal(params[name], want), name
+    for name in [*LINEAR_WEIGHTS, "head.lm_head.weight"]:
+        assert torch.equal(params[name], quantize_mx(latent[name], "fp8_e4m3", axis=-1)), name
+    biases = [n for n in params if n.endswith("fc1.bias") or n.endswith("fc2.bias")]
+    assert all(torch.equal(params[n], latent[n]) for n in biases)  # elementwise bf16: unchanged
+    assert "blocks.1.norm.weight" not in moved and moved
+
+    # Back to the floor scheme, then the same switch again: every switched parameter is already
+    # on the old forward's grid, so this snap moves nothing.
+    snapped = {n: p.detach().clone() for n, p in params.items()}
+    restore_schemes(model, first_schemes)
+    assert snap_and_diff(model, "scale=rceil") == {}
+    assert all(torch.equal(params[n], snapped[n]) for n in params)
 
 
 def test_schemes_of_restore_schemes_round_trip():

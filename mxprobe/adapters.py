@@ -1,0 +1,281 @@
+"""What ``convert`` emulates: a registry of adapters, one per kind of computation.
+
+A module is converted by what it computes, not by its exact class:
+
+- ``linear``: a GEMM ``y = x W^T + b`` (all six operands of DESIGN.md §4). ``weight_layout``
+  says how ``W`` is stored: ``"out_in"`` (``nn.Linear``) or ``"in_out"`` (transformers'
+  ``Conv1D``, which computes ``x @ W + b``).
+- ``norm``: a normalization times an affine weight γ, optionally plus a bias β. The library's
+  own ``forward`` runs with γ and β replaced by the values ``norm_affine`` gives them, so its
+  eps, dtype casts and order of operations stay exactly its own (``full_precision`` is bit for
+  bit the library's). A norm that multiplies by ``offset + w`` (Gemma, litgpt's
+  ``add_unit_offset``) has its *effective* multiplier ``offset + w`` quantized, since that is
+  the operand of the product (the one clustered near 1 whose block max saturates); snapping
+  and ``NormAffineMonitor`` use the same effective value. The offset is measured on each
+  module at conversion (two probe forwards), so a norm that is not a normalization times
+  ``offset + w`` is refused instead of being emulated wrongly.
+- ``activation``: an elementwise nonlinearity, input and output rounded by ``elementwise``.
+
+Built in: ``nn.Linear`` (and subclasses that keep its ``forward``), ``nn.LayerNorm``,
+``nn.RMSNorm``, ``nn.GELU``, ``nn.ReLU``, ``nn.SiLU`` and their subclasses; transformers'
+``Conv1D``; every ``*RMSNorm`` / ``*LayerNorm`` class of transformers, timm and litgpt; the
+activation classes of ``transformers.activations`` and ``timm.layers.activations``. None of
+those libraries is imported: classes are matched by their qualified names.
+
+Register your own class in one call, e.g.
+``mxprobe.register_adapter(MyNorm, "norm")`` or ``register_adapter("mylib.layers.Dense",
+"linear", weight_layout="in_out")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mxprobe.modules import (
+    GEMM_ROLES,
+    MX_CLASS_OF,
+    NORM_ROLES,
+    MxActivation,
+    MxModule,
+    mx_linear,
+    quantize_role,
+    round_elementwise,
+)
+
+KINDS = ("linear", "norm", "activation")
+WEIGHT_LAYOUTS = ("out_in", "in_out")
+# Libraries whose norm and activation classes are recognised by name (never imported here).
+_LIBRARIES = ("transformers", "timm", "litgpt")
+_NORM_NAME = re.compile(r"(RMS|Layer)Norm$")
+_ACTIVATION_MODULES = ("transformers.activations", "timm.layers.activations")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How one class is emulated: ``kind`` (``linear``, ``norm``, ``activation``) and, for a
+    linear, how its weight is stored."""
+
+    kind: str
+    weight_layout: str = "out_in"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {KINDS}")
+        if self.weight_layout not in WEIGHT_LAYOUTS:
+            raise ValueError(
+                f"unknown weight_layout {self.weight_layout!r}; expected one of {WEIGHT_LAYOUTS}"
+            )
+
+
+_REGISTRY: dict[type | str, Adapter] = {}
+
+
+def register_adapter(cls: type | str, kind: str, *, weight_layout: str = "out_in") -> None:
+    """Make ``convert`` emulate instances of ``cls`` (a class, or its dotted qualified name such
+    as ``"mylib.layers.MyNorm"`` so that the library need not be imported) and its subclasses.
+
+    ``kind`` is ``"linear"`` (``weight`` [+ ``bias``] parameters, ``weight_layout`` ``"out_in"``
+    as ``nn.Linear`` or ``"in_out"``), ``"norm"`` (a ``weight`` γ [+ ``bias`` β] used as
+    ``normalize(x) * (offset + weight) + bias``) or ``"activation"`` (elementwise).
+    A linear subclass that overrides ``forward`` is not converted (its own computation would be
+    lost); register the subclass itself to have it replaced by the MX GEMM.
+    """
+    if not isinstance(cls, (type, str)):
+        raise TypeError(f"expected a class or a dotted class name, got {cls!r}")
+    _REGISTRY[cls] = Adapter(kind, weight_layout)
+    _TWINS.clear()
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _registered(cls: type) -> Adapter | None:
+    return _REGISTRY.get(cls) or _REGISTRY.get(_qualified(cls))
+
+
+def adapter_for(module: nn.Module) -> tuple[Adapter | None, str]:
+    """(the adapter that emulates ``module``, or ``None`` with the reason it is left alone)."""
+    cls = type(module)
+    for base in cls.__mro__:
+        adapter = _registered(base)
+        if adapter is None:
+            continue
+        if adapter.kind == "linear" and base is not cls and cls.forward is not base.forward:
+            return None, (
+                f"subclass of {base.__name__} with its own forward: register it with "
+                f"mxprobe.register_adapter({cls.__name__}, 'linear') to replace that forward"
+            )
+        return adapter, ""
+    library = cls.__module__.split(".")[0]
+    if library in _LIBRARIES and _NORM_NAME.search(cls.__name__):
+        return Adapter("norm"), ""
+    if cls.__module__.startswith(_ACTIVATION_MODULES):
+        return Adapter("activation"), ""
+    return None, _unsupported_reason(module)
+
+
+def _unsupported_reason(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding lookup (not a GEMM; its table stays full precision)"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "convolution (not emulated)"
+    name = type(module).__name__
+    return (
+        f"unknown class {_qualified(type(module))}: register it with "
+        f"mxprobe.register_adapter({name}, 'linear' | 'norm' | 'activation')"
+    )
+
+
+@contextlib.contextmanager
+def substituted(module: nn.Module, values: dict[str, torch.Tensor | None]) -> Iterator[None]:
+    """Inside the block ``module.<name>`` reads ``values[name]`` instead of the parameter (the
+    Parameter objects, their gradients and optimizer state are untouched)."""
+    saved = {name: module._parameters[name] for name in values}
+    try:
+        module._parameters.update(values)
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+class MxLinearInOut(MxModule):
+    """Mixin for a linear whose weight is stored (in, out) and applied as ``x @ W + b``."""
+
+    mx_roles = GEMM_ROLES
+    # Blocks of the forward weight run along in_features: axis 0 of the stored (in, out) tensor.
+    mx_param_roles = {"weight": ("weight", 0), "bias": ("elementwise", -1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return super().forward(x)
+        return mx_linear(x, self.weight.t(), self.bias, scheme)
+
+
+class MxLinearOutIn(MxModule):
+    """Mixin for a linear stored as ``nn.Linear`` is (out, in), applied as ``x @ W^T + b``."""
+
+    mx_roles = GEMM_ROLES
+    mx_param_roles = {"weight": ("weight", -1), "bias": ("elementwise", -1)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return super().forward(x)
+        return mx_linear(x, self.weight, getattr(self, "bias", None), scheme)
+
+
+class MxNormAdapter(MxModule):
+    """Mixin for a library's norm: its own forward, with γ/β as ``norm_affine`` gives them and
+    input/output rounded by ``elementwise``. ``mx_weight_offset`` is the ``offset`` of a norm
+    that multiplies by ``offset + weight`` (measured by :func:`probe_weight_offset`)."""
+
+    mx_roles = NORM_ROLES
+    mx_param_roles = {"weight": ("norm_affine", -1), "bias": ("norm_affine", -1)}
+    mx_weight_offset: float = 0.0
+
+    def forward_operand(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if name == "weight" and self.mx_weight_offset:
+            return value + self.mx_weight_offset
+        return value
+
+    def forward_parameter(self, name, scheme):
+        role, axis = self.mx_param_roles[name]
+        q = quantize_role(self.forward_operand(name), scheme, role, axis)
+        # q - offset is exact: q has few significant bits and lies near the offset.
+        return q - self.mx_weight_offset if name == "weight" and self.mx_weight_offset else q
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        scheme = self.active_scheme()
+        if scheme is None:
+            return super().forward(x, *args, **kwargs)
+        values = {
+            name: self.forward_parameter(name, scheme)
+            for name in self.mx_param_roles
+            if isinstance(self._parameters.get(name), torch.Tensor)
+        }
+        with substituted(self, values):
+            y = super().forward(round_elementwise(x, scheme), *args, **kwargs)
+        return round_elementwise(y, scheme)
+
+
+_MIXINS = {
+    ("linear", "out_in"): MxLinearOutIn,
+    ("linear", "in_out"): MxLinearInOut,
+    ("norm", "out_in"): MxNormAdapter,
+    ("activation", "out_in"): MxActivation,
+}
+_TWINS: dict[type, type] = {}
+
+
+def twin_class(cls: type, adapter: Adapter) -> type:
+    """The MX class ``convert`` gives instances of ``cls`` (``MxLinear`` for ``nn.Linear``...;
+    a generated ``Mx<Name>`` subclass of ``cls`` for any other class)."""
+    if cls in MX_CLASS_OF:
+        return MX_CLASS_OF[cls]
+    if cls not in _TWINS:
+        mixin = _MIXINS[
+            (adapter.kind, adapter.weight_layout if adapter.kind == "linear" else "out_in")
+        ]
+        _TWINS[cls] = type(f"Mx{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    return _TWINS[cls]
+
+
+def probe_weight_offset(module: nn.Module) -> float:
+    """The ``offset`` with which the norm ``module`` multiplies by ``offset + weight`` (0 or 1),
+    measured with two probe forwards; raises ``ValueError`` when its output is not of that form.
+
+    With β zeroed and γ set to constants c, a norm computing ``n(x) * (offset + γ)`` gives
+    f(c) = (offset + c) n(x); doubling ``offset + c`` doubles the output exactly in any float
+    format, so the test is exact.
+    """
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.is_meta:
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((3, *weight.shape), generator=gen).to(weight.device, weight.dtype)
+    zero_bias = {}
+    if isinstance(module._parameters.get("bias"), torch.Tensor):
+        zero_bias["bias"] = torch.zeros_like(module._parameters["bias"])
+    forward = type(module).forward
+
+    def output(c: float) -> torch.Tensor:
+        with (
+            torch.no_grad(),
+            substituted(module, {"weight": torch.full_like(weight, c), **zero_bias}),
+        ):
+            return forward(module, x)
+
+    for offset in (0.0, 1.0):
+        one, two = output(1.0 - offset), output(2.0 - offset)
+        if torch.equal(two, 2 * one) and bool(one.ne(0).any()) and not output(-offset).any():
+            return offset
+    raise ValueError(
+        f"{_qualified(type(module))} is registered as a norm, but its output is not "
+        "normalize(x) * weight (+ bias) or normalize(x) * (1 + weight): convert cannot emulate "
+        "it; register it as another kind or leave it out"
+    )
+
+
+def register_builtins() -> None:
+    for cls in MX_CLASS_OF:
+        kind = (
+            "linear"
+            if cls is nn.Linear
+            else "norm"
+            if cls in (nn.LayerNorm, nn.RMSNorm)
+            else "activation"
+        )
+        register_adapter(cls, kind)
+    register_adapter("transformers.pytorch_utils.Conv1D", "linear", weight_layout="in_out")
+
+
+register_builtins()
