@@ -33,15 +33,15 @@ from __future__ import annotations
 
 import torch
 
+from mxprobe.compile_cache import compiled_call
 from mxprobe.formats import ElementFormat, mx_format
-from mxprobe.quantize import (
-    _check_common,
-    _maybe_compiled,
-    _pow2,
-    _quantize_blocks,
-    _stochastic_noise,
-    _to_blocks,
+from mxprobe.mx_blocks import (
     block_scale_exponent,
+    check_args,
+    pow2,
+    quantize_blocks,
+    stochastic_noise,
+    to_blocks,
 )
 
 
@@ -50,14 +50,14 @@ def _fp32_blocks(x: torch.Tensor, block_size: int, axis: int) -> torch.Tensor:
     quantizer forms them; a short tail block is zero-padded."""
     if not -x.dim() <= axis < x.dim():
         raise IndexError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
-    return _to_blocks(x.detach().float(), axis % x.dim(), block_size)[0]
+    return to_blocks(x.detach().float(), axis % x.dim(), block_size)[0]
 
 
 def _saturated(blocks: torch.Tensor, fmt: ElementFormat, scale_mode: str) -> torch.Tensor:
     """Mask of the elements of fp32 ``blocks`` (block along dim 2) that the element format
     clips: ``|x| / 2^S > max_norm``."""
     s = block_scale_exponent(blocks.abs().amax(dim=2, keepdim=True), fmt, scale_mode)
-    return (blocks * _pow2(-s)).abs() > fmt.max_norm
+    return (blocks * pow2(-s)).abs() > fmt.max_norm
 
 
 def saturation_count(
@@ -139,7 +139,7 @@ def _block_sums(xb: torch.Tensor, *, fmt, scale_mode, rounding, noise) -> torch.
     """The last five sums of :func:`quantization_sums` over blocks ``xb`` (zero padding adds
     nothing to any of them). One function so that the compiled CPU path fuses it."""
     # q in x's dtype first: the values the model computes with (fp16 may round or clip them).
-    q = _quantize_blocks(xb, fmt, scale_mode, rounding, noise, xb.dtype).float()
+    q = quantize_blocks(xb, fmt, scale_mode, rounding, noise, xb.dtype).float()
     x = xb.float()
     nonzero = x != 0
     # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squares are summed in float64.
@@ -171,12 +171,11 @@ def quantization_sums(
     same draws from ``generator``). Sums of several tensors (or ranks) add;
     :func:`quantization_stats` turns them into fractions and SQNR.
     """
-    fmt, axis = _check_common(x, fmt, block_size, axis, scale_mode, rounding, "torch")
-    xb, _ = _to_blocks(x.detach(), axis, block_size)
-    noise = _stochastic_noise(xb, generator) if rounding == "stochastic" else None
-    sums = _maybe_compiled(
+    fmt, axis = check_args(x, fmt, block_size, axis, scale_mode, rounding)
+    xb, _ = to_blocks(x.detach(), axis, block_size)
+    noise = stochastic_noise(xb, generator) if rounding == "stochastic" else None
+    sums = compiled_call(
         _block_sums,
-        ("quantization_sums", fmt, scale_mode, rounding),
         xb,
         fmt=fmt,
         scale_mode=scale_mode,

@@ -1,4 +1,4 @@
-"""The Triton twin of ``quantize._quantize_blocks``: the same function, bit for bit.
+"""The Triton twin of ``mx_blocks.quantize_blocks``: the same function, bit for bit.
 
 The per-block part (block max, scale exponent S) mirrors the torch path step by step. The
 per-element part is rewritten to be cheap, because at bf16 the kernel has a budget of only
@@ -38,6 +38,7 @@ except ImportError as err:  # quantize.py imports this module only for backend="
     ) from err
 
 from mxprobe.formats import ElementFormat
+from mxprobe.mx_blocks import fp32
 
 # Elements per program: 16 per thread at 8 warps, enough bytes in flight to saturate HBM.
 _TILE = 4096
@@ -80,7 +81,7 @@ def _scale_exponent(
     MBITS: tl.constexpr,
     INV_MAX_NORM: tl.constexpr,
 ):
-    """The E8M0 scale exponent S of ``quantize.block_scale_exponent``, clamped to [-127, 127]."""
+    """The E8M0 scale exponent S of ``mx_blocks.block_scale_exponent``, clamped to [-127, 127]."""
     if SCALE_MODE == "floor":
         n, shift = _normalized(amax_bits)
         s = _exponent(n) - shift - EMAX
@@ -194,10 +195,6 @@ def _stochastic_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
 
 
-def _fp32(value: float) -> float:
-    return torch.tensor(value, dtype=torch.float32).item()
-
-
 def quantize_mx_triton(
     x: torch.Tensor,
     fmt: ElementFormat,
@@ -258,7 +255,7 @@ def quantize_mx_triton(
             MBITS=fmt.mbits,
             EMIN=fmt.emin,
             MAX_NORM=fmt.max_norm,
-            INV_MAX_NORM=_fp32(1.0 / fmt.max_norm),
+            INV_MAX_NORM=fp32(1.0 / fmt.max_norm),
             OUT_MAX=float(torch.finfo(x.dtype).max),
             IS_BF16=x.dtype == torch.bfloat16,
             SCALE_MODE=scale_mode,
