@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from mxprobe.callbacks.events import (
     PeriodicMonitor,
@@ -19,6 +20,7 @@ from mxprobe.callbacks.events import (
 from torch.optim import Optimizer
 
 from mxprobe import full_precision
+from mxprobe.modules import MxModule
 from mxprobe.stats import gradient_comparison, gradient_sums
 
 COMPUTE_LOSS_PROTOCOL = (
@@ -96,10 +98,18 @@ class GradientBiasMonitor(PeriodicMonitor):
                 "LightningModule has no compute_loss method. "
                 + COMPUTE_LOSS_PROTOCOL.format(cls=type(pl_module).__name__)
             )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model, so that a model built there is seen.
         self._owner = {}
         for name, module in pl_module.named_modules():
             for p in module.parameters(recurse=False):
                 self._owner.setdefault(p, name or "<root>")
+        if not any(isinstance(m, MxModule) for m in pl_module.modules()):
+            rank_zero_warn(
+                "GradientBiasMonitor: the model has no MX module, so the shadow pass computes "
+                "what the training pass does and zeta is 0 (call mxprobe.convert before fit)"
+            )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from mxprobe.callbacks.events import (
     PeriodicMonitor,
     check_every_n_steps,
@@ -18,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from mxprobe.formats import canonical_format, is_mx
-from mxprobe.modules import MxLinear, MxModule
+from mxprobe.modules import MxModule
 from mxprobe.quantize import quantize_mx
 from mxprobe.scheme import PrecisionScheme
 from mxprobe.stats import (
@@ -30,7 +31,35 @@ from mxprobe.stats import (
     saturation_fraction,
 )
 
-_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_TORCH_NORMS = (nn.LayerNorm, nn.RMSNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    """An MX norm (any class ``convert`` emulated as a norm) or an unconverted torch norm."""
+    if isinstance(module, MxModule):
+        return "norm_affine" in module.mx_roles
+    return isinstance(module, _TORCH_NORMS)
+
+
+def is_gemm(module: nn.Module) -> bool:
+    """An MX linear-like module (``nn.Linear``, transformers' ``Conv1D``, registered linears)."""
+    return isinstance(module, MxModule) and "weight" in module.mx_roles
+
+
+def _matching(pl_module: nn.Module, kind, pattern: str) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, m)
+        for name, m in pl_module.named_modules()
+        if kind(m) and fnmatch.fnmatchcase(name, pattern)
+    ]
+
+
+def _warn_if_empty(monitor, found: list, what: str) -> None:
+    if not found:
+        rank_zero_warn(
+            f"{type(monitor).__name__}(modules={monitor.modules!r}) finds no {what} in the "
+            "model: it will log nothing (call mxprobe.convert before fit, or fix the glob)"
+        )
 
 
 def _check_reference(reference_format: str | None) -> str | None:
@@ -55,16 +84,28 @@ def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple
     return reference, scheme or PrecisionScheme(), False
 
 
+def _operand(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor the norm's forward multiplies by (``1 + w`` for a unit-offset norm)."""
+    if getattr(module, name, None) is None:
+        return None
+    return module.forward_operand(name) if isinstance(module, MxModule) else getattr(module, name)
+
+
 class NormAffineMonitor(PeriodicMonitor):
     r"""Block-quantization statistics of every LayerNorm/RMSNorm affine weight (γ) and bias (β).
 
     Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (the weights the
-    step's forward used), for every ``nn.LayerNorm``/``nn.RMSNorm`` (MX-converted or not)
-    whose qualified name matches ``modules``, the parameters are quantized as the module's
-    current ``norm_affine`` format says, with its block size, scale mode and rounding. When
-    that format is not MX (``fp32``, ``bf16``, ``fp16``, an unconverted module or one inside
+    step's forward used), for every norm whose qualified name matches ``modules`` — every
+    module ``convert`` emulates as a norm (torch, transformers, timm, litgpt, registered
+    classes) and unconverted ``nn.LayerNorm``/``nn.RMSNorm`` — the affine operands are
+    quantized as the module's current ``norm_affine`` format says, with its block size, scale
+    mode and rounding. The operand is what the forward multiplies by: ``1 + w`` for a norm
+    that scales by ``1 + w`` (see :mod:`mxprobe.adapters`). When that format is not MX
+    (``fp32``, ``bf16``, ``fp16``, an unconverted module or one inside
     :func:`mxprobe.full_precision`) the statistics are those the ``reference_format`` would
-    give (blocks of 32, floor scale, ties to even unless the module's scheme says otherwise).
+    give (blocks of 32, floor scale, ties to even unless the module's scheme says otherwise),
+    logged with a ``ref_`` prefix (``ref_weight_saturation``, ...), so that a norm not in
+    force is never reported as saturated. Warns at ``on_fit_start`` when no norm matches.
 
     Logged as ``mx/norm_affine/<module>/<stat>``:
 
@@ -76,6 +117,8 @@ class NormAffineMonitor(PeriodicMonitor):
     - ``weight_mean``, ``weight_std``: of γ itself.
     - ``bias_saturation``, ``bias_floor_overflow``, ``bias_rel_bias``, ``bias_rel_error``:
       the same for β when the module has one.
+    - ``ref_weight_saturation``, ..., ``ref_bias_rel_error``: the same under
+      ``reference_format``, for a norm whose own ``norm_affine`` is not MX now.
     - ``in_force``: 1 when the statistics are for the module's own MX format, 0 when for the
       reference format.
 
@@ -117,20 +160,25 @@ class NormAffineMonitor(PeriodicMonitor):
             return
         stats = {}
         with torch.no_grad():
-            for name, module in pl_module.named_modules():
-                if isinstance(module, _NORMS) and fnmatch.fnmatchcase(name, self.modules):
-                    for stat, v in self._module_stats(module).items():
-                        stats[f"mx/norm_affine/{name}/{stat}"] = v
+            for name, module in _matching(pl_module, is_norm, self.modules):
+                for stat, v in self._module_stats(module).items():
+                    stats[f"mx/norm_affine/{name}/{stat}"] = v
         log_stats(pl_module, stats)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model: a model built there exists only from here on.
+        _warn_if_empty(self, _matching(pl_module, is_norm, self.modules), "norm")
 
     def _module_stats(self, module: nn.Module) -> dict[str, torch.Tensor]:
         fmt, scheme, in_force = _format_in_use(module, "norm_affine", self.reference_format)
         stats: dict[str, torch.Tensor] = {}
-        weight = getattr(module, "weight", None)
+        weight = _operand(module, "weight")
         if weight is not None:
             stats["weight_mean"] = weight.mean()
             stats["weight_std"] = weight.std() if weight.numel() > 1 else weight.new_zeros(())
-        for role, p in (("weight", weight), ("bias", getattr(module, "bias", None))):
+        # Statistics of a format not in force carry their own names: never read as saturation.
+        prefix = "" if in_force else "ref_"
+        for role, p in (("weight", weight), ("bias", _operand(module, "bias"))):
             if p is None or fmt is None:
                 continue
             if self._generator is None or self._generator.device != p.device:
@@ -144,12 +192,13 @@ class NormAffineMonitor(PeriodicMonitor):
                 generator=self._generator,
             )
             kw = {"block_size": scheme.block_size}
-            stats[f"{role}_saturation"] = saturation_fraction(
+            key = prefix + role
+            stats[f"{key}_saturation"] = saturation_fraction(
                 p, fmt, scale_mode=scheme.scale_mode, **kw
             )
-            stats[f"{role}_floor_overflow"] = floor_overflow_fraction(p, fmt, **kw)
-            stats[f"{role}_rel_bias"] = relative_bias(p, q)
-            stats[f"{role}_rel_error"] = relative_error(p, q)
+            stats[f"{key}_floor_overflow"] = floor_overflow_fraction(p, fmt, **kw)
+            stats[f"{key}_rel_bias"] = relative_bias(p, q)
+            stats[f"{key}_rel_error"] = relative_error(p, q)
         stats["in_force"] = torch.tensor(float(in_force))
         return stats
 
@@ -157,9 +206,10 @@ class NormAffineMonitor(PeriodicMonitor):
 class ActivationMonitor(PeriodicMonitor):
     r"""Quantization statistics of the inputs of MX linear layers.
 
-    On every ``every_n_steps``-th optimizer step a forward hook is attached to each
-    :class:`mxprobe.MxLinear` whose name matches ``modules`` (in ``on_train_batch_start``) and
-    removed again in ``on_before_optimizer_step``, so other steps pay nothing. The hook
+    On every ``every_n_steps``-th optimizer step a forward hook is attached to each MX
+    linear-like module (``MxLinear``, transformers' ``Conv1D``, ...) whose name matches
+    ``modules`` (in ``on_train_batch_start``) and removed again in
+    ``on_before_optimizer_step``, so other steps pay nothing. The hook
     quantizes the layer's input X as the module's ``act`` role says (same format, block size,
     scale mode and rounding, along the feature axis) and accumulates additive sums over every
     call of the step (all micro-batches); passes in full precision (shadow passes) are
@@ -210,12 +260,14 @@ class ActivationMonitor(PeriodicMonitor):
         if self._handles or not is_monitored_step(trainer.global_step, self.every_n_steps):
             return
         self._sums = {}
-        for name, module in pl_module.named_modules():
-            if isinstance(module, MxLinear) and fnmatch.fnmatchcase(name, self.modules):
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+        for name, module in _matching(pl_module, is_gemm, self.modules):
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _warn_if_empty(self, _matching(pl_module, is_gemm, self.modules), "MX linear layer")
 
     def _hook(self, name: str):
-        def hook(module: MxLinear, inputs: tuple, output: Any) -> None:
+        def hook(module: MxModule, inputs: tuple, output: Any) -> None:
             if module.active_scheme() is None:
                 return
             fmt, scheme, _ = _format_in_use(module, "act", self.reference_format)
@@ -245,8 +297,7 @@ class ActivationMonitor(PeriodicMonitor):
         names = list(self._sums)
         if trainer.world_size > 1:
             # Every rank hooks the same layers; a layer a rank did not reach adds zeros.
-            names = [n for n, m in pl_module.named_modules() if isinstance(m, MxLinear)]
-            names = [n for n in names if fnmatch.fnmatchcase(n, self.modules)]
+            names = [n for n, _ in _matching(pl_module, is_gemm, self.modules)]
             zeros = torch.zeros(6, dtype=torch.float64, device=pl_module.device)
             stacked = torch.stack([self._sums.get(n, zeros) for n in names])
             stacked = reduce_sum(trainer, stacked)
