@@ -11,10 +11,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from mxprobe.callbacks import ActivationMonitor, GradientBiasMonitor, NormAffineMonitor
 from torch import nn
 
 import mxprobe
-from mxprobe.callbacks import ActivationMonitor, GradientBiasMonitor, NormAffineMonitor
 from mxprobe.modules import MxModule
 from tests.helpers_hf import move_norm_weights_off_grid, pair, tokens
 from tests.helpers_lightning import trainer
