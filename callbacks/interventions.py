@@ -43,10 +43,10 @@ class RuleCheck(NamedTuple):
     """The trigger's condition holds."""
     fresh: bool
     """A new measurement was read (a metric trigger counts its streak over these)."""
-    missing: bool
-    """A metric trigger's metric is absent at its first check."""
     values: dict[str, Any]
     """The values behind the decision, for the event."""
+    missing: bool = False
+    """A metric trigger's metric is absent at its first check."""
 
 
 class PrecisionIntervention(Callback):
@@ -108,6 +108,11 @@ class PrecisionIntervention(Callback):
         RuntimeError: at the first check of a metric rule whose metric was never logged (for
             a monitor's metric: the check after its first measurement); the message lists
             the metrics that exist.
+
+    Attributes:
+        timeline: every action taken, as its event (also in ``events.jsonl``).
+        rule_states: each rule's :class:`RuleState`, by rule name.
+        snapshots: the snapshots kept for rewinds, oldest first.
 
     Example::
 
@@ -209,7 +214,7 @@ class PrecisionIntervention(Callback):
     def _check_rule(self, trainer: pl.Trainer, rule: Rule, step: int) -> RuleCheck:
         trigger = rule.trigger
         if isinstance(trigger, StepTrigger):
-            return RuleCheck(step == trigger.at, True, False, {"at": trigger.at})
+            return RuleCheck(held=step == trigger.at, fresh=True, values={"at": trigger.at})
         if isinstance(trigger, SpikeTrigger):
             events = [
                 e
@@ -218,31 +223,34 @@ class PrecisionIntervention(Callback):
                 if trigger.matches(e)
             ]
             if not events:
-                return RuleCheck(False, True, False, {})
-            return RuleCheck(True, True, False, {"spike_step": step - 1, **events[0]["values"]})
+                return RuleCheck(held=False, fresh=True, values={})
+            return RuleCheck(
+                held=True, fresh=True, values={"spike_step": step - 1, **events[0]["values"]}
+            )
         return self._check_metric(trainer, trigger, self.rule_states[rule.name], step)
 
     def _check_metric(
         self, trainer: pl.Trainer, trigger: MetricTrigger, state: RuleState, step: int
     ) -> RuleCheck:
         if step < max(1, trigger.after):
-            return RuleCheck(False, False, False, {})
+            return RuleCheck(held=False, fresh=False, values={})
         producers = [
             c
             for c in trainer.callbacks
             if isinstance(c, PeriodicMonitor) and trigger.name.startswith(c.metric_prefix)
         ]
         if producers and not producers[0].measures(step - 1):
-            return RuleCheck(False, False, False, {})  # no new measurement; skip the costly lookup
+            # No new measurement: skip the costly lookup.
+            return RuleCheck(held=False, fresh=False, values={})
         # After a resume, callback_metrics starts empty; the checkpoint's values stand in, as
         # Lightning's stale values do in the uninterrupted run.
         metric = trainer.callback_metrics.get(trigger.name)
         metric = self._restored_metrics.get(trigger.name) if metric is None else metric
         if metric is None:
-            return RuleCheck(False, False, not state.seen, {})
+            return RuleCheck(held=False, fresh=False, values={}, missing=not state.seen)
         state.seen = True
         value = float(metric)
-        return RuleCheck(trigger.holds(value), True, False, {trigger.name: value})
+        return RuleCheck(held=trigger.holds(value), fresh=True, values={trigger.name: value})
 
     @staticmethod
     def _reduce_across_ranks(

@@ -1,0 +1,191 @@
+"""Rule, trigger and action dataclasses: self-validation, ``kind`` as a class constant, round
+trips through plain dicts, and actions registered by their definition alone."""
+
+import dataclasses
+import re
+from typing import Any, ClassVar
+
+import pytest
+from mxprobe.callbacks import PrecisionIntervention, read_events
+from mxprobe.callbacks.actions import Action, ActionContext
+from mxprobe.callbacks.rules import (
+    MetricTrigger,
+    RewindAction,
+    Rule,
+    ScaleLrAction,
+    SetSchemeAction,
+    SpikeTrigger,
+    StepTrigger,
+    Trigger,
+)
+
+from tests.helpers_lightning import TinyMx, trainer
+
+MEMBERS = [SpikeTrigger, StepTrigger, MetricTrigger, SetSchemeAction, ScaleLrAction, RewindAction]
+
+
+@pytest.mark.parametrize("cls", MEMBERS)
+def test_kind_is_a_class_constant_not_a_field(cls):
+    assert "kind" not in {f.name for f in dataclasses.fields(cls)}
+    family = Trigger if issubclass(cls, Trigger) else Action
+    assert family.kinds[cls.kind] is cls
+
+
+def test_a_trigger_cannot_be_given_another_kind():
+    with pytest.raises(TypeError, match="kind"):
+        StepTrigger(at=3, kind="metric")
+    with pytest.raises(TypeError, match="kind"):
+        SetSchemeAction(scheme="norm=bf16", kind="rewind")
+    assert StepTrigger(at=3).kind == "step"
+
+
+def test_families_list_their_kinds_in_definition_order():
+    assert list(Trigger.kinds) == ["spike", "step", "metric"]
+    assert list(Action.kinds) == ["set_scheme", "scale_lr", "rewind"]
+
+
+STEP = StepTrigger(at=1)
+HALVE = ScaleLrAction(factor=0.5)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (
+            lambda: SpikeTrigger(signal="gradnorm"),
+            "unknown signal 'gradnorm'; expected one of any, loss, grad_norm, nonfinite",
+        ),
+        (lambda: StepTrigger(at=-1), "at must be an integer >= 0, got -1"),
+        (lambda: StepTrigger(at=1.5), "at must be an integer >= 0, got 1.5"),
+        (lambda: StepTrigger(at=True), "at must be an integer >= 0, got True"),
+        (lambda: MetricTrigger(name="", op=">", value=1), "name must be a metric name, got ''"),
+        (
+            lambda: MetricTrigger(name="m", op="=>", value=1),
+            "unknown operator '=>'; expected one of >, >=, <, <=, ==, !=",
+        ),
+        (lambda: MetricTrigger(name="m", op=">", value="big"), "value must be a number"),
+        (
+            lambda: MetricTrigger(name="m", op=">", value=1, for_steps=0),
+            "for_steps must be an integer >= 1, got 0",
+        ),
+        (
+            lambda: MetricTrigger(name="m", op=">", value=1, after=-1),
+            "after must be an integer >= 0, got -1",
+        ),
+        (lambda: SetSchemeAction(scheme="norm=e4m4"), "bad scheme 'norm=e4m4'"),
+        (lambda: SetSchemeAction(scheme="bf16", modules=""), "modules must be a glob string"),
+        (
+            lambda: SetSchemeAction(scheme="bf16", snap="yes"),
+            "snap must be true or false, got 'yes'",
+        ),
+        (lambda: ScaleLrAction(factor=0), "factor must be positive, got 0.0"),
+        (lambda: ScaleLrAction(factor="2"), "factor must be a number, got '2'"),
+        (lambda: RewindAction(steps=0), "steps must be an integer >= 1, got 0"),
+        (
+            lambda: RewindAction(steps=2, then=RewindAction(steps=1)),
+            "then must be an action of kind set_scheme or scale_lr",
+        ),
+        (lambda: Rule("", STEP, HALVE), "rule '': name must be a non-empty string"),
+        (
+            lambda: Rule("r", {"kind": "step", "at": 1}, HALVE),
+            "rule 'r': trigger must be one of spike, step, metric",
+        ),
+        (
+            lambda: Rule("r", STEP, STEP),
+            "rule 'r': action must be one of set_scheme, scale_lr, rewind",
+        ),
+        (lambda: Rule("r", STEP, HALVE, cooldown=-1), "rule 'r': cooldown must be an integer >= 0"),
+        (
+            lambda: Rule("r", STEP, HALVE, max_times=0),
+            "rule 'r': max_times must be an integer >= 1, got 0",
+        ),
+    ],
+)
+def test_dataclasses_validate_themselves(build, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        build()
+
+
+def test_numbers_are_normalised_to_float():
+    assert MetricTrigger(name="m", op=">", value=1).value == 1.0
+    assert isinstance(ScaleLrAction(factor=2).factor, float)
+
+
+def test_dict_errors_carry_the_rule_and_the_kind():
+    with pytest.raises(ValueError, match=r"rule 'r' trigger: at must be an integer >= 0, got -2"):
+        Rule.from_dict({"name": "r", "trigger": {"kind": "step", "at": -2}, "action": {}})
+    with pytest.raises(ValueError, match=r"rule 'r' action \(scale_lr\): unknown key\(s\) 'fac'"):
+        Rule.from_dict(
+            {
+                "name": "r",
+                "trigger": {"kind": "step", "at": 1},
+                "action": {"kind": "scale_lr", "fac": 2},
+            }
+        )
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {
+            "name": "zeta",
+            "trigger": {
+                "kind": "metric",
+                "name": "mx/grad_bias/total/zeta",
+                "op": ">",
+                "value": 0.5,
+                "for_steps": 3,
+                "after": 10,
+            },
+            "action": {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "*", "snap": True},
+            "cooldown": 200,
+            "max_times": None,
+        },
+        {
+            "name": "rewind",
+            "trigger": {"kind": "spike", "signal": "loss"},
+            "action": {
+                "kind": "rewind",
+                "steps": 50,
+                "then": {"kind": "scale_lr", "factor": 1.0},
+            },
+            "cooldown": 100,
+            "max_times": 3,
+        },
+    ],
+)
+def test_rules_round_trip_through_plain_dicts(rule):
+    parsed = Rule.from_dict(rule)
+    assert parsed.to_dict() == rule
+    assert Rule.from_dict(parsed.to_dict()) == parsed
+    assert Rule.from_dict(parsed) is parsed
+
+
+@pytest.fixture
+def note_action():
+    """A test-only action, registered only while the test runs: adds ``text`` to its event."""
+
+    @dataclasses.dataclass(frozen=True)
+    class NoteAction(Action):
+        text: str
+        kind: ClassVar[str] = "note"
+
+        def apply(self, context: ActionContext) -> dict[str, Any]:
+            return {"text": self.text, "at_step": context.step}
+
+    yield NoteAction
+    del Action.kinds["note"]
+
+
+def test_a_new_action_is_one_class(tmp_path, note_action):
+    rule = {
+        "name": "n",
+        "trigger": {"kind": "step", "at": 1},
+        "action": {"kind": "rewind", "steps": 1, "then": {"kind": "note", "text": "hello"}},
+    }
+    intervention = PrecisionIntervention(rules=[rule])
+    assert intervention.rules[0].action.then == note_action(text="hello")
+    trainer(tmp_path, 2, [intervention]).fit(TinyMx())
+    rewind, note = read_events(tmp_path / "events.jsonl")
+    assert (rewind["kind"], note["kind"]) == ("rewind", "note")
+    assert (note["text"], note["at_step"], note["rule"]) == ("hello", 1, "n")
