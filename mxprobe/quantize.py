@@ -128,7 +128,11 @@ def quantize_mx(
 
 
 def _round_cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    return x.to(target).to(x.dtype)
+    # Saturating: a finite value past the target's range becomes its max (65504 for fp16),
+    # never Inf; ±Inf and NaN inputs stay what they are.
+    top = torch.finfo(target).max
+    clamped = torch.where(x.isinf(), x, x.clamp(-top, top))
+    return clamped.to(target).to(x.dtype)
 
 
 def _round(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
@@ -149,7 +153,9 @@ class _RoundStraightThrough(torch.autograd.Function):
 
 
 def round_to(x: torch.Tensor, fmt: str) -> torch.Tensor:
-    """Elementwise round-to-nearest-even to ``"bf16"`` / ``"fp16"`` (returned in ``x``'s dtype).
+    """Elementwise round-to-nearest-even to ``"bf16"`` / ``"fp16"`` (returned in ``x``'s dtype),
+    saturating: finite values beyond the format's largest (fp16: 65504) become that value,
+    never Inf; ±Inf and NaN pass through.
 
     ``"fp32"`` returns ``x`` unchanged. The gradient passes straight through.
     """

@@ -1,0 +1,22 @@
+"""round_to saturates at the format's largest finite value, as the quantizer promises."""
+
+import pytest
+import torch
+
+import mxprobe
+
+
+@pytest.mark.parametrize("fmt, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_round_to_saturates_instead_of_overflowing(fmt, dtype):
+    top = torch.finfo(dtype).max
+    x = torch.tensor([top, 2 * top, -3 * top, 1e38 * 3.3, float("inf"), -float("inf"), 1.0])
+    got = mxprobe.round_to(x, fmt)
+    want = torch.tensor([top, top, -top, min(1e38 * 3.3, top), float("inf"), -float("inf"), 1.0])
+    assert torch.equal(got, want)
+    assert torch.isnan(mxprobe.round_to(torch.tensor([float("nan")]), fmt)).all()
+
+
+def test_round_to_below_the_range_is_the_plain_cast():
+    x = torch.randn(4096) * 1000
+    assert torch.equal(mxprobe.round_to(x, "fp16"), x.half().float())
+    assert torch.equal(mxprobe.round_to(x, "bf16"), x.bfloat16().float())
