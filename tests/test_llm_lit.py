@@ -1,4 +1,5 @@
-"""mxprobe.models.lit_llm: LLMModule (loss, optimizer, schedule, validation) and the DataModule."""
+"""mxprobe.models.lit_llm: LLMModule (loss, optimizer, schedule, validation, schemes in
+checkpoints) and the DataModule."""
 
 import math
 from types import SimpleNamespace
@@ -6,10 +7,11 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule, cosine_with_warmup
 from mxprobe.models.llm import LLMConfig
 
+import mxprobe
 from mxprobe.modules import MxLinear
 
 
@@ -111,3 +113,46 @@ def test_datamodule_resumes_the_stream_and_shards_by_rank(cache_dir):
     stream = data.train_dataloader().dataset
     assert (stream.start_batch, stream.rank, stream.world_size) == (14, 1, 2)
     assert data.val_dataloader().dataset.starts.tolist() == [64 * i for i in range(1, 8, 2)]
+
+
+class _ManualChanges(pl.Callback):
+    """At step 1, what a user might do by hand: amend the norms, set the LM head's scheme."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 1:
+            mxprobe.amend_scheme(pl_module, "norm=bf16", "*ln_*")
+            mxprobe.set_scheme(pl_module.model.lm_head, "w=e4m3,a=bf16")
+
+
+class _SchemesAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.schemes = mxprobe.schemes_of(pl_module)
+
+
+def test_manual_scheme_changes_survive_checkpoint_and_resume(cache_dir, tmp_path, one_thread):
+    def fit(callbacks, ckpt_path=None):
+        module = LLMModule(scheme="mxfp8_e4m3", lr=0.01)
+        trainer = pl.Trainer(
+            max_steps=4,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            default_root_dir=tmp_path,
+            logger=False,
+            enable_checkpointing=ckpt_path is None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, _data(cache_dir), ckpt_path=ckpt_path)
+        return module
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    full = fit([_ManualChanges(), checkpoint])
+    schemes = mxprobe.schemes_of(full)
+    assert schemes["model.blocks.0.ln_1"].norm_affine == "bf16"
+    assert schemes["model.lm_head"] == mxprobe.PrecisionScheme.parse("w=e4m3,a=bf16")
+    seen = _SchemesAtStart()
+    resumed = fit([seen], ckpt_path=tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    assert seen.schemes == schemes  # put back before training resumed
+    for p, q in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
