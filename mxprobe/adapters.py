@@ -122,6 +122,9 @@ def adapter_for(module: nn.Module) -> tuple[Adapter | None, str]:
 
 
 def _unsupported_reason(module: nn.Module) -> str:
+    own = [n for n, p in module._parameters.items() if p is not None]
+    if own and next(module.children(), None) is not None:
+        return f"its own forward uses its parameters {own} directly (not emulated)"
     if isinstance(module, nn.Embedding):
         return "embedding lookup (not a GEMM; its table stays full precision)"
     if isinstance(module, nn.modules.conv._ConvNd):
@@ -225,7 +228,12 @@ def twin_class(cls: type, adapter: Adapter) -> type:
         mixin = _MIXINS[
             (adapter.kind, adapter.weight_layout if adapter.kind == "linear" else "out_in")
         ]
-        _TWINS[cls] = type(f"Mx{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+        # Named after the class, plus its library where that would repeat a torch twin's name
+        # (timm's LayerNorm becomes MxLayerNorm[timm], not a second MxLayerNorm).
+        name = f"Mx{cls.__name__}"
+        if name in {twin.__name__ for twin in MX_CLASS_OF.values()}:
+            name += f"[{cls.__module__.split('.')[0]}]"
+        _TWINS[cls] = type(name, (mixin, cls), {"__module__": cls.__module__})
     return _TWINS[cls]
 
 
