@@ -89,10 +89,32 @@ class _MxLinearFunction(torch.autograd.Function):
         return dx, dw, db, None
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a GEMM on ``x``'s device now, or ``None`` outside autocast."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 def mx_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scheme: PrecisionScheme
 ) -> torch.Tensor:
-    """``F.linear`` with every GEMM operand quantized as ``scheme`` says (see module docstring)."""
+    """``F.linear`` with every GEMM operand quantized as ``scheme`` says (see module docstring).
+
+    Under autocast (bf16-mixed, 16-mixed) the operands are first cast as autocast casts a
+    GEMM's (X, W and b to the autocast dtype), then quantized from that dtype; every product
+    runs in that dtype with autocast off, so the output and the gradients come out in it, and
+    the gradients reach fp32 parameters through the cast, as with autocast's own ``F.linear``.
+    """
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return mx_linear(x.to(dtype), weight.to(dtype), _cast(bias, dtype), scheme)
     x2d = x.reshape(-1, x.shape[-1])
     y = _MxLinearFunction.apply(x2d, weight, bias, scheme)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -127,6 +149,10 @@ def mx_matmul(a: torch.Tensor, b: torch.Tensor, scheme: PrecisionScheme | None) 
     ``act_bp`` / ``grad_*`` backward), blocked along the contraction axis. ``None`` = plain."""
     if scheme is None:
         return a @ b
+    dtype = autocast_dtype(a)
+    if dtype is not None:  # as mx_linear: operands in the autocast dtype, products in it
+        with torch.autocast(a.device.type, enabled=False):
+            return _MxMatmulFunction.apply(a.to(dtype), b.to(dtype), scheme)
     return _MxMatmulFunction.apply(a, b, scheme)
 
 
