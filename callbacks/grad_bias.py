@@ -17,6 +17,7 @@ from mxprobe.callbacks.events import (
     log_stats,
     reduce_mean,
 )
+from torch import nn
 from torch.optim import Optimizer
 
 from mxprobe import full_precision
@@ -30,6 +31,19 @@ COMPUTE_LOSS_PROTOCOL = (
     "calls it a second time under mxprobe.full_precision(model) to get the shadow "
     "full-precision gradient."
 )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 class GradientBiasMonitor(PeriodicMonitor):
@@ -47,6 +61,13 @@ class GradientBiasMonitor(PeriodicMonitor):
     ``cosine``, ``zeta`` (``||g_q - g_fp||^2 / ||g_fp||^2``), ``bias``
     (``<g_q, g_fp> / ||g_fp||^2 - 1``), ``mean_diff`` and ``norm_ratio`` (see
     :mod:`mxprobe.stats`).
+
+    Same randomness: the torch RNG state (CPU, and the module's CUDA device) is captured at
+    each monitored micro-batch's ``on_train_batch_start`` and restored before its shadow
+    ``compute_loss``, so dropout draws the same masks and ``zeta`` measures quantization only
+    (exactly 0 under an all-fp32 scheme). Stochastic rounding also draws from the global
+    generator in the MX pass alone, which shifts the masks drawn after it: the monitor warns at
+    ``on_fit_start`` when a model has both.
 
     Gradient accumulation: every micro-batch of a monitored step is captured; the shadow
     gradient is ``sum_i grad(compute_loss(batch_i)) / accumulate_grad_batches``, the very sum
@@ -105,6 +126,21 @@ class GradientBiasMonitor(PeriodicMonitor):
         for name, module in pl_module.named_modules():
             for p in module.parameters(recurse=False):
                 self._owner.setdefault(p, name or "<root>")
+        stochastic = any(
+            isinstance(m, MxModule)
+            and m.mx_scheme is not None
+            and m.mx_scheme.rounding == "stochastic"
+            for m in pl_module.modules()
+        )
+        dropout = any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in pl_module.modules()
+        )
+        if stochastic and dropout:
+            rank_zero_warn(
+                "GradientBiasMonitor: stochastic rounding draws from torch's global generator "
+                "in the MX pass only, so the shadow pass's dropout masks differ after the first "
+                "quantization: zeta includes dropout noise (use rounding=even, or dropout 0)"
+            )
         if not any(isinstance(m, MxModule) for m in pl_module.modules()):
             rank_zero_warn(
                 "GradientBiasMonitor: the model has no MX module, so the shadow pass computes "
@@ -118,7 +154,7 @@ class GradientBiasMonitor(PeriodicMonitor):
         if step != self._batches_step:
             self._batches, self._batches_step = [], step
         if is_monitored_step(step, self.every_n_steps):
-            self._batches.append(batch)
+            self._batches.append((batch, _rng_state(pl_module.device)))
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -140,7 +176,9 @@ class GradientBiasMonitor(PeriodicMonitor):
         shadow = [torch.zeros_like(p) for p in params]
         devices = [params[0].device] if params[0].device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), full_precision(pl_module):
-            for batch in self._batches:
+            for batch, rng in self._batches:
+                # The MX pass's random state: the same dropout masks, so zeta is quantization's.
+                _set_rng_state(rng, params[0].device)
                 loss = pl_module.compute_loss(batch) * scale
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for s, g in zip(shadow, grads, strict=True):

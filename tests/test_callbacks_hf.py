@@ -91,3 +91,32 @@ def test_monitors_with_nothing_to_watch_warn_at_setup(tmp_path):
     assert "NormAffineMonitor(modules='*') finds no norm" in messages
     assert "ActivationMonitor(modules='*') finds no MX linear layer" in messages
     assert "GradientBiasMonitor: the model has no MX module" in messages
+
+
+def _zeta(tmp_path, dropout: float, scheme: str) -> list[float]:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )  # fmt: skip
+    config.eos_token_id = 0
+    model = transformers.GPT2LMHeadModel(config)  # train mode: dropout active
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mxprobe.convert(model, scheme)
+    logger = CSVLogger(tmp_path, name="", version="")
+    monitor = GradientBiasMonitor(every_n_steps=1, per_module=False)
+    trainer(tmp_path, 3, [monitor], logger=logger, log_every_n_steps=1).fit(CausalLM(model))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [float(r["mx/grad_bias/total/zeta"]) for r in rows if r["mx/grad_bias/total/zeta"]]
+
+
+def test_shadow_pass_replays_the_dropout_masks(tmp_path):
+    """All-fp32 scheme with dropout 0.1: the shadow pass is the training pass, zeta is 0."""
+    zeta = _zeta(tmp_path / "fp32", 0.1, "fp32")
+    assert len(zeta) == 3 and zeta == [0.0, 0.0, 0.0]
+    mx = _zeta(tmp_path / "mx", 0.1, "mxfp8_e4m3")
+    assert all(0 < z < 0.2 for z in mx), mx  # quantization's share, not dropout noise (~0.2)
