@@ -10,7 +10,6 @@ from mxprobe.callbacks import (
     GradientBiasMonitor,
     LossSpikeDetector,
     PrecisionIntervention,
-    Rule,
     read_events,
 )
 
@@ -247,99 +246,6 @@ def test_schemes_are_restored_before_training_resumes(tmp_path):
         trainer(tmp_path, 3, [renamed]).fit(TinyMx(), ckpt_path=tmp_path / "epoch=0-step=2.ckpt")
     assert [e["rule"] for e in renamed.timeline] == ["a"]
     assert renamed.rule_states["a"].fired == 1
-
-
-@pytest.mark.parametrize(
-    ("rules", "match"),
-    [
-        (
-            [_rule("r", {"kind": "stepp", "at": 1}, {"kind": "scale_lr", "factor": 2})],
-            "unknown kind 'stepp'; expected one of spike, step, metric",
-        ),
-        (
-            [_rule("r", {"kind": "step", "at": 1}, {"kind": "set_precision", "scheme": "bf16"})],
-            "unknown kind 'set_precision'",
-        ),
-        (
-            [
-                _rule(
-                    "r",
-                    {"kind": "metric", "name": "m", "op": "=>", "value": 1},
-                    {"kind": "scale_lr", "factor": 2},
-                )
-            ],
-            "unknown operator '=>'",
-        ),
-        (
-            [_rule("r", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "norm=e4m4"})],
-            "rule 'r' action: bad scheme 'norm=e4m4'",
-        ),
-        (
-            [_rule("r", {"kind": "step", "at": 1}, {"kind": "set_scheme", "scheme": "nrom=bf16"})],
-            "unknown key 'nrom'",
-        ),
-        (
-            [
-                {
-                    **_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2}),
-                    "coolddown": 3,
-                }
-            ],
-            "unknown key\\(s\\) 'coolddown'",
-        ),
-        ([_rule("r", {"kind": "step"}, {"kind": "scale_lr", "factor": 2})], "missing 'at'"),
-        (
-            [
-                _rule(
-                    "r",
-                    {"kind": "step", "at": 1},
-                    {"kind": "rewind", "steps": 3, "then": {"kind": "rewind", "steps": 1}},
-                )
-            ],
-            "then: unknown kind 'rewind'",
-        ),
-        (
-            [
-                _rule(
-                    "r",
-                    {"kind": "step", "at": 1},
-                    {"kind": "set_scheme", "scheme": "norm=bf16", "snap": "yes"},
-                )
-            ],
-            "snap must be true or false, got 'yes'",
-        ),
-        (
-            [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": -1})],
-            "factor must be positive",
-        ),
-        (
-            [
-                _rule(
-                    "r", {"kind": "spike", "signal": "gradnorm"}, {"kind": "scale_lr", "factor": 2}
-                )
-            ],
-            "unknown signal 'gradnorm'",
-        ),
-        (
-            [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2}, cooldown=-1)],
-            "cooldown must be an integer >= 0",
-        ),
-        (
-            [_rule("r", {"kind": "step", "at": 1}, {"kind": "scale_lr", "factor": 2})] * 2,
-            "duplicated: r",
-        ),
-    ],
-)
-def test_bad_rules_are_rejected(rules, match):
-    with pytest.raises(ValueError, match=match):
-        PrecisionIntervention(rules=rules)
-
-
-def test_rule_objects_are_validated_like_dicts():
-    rule = Rule.from_dict(_rule("r", {"kind": "step", "at": 4}, {"kind": "scale_lr", "factor": 2}))
-    assert PrecisionIntervention(rules=[rule]).rules == [rule]
-    with pytest.raises(ValueError, match="at must be an integer"):
-        PrecisionIntervention(rules=[Rule("bad", rule.trigger.__class__(at=-2), rule.action)])
 
 
 def test_setup_rejects_unknown_modules_and_missing_detector(tmp_path):
