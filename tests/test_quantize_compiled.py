@@ -136,6 +136,14 @@ def test_a_failing_variant_falls_back_alone_and_warns_once(compiled, empty_cache
     ]
 
 
+# Ten variants: more than dynamo's default recompile_limit of 8 per code object.
+TEN_VARIANTS = [
+    (fmt, rounding)
+    for fmt in ("fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1")
+    for rounding in ("even", "nearest")
+]
+
+
 def test_more_than_eight_variants_all_run_compiled(compiled, empty_cache, monkeypatch):
     """Dynamo runs a code object eagerly, silently, past ``recompile_limit`` (8) compilations:
     each variant must have a code object of its own."""
@@ -143,17 +151,25 @@ def test_more_than_eight_variants_all_run_compiled(compiled, empty_cache, monkey
     counter = CompileCounter()
     monkeypatch.setattr(compile_cache, "compile_model", _counting_compiler(counter))
     x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(6))
-    variants = [
-        (fmt, rounding)
-        for fmt in ("fp8_e4m3", "fp8_e5m2", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1")
-        for rounding in ("even", "nearest")
-    ]
-    for n, (fmt, rounding) in enumerate(variants, start=1):
+    for n, (fmt, rounding) in enumerate(TEN_VARIANTS, start=1):
         got = quantize_mx(x, fmt, rounding=rounding)
         assert counter.frame_count == n, f"variant {n} ({fmt}, {rounding}) ran eagerly"
         assert bits_equal(got, _eager(x, fmt, rounding=rounding))
     quantize_mx(x, "fp8_e4m3")  # compiled once, reused
-    assert counter.frame_count == len(variants)
+    assert counter.frame_count == len(TEN_VARIANTS)
+    assert not compile_cache.failed_variants()
+
+
+@pytest.mark.slow
+def test_more_than_eight_variants_compile_with_inductor(compiled, empty_cache):
+    """The same through Inductor (10-30 s per variant on a cold cache)."""
+    frames = torch._dynamo.utils.counters["frames"]
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(7))
+    for fmt, rounding in TEN_VARIANTS:
+        before = frames["ok"]
+        got = quantize_mx(x, fmt, rounding=rounding)
+        assert frames["ok"] == before + 1, f"variant ({fmt}, {rounding}) ran eagerly"
+        assert bits_equal(got, _eager(x, fmt, rounding=rounding))
     assert not compile_cache.failed_variants()
 
 
