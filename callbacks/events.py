@@ -83,11 +83,30 @@ def reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def log_stats(pl_module: pl.LightningModule, stats: dict[str, torch.Tensor]) -> None:
-    """Log per-step statistics (already identical on every rank, so no ``sync_dist``)."""
-    if stats:
-        values = {k: v.detach().float() for k, v in stats.items()}
-        pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
+def log_stats(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    stats: dict[str, torch.Tensor | float],
+    step: int | None = None,
+) -> None:
+    """Log readings (already identical on every rank, so no ``sync_dist``) once, at the step
+    they measured (default ``trainer.global_step``, the batch index Lightning's own on-step
+    metrics carry), whatever ``log_every_n_steps`` is.
+
+    Lightning's ``log_dict(on_step=True)`` writes a value only on steps where
+    ``(step + 1) % log_every_n_steps == 0`` and re-emits it on later logging rows until it is
+    logged again (a reading at step 5 appears at step 9 and a monitor's step-0 reading
+    repeats on rows 1-4), so the values go straight to the loggers at their own step, and
+    into ``trainer.callback_metrics`` (``logger=False``) for rules to read.
+    """
+    if not stats:
+        return
+    values = {k: torch.as_tensor(v).detach().float() for k, v in stats.items()}
+    pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
+    step = trainer.global_step if step is None else step
+    plain = {k: v.item() for k, v in values.items()}
+    for logger in trainer.loggers:
+        logger.log_metrics(plain, step=step)
 
 
 def check_every_n_steps(every_n_steps: int) -> None:

@@ -164,7 +164,7 @@ class GradientBiasMonitor(PeriodicMonitor):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params:
             shadow = self._shadow_gradient(trainer, pl_module, params)
-            log_stats(pl_module, self._statistics(params, shadow))
+            log_stats(trainer, pl_module, self._statistics(params, shadow))
         self._batches = []
 
     def _shadow_gradient(

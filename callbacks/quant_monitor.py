@@ -163,7 +163,7 @@ class NormAffineMonitor(PeriodicMonitor):
             for name, module in _matching(pl_module, is_norm, self.modules):
                 for stat, v in self._module_stats(module).items():
                     stats[f"mx/norm_affine/{name}/{stat}"] = v
-        log_stats(pl_module, stats)
+        log_stats(trainer, pl_module, stats)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model: a model built there exists only from here on.
@@ -307,7 +307,7 @@ class ActivationMonitor(PeriodicMonitor):
             for stat, v in quantization_stats(sums).items():
                 stats[f"mx/activations/{name}/{stat}"] = v
         self._sums = {}
-        log_stats(pl_module, stats)
+        log_stats(trainer, pl_module, stats)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from mxprobe.callbacks.events import EventLog, PeriodicMonitor, reduce_sum
+from mxprobe.callbacks.events import EventLog, PeriodicMonitor, log_stats, reduce_sum
 from torch.optim import Optimizer
 
 METHODS = ("zscore", "ema_ratio", "derivative")
@@ -166,11 +166,11 @@ class LossSpikeDetector(PeriodicMonitor):
         if not self.measures(step):
             return
         metrics = {"score": score, "loss": loss_value, "grad_norm": grad_norm}
-        pl_module.log_dict(
+        log_stats(
+            trainer,
+            pl_module,
             {f"mx/spikes/total/{k}": v for k, v in metrics.items() if v is not None},
-            on_step=True,
-            on_epoch=False,
-            batch_size=1,
+            step=step,
         )
 
     def _reduced(
