@@ -52,6 +52,10 @@ class Action(Kinded):
         return [self, *rest] if isinstance(self, SetSchemeAction) else rest
 
 
+def _chainable() -> list[str]:
+    return [kind for kind, cls in Action.kinds.items() if cls.chainable]
+
+
 @dataclasses.dataclass(frozen=True)
 class SetSchemeAction(Action):
     """Amend the scheme of the MX modules matching the glob ``modules`` with ``scheme`` (a
@@ -127,17 +131,15 @@ class RewindAction(Action):
     def __post_init__(self) -> None:
         check_int(self.steps, "steps", minimum=1)
         if self.then is not None and not (isinstance(self.then, Action) and self.then.chainable):
-            chainable = [k for k, cls in Action.kinds.items() if cls.chainable]
             raise ValueError(
-                f"then must be an action of kind {' or '.join(chainable)}, got {self.then!r}"
+                f"then must be an action of kind {' or '.join(_chainable())}, got {self.then!r}"
             )
 
     @classmethod
     def parse_fields(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
         if values.get("then") is None:
             return values
-        chainable = [k for k, c in Action.kinds.items() if c.chainable]
-        then = Action.from_mapping(values["then"], f"{where} then", kinds=chainable)
+        then = Action.from_mapping(values["then"], f"{where} then", allowed=_chainable())
         return {**values, "then": then}
 
     def apply(self, context: ActionContext) -> dict[str, Any]:

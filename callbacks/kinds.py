@@ -31,15 +31,15 @@ class Kinded:
             cls.kinds = {}
 
     @classmethod
-    def from_mapping(cls: type[K], d: Any, where: str, kinds: Iterable[str] | None = None) -> K:
+    def from_mapping(cls: type[K], d: Any, where: str, allowed: Iterable[str] | None = None) -> K:
         """Build the member named by ``d["kind"]`` from a plain dict.
 
         Raises:
             ValueError: prefixed with ``where``, for a non-mapping, an unknown kind (the message
-                lists ``kinds``, default: every member), an unknown or missing key, or a value
+                lists ``allowed``, default: every member), an unknown or missing key, or a value
                 the member's ``__post_init__`` rejects.
         """
-        choices = {k: cls.kinds[k] for k in (cls.kinds if kinds is None else kinds)}
+        choices = {k: cls.kinds[k] for k in (cls.kinds if allowed is None else allowed)}
         if not isinstance(d, Mapping):
             raise ValueError(f"{where}: expected a mapping with a 'kind', got {d!r}")
         kind = d.get("kind")
