@@ -1,18 +1,70 @@
 """An independent float64 reference of the MX quantizer, written only for the tests.
 
-It shares no code with ``mxprobe.quantize``: scale exponents come from ``math.frexp``, and
-elements are rounded by searching the format's explicit list of representable magnitudes
-(no step formula, no bit tricks).
+It shares no code with ``mxprobe``: the element formats are its own table, copied from the OCP
+MX v1.0 values (DESIGN.md §3); each format's representable magnitudes are listed by decoding
+every bit pattern; scale exponents come from ``math.frexp``; elements are rounded by searching
+that list (no step formula, no bit tricks).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mxprobe.formats import mx_format
+
+@dataclass(frozen=True)
+class ReferenceFormat:
+    """One element format as the OCP MX v1.0 spec gives it.
+
+    ``emin`` is the exponent of the smallest normal (1 - bias); for int8, whose elements are
+    k * 2^-6 with |k| <= 127, ``mbits`` is the 6 fraction bits and ``ebits``, ``emin`` are 0.
+    """
+
+    ebits: int
+    mbits: int
+    emax: int
+    max_norm: float
+    emin: int
+    is_int: bool = False
+
+    def magnitudes(self) -> list[float]:
+        """Every non-negative finite value, ascending, by decoding each sign-less code."""
+        if self.is_int:
+            return [k * 2.0**-self.mbits for k in range(128)]
+        bias = 2 ** (self.ebits - 1) - 1
+        values = []
+        for biased_exponent in range(2**self.ebits):
+            for mantissa in range(2**self.mbits):
+                fraction = mantissa / 2**self.mbits
+                if biased_exponent == 0:  # subnormal: 0.m * 2^(1 - bias)
+                    value = fraction * 2.0 ** (1 - bias)
+                else:
+                    value = (1 + fraction) * 2.0 ** (biased_exponent - bias)
+                if value <= self.max_norm:  # codes above it are NaN/Inf (e4m3, e5m2)
+                    values.append(value)
+        return values
+
+
+# OCP MX v1.0, section 5.3 (DESIGN.md §3): ebits, mbits, emax, max_norm, emin.
+REFERENCE_FORMATS = {
+    "fp8_e4m3": ReferenceFormat(4, 3, 8, 448.0, -6),
+    "fp8_e5m2": ReferenceFormat(5, 2, 15, 57344.0, -14),
+    "fp6_e2m3": ReferenceFormat(2, 3, 2, 7.5, 0),
+    "fp6_e3m2": ReferenceFormat(3, 2, 4, 28.0, -2),
+    "fp4_e2m1": ReferenceFormat(2, 1, 2, 6.0, 0),
+    "int8": ReferenceFormat(0, 6, 0, 127.0 / 64.0, 0, is_int=True),
+}
+
+
+def reference_format(name: str) -> ReferenceFormat:
+    """The reference table's format by canonical name (``fp8_e4m3``) or short one (``e4m3``)."""
+    for canonical, fmt in REFERENCE_FORMATS.items():
+        if name.lower() in (canonical, canonical.split("_")[-1]):
+            return fmt
+    raise KeyError(f"no reference format {name!r}; expected one of {list(REFERENCE_FORMATS)}")
 
 
 def _ceil_log2(v: float) -> int:
@@ -20,7 +72,7 @@ def _ceil_log2(v: float) -> int:
     return e - 1 if m == 0.5 else e
 
 
-def _scale_exponent(amax: float, fmt, scale_mode: str) -> int:
+def _scale_exponent(amax: float, fmt: ReferenceFormat, scale_mode: str) -> int:
     if amax == 0.0:
         return -127
     m, e = math.frexp(amax)
@@ -72,7 +124,7 @@ def reference_quantize(
     rounding: str = "even",
 ) -> torch.Tensor:
     """float64 reference of ``quantize_mx`` for deterministic roundings."""
-    f = mx_format(fmt)
+    f = reference_format(fmt)
     grid = np.array(f.magnitudes(), dtype=np.float64)
     dtype = x.dtype
     moved = x.movedim(axis, -1)

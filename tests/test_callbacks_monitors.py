@@ -7,8 +7,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from mxprobe.callbacks import ActivationMonitor, GradientBiasMonitor, NormAffineMonitor
 
 import mxprobe
-from mxprobe.stats import compare_gradients, quantization_sums
+from mxprobe.stats import compare_gradients, quantization_stats
 from tests.helpers_lightning import NoComputeLoss, TinyMx, trainer
+from tests.helpers_numerics import heavy_tailed
+from tests.mx_reference import reference_format
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -120,7 +122,10 @@ def test_norm_affine_by_hand(tmp_path):
     assert m[first + "in_force"] == 1.0
     # norm_affine=bf16 on the second block: statistics under the e4m3 reference, flagged.
     assert m["mx/norm_affine/model.1.norm/in_force"] == 0.0
-    assert m["mx/norm_affine/model.1.norm/weight_saturation"] == 0.0
+    # A norm not in force is never reported as saturated: its reference statistics go under
+    # ref_ names (its γ is 1: nothing clips under e4m3 either).
+    assert "mx/norm_affine/model.1.norm/weight_saturation" not in m
+    assert m["mx/norm_affine/model.1.norm/ref_weight_saturation"] == 0.0
 
 
 def test_activation_monitor_hooks_only_on_monitored_steps(tmp_path):
@@ -150,19 +155,56 @@ def test_activation_monitor_hooks_only_on_monitored_steps(tmp_path):
         assert 15 < stats[f"mx/activations/{name}/sqnr_db"] < 60
 
 
-def test_activation_sums_by_hand_and_shadow_passes_skipped():
+def e4m3_sums_from_the_definition(x: torch.Tensor) -> torch.Tensor:
+    """[elements, saturated, nonzero, underflowed, sum x^2, sum (x - q)^2] of x's e4m3 blocks
+    of 32 along the last axis (floor scale), from DESIGN.md §3 in float64."""
+    f = reference_format("e4m3")
+    blocks = x.double().reshape(-1, 32)
+    _, e = torch.frexp(blocks.abs().amax(dim=1, keepdim=True))  # amax = m 2^e, m in [0.5, 1)
+    scale_exp = (e - 1 - f.emax).clamp(-127, 127)  # S = floor(log2 amax) - emax
+    saturated = torch.ldexp(blocks.abs(), -scale_exp) > f.max_norm
+    q = mxprobe.quantize_mx(x, "e4m3").double().reshape(-1, 32)
+    nonzero = blocks != 0
+    return torch.tensor(
+        [
+            blocks.numel(),
+            saturated.sum().item(),
+            nonzero.sum().item(),
+            ((q == 0) & nonzero).sum().item(),
+            blocks.square().sum().item(),
+            (blocks - q).square().sum().item(),
+        ],
+        dtype=torch.float64,
+    )
+
+
+def test_activation_sums_follow_the_definition_and_shadow_passes_are_skipped():
     module = TinyMx()
     monitor = ActivationMonitor(every_n_steps=1)
     fc1 = module.model[0].fc1
     handle = fc1.register_forward_hook(monitor._hook("fc1"))
-    x = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    # Many binades per block: some block maxima overflow e4m3 (saturate), small values underflow.
+    x1 = heavy_tailed(64, 32, seed=0)
+    x1[::7, 3] = 0.0  # exact zeros count as elements, not as nonzero or underflowed
+    x1[5] = torch.tensor([509.44, 1e-4, -1e-6] + [1.0] * 29)  # 509.44 saturates, 2 underflow
+    x2 = heavy_tailed(16, 32, seed=1)
     with mxprobe.full_precision(module):
-        module.model(x)
+        fc1(x1)
     assert monitor._sums == {}
-    module.model(x)
+    fc1(x1)
+    fc1(x2)  # every call of the step adds up
     handle.remove()
-    seen = module.model[0].norm(x)
-    assert torch.equal(monitor._sums["fc1"], quantization_sums(seen.detach(), "e4m3"))
+    want = e4m3_sums_from_the_definition(x1) + e4m3_sums_from_the_definition(x2)
+    got = monitor._sums["fc1"]
+    assert got[:4].tolist() == want[:4].tolist()
+    assert want[1] > 0 and want[3] > 0  # the data exercise saturation and underflow
+    # The hook squares in fp32 (x - q itself is exact there) and sums in float64.
+    torch.testing.assert_close(got[4:], want[4:], rtol=1e-7, atol=0)
+    stats = quantization_stats(got)
+    assert stats["saturation"].item() == want[1].item() / (80 * 32)
+    assert stats["underflow"].item() == want[3].item() / want[2].item()
+    sqnr = 10 * torch.log10(want[4] / want[5])
+    assert stats["sqnr_db"].item() == pytest.approx(sqnr.item(), rel=1e-7)
 
 
 def test_monitor_arguments_are_checked():
@@ -182,6 +224,7 @@ def test_norm_affine_on_plain_rmsnorm_uses_the_reference():
         norm.weight[0] = 3.6  # mantissa 1.8 > 1.75: its block overflows, one element clips
     stats = NormAffineMonitor(reference_format="e4m3")._module_stats(norm)
     assert stats["in_force"].item() == 0.0
-    assert stats["weight_floor_overflow"].item() == 0.5
-    assert stats["weight_saturation"].item() == 1 / 64
-    assert not any(k.startswith("bias_") for k in stats)
+    assert "weight_saturation" not in stats  # not in force: reference statistics only
+    assert stats["ref_weight_floor_overflow"].item() == 0.5
+    assert stats["ref_weight_saturation"].item() == 1 / 64
+    assert not any("bias_" in k for k in stats)

@@ -1,31 +1,33 @@
 """The Triton kernel against the torch path: bit for bit, on adversarial and random inputs.
 
 Without CUDA the kernel runs in Triton's interpreter, which must be switched on before
-``triton.jit`` decorates the kernel, i.e. before ``mxprobe.triton_kernels`` is imported. The
-interpreter is slow, so tensors here stay at a few thousand elements.
+``triton.jit`` decorates the kernel, i.e. before ``mxprobe.triton_kernels`` is imported:
+tests/conftest.py sets ``TRITON_INTERPRET=1`` before anything imports triton. The interpreter is
+slow, so tensors here stay at a few thousand elements.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("MXPROBE_COMPILE", "0")
-
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
 from mxprobe import triton_kernels  # noqa: E402
-from mxprobe.formats import MX_FORMAT_NAMES, mx_format  # noqa: E402
+from mxprobe.formats import MX_FORMAT_NAMES  # noqa: E402
 from mxprobe.quantize import SCALE_MODES, quantize_mx  # noqa: E402
+from tests.helpers_numerics import (  # noqa: E402
+    DETERMINISTIC,
+    DTYPES,
+    adversarial,
+    bits_equal,
+    heavy_tailed,
+)
 
 if not triton_kernels.MODES_AGREE:
     pytest.skip(
@@ -35,21 +37,6 @@ if not triton_kernels.MODES_AGREE:
     )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DETERMINISTIC = ("even", "nearest", "floor")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality with every NaN equal to every NaN (the sign of zero counts)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    if not torch.equal(nan_a, nan_b):
-        return False
-    ia = a.masked_fill(nan_a, 0).contiguous().view(_INT_OF[a.dtype])
-    ib = b.masked_fill(nan_b, 0).contiguous().view(_INT_OF[b.dtype])
-    return torch.equal(ia, ib)
 
 
 def both(x: torch.Tensor, fmt: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,46 +49,9 @@ def assert_same(x: torch.Tensor, fmt: str, **kw) -> None:
     assert bits_equal(got, want), f"{fmt} {kw} {x.dtype}: {(got != want).sum()} differ"
 
 
-def heavy_tailed(*shape: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
-
-
-def _below(v: float) -> float:
-    return torch.nextafter(torch.tensor(v), torch.tensor(0.0)).item()
-
-
-def adversarial(fmt: str) -> torch.Tensor:
-    """1-D fp32: blocks of 32 around the traps of DESIGN.md §3, random filler, a short tail."""
-    f = mx_format(fmt)
-    grid = f.magnitudes()
-    ties = [(a + b) / 2 * (-1) ** i for i, (a, b) in enumerate(zip(grid, grid[1:], strict=False))]
-    inf, nan = float("inf"), float("nan")
-    blocks = [
-        [509.44, 1.0, -3.0],  # e4m3: rounds past 448, must saturate
-        [1020.0, -1.0, 3.0],  # a bf16 amax just below a power of two
-        [0.0] * 32,
-        [-0.0, 0.0, -0.0, 1.0, -(2.0**-12)],
-        [1e-40, -3e-41, 2.0**-149, -(2.0**-149), 2.0**-127],  # fp32 subnormals only
-        [1.0, nan, 2.0],  # each poison reaches only its own block
-        [inf, -1.0],
-        [-inf, 5.0],
-        [65504.0, 65519.0, 65520.0, -60000.0, 1.0],  # around fp16's max
-        [3.4028234663852886e38, -1.7e38, 1.0],
-        [f.max_norm, -f.max_norm / 3],  # rceil boundaries
-        [f.max_norm * 2.0**-5, _below(f.max_norm * 2.0**-5)],
-        [f.max_norm * (1 + 2.0**-20), 0.1],
-    ]
-    blocks += [[_below(2.0**k), 2.0 ** (k - 9)] for k in (-126, -20, -1, 0, 3, 8, 9, 16, 127)]
-    # Ties of every rounding, elements subnormals included, next to an amax that gives S = 0
-    # (floor), then shifted far down so that S clamps at -127.
-    for shift in (1.0, 2.0**-3, 2.0**-140):
-        for i in range(0, len(ties), 31):
-            blocks.append([2.0**f.emax * shift] + [t * shift for t in ties[i : i + 31]])
-    filler = heavy_tailed(len(blocks), 32, seed=1) * 1e-3
-    for row, values in zip(filler, blocks, strict=True):
-        row[: len(values)] = torch.tensor(values)
-    return torch.cat([filler.flatten(), heavy_tailed(13, seed=2)])
+def adversarial_1d(fmt: str) -> torch.Tensor:
+    """The adversarial blocks flattened, then a short tail (a partial last block)."""
+    return torch.cat([adversarial(fmt).flatten(), heavy_tailed(13, seed=2)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -109,7 +59,7 @@ def adversarial(fmt: str) -> torch.Tensor:
 @pytest.mark.parametrize("scale_mode", SCALE_MODES)
 @pytest.mark.parametrize("fmt", MX_FORMAT_NAMES)
 def test_matches_torch_bit_for_bit(fmt, scale_mode, rounding, dtype):
-    x = torch.cat([adversarial(fmt), heavy_tailed(256, seed=3)]).to(dtype).to(DEVICE)
+    x = torch.cat([adversarial_1d(fmt), heavy_tailed(256, seed=3)]).to(dtype).to(DEVICE)
     assert_same(x, fmt, scale_mode=scale_mode, rounding=rounding)
 
 
@@ -169,7 +119,7 @@ def test_stochastic_is_reproducible_per_seed():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_stochastic_keeps_grid_values_and_poisoned_blocks(dtype):
-    x = torch.cat([adversarial("fp8_e4m3"), heavy_tailed(64, seed=7)]).to(dtype).to(DEVICE)
+    x = torch.cat([adversarial_1d("fp8_e4m3"), heavy_tailed(64, seed=7)]).to(dtype).to(DEVICE)
     on_grid = quantize_mx(x, "fp8_e4m3", backend="torch")
     assert bits_equal(_stochastic(on_grid, seed=0), on_grid)
     down = quantize_mx(x, "fp8_e4m3", rounding="floor", backend="torch").float()
