@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from mxprobe import full_precision
+from mxprobe.convert import named_modules
 from mxprobe.modules import MxModule
 from mxprobe.stats import gradient_comparison, gradient_sums
 
@@ -123,7 +124,7 @@ class GradientBiasMonitor(PeriodicMonitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model, so that a model built there is seen.
         self._owner = {}
-        for name, module in pl_module.named_modules():
+        for name, module in named_modules(pl_module):
             for p in module.parameters(recurse=False):
                 self._owner.setdefault(p, name or "<root>")
         stochastic = any(

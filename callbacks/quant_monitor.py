@@ -18,6 +18,7 @@ from mxprobe.callbacks.events import (
 from torch import nn
 from torch.optim import Optimizer
 
+from mxprobe.convert import named_modules
 from mxprobe.formats import canonical_format, is_mx
 from mxprobe.modules import MxModule
 from mxprobe.quantize import quantize_mx
@@ -49,7 +50,7 @@ def is_gemm(module: nn.Module) -> bool:
 def _matching(pl_module: nn.Module, kind, pattern: str) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
-        for name, m in pl_module.named_modules()
+        for name, m in named_modules(pl_module)
         if kind(m) and fnmatch.fnmatchcase(name, pattern)
     ]
 

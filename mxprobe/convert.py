@@ -50,8 +50,15 @@ from mxprobe.scheme import (
 Overrides = Mapping[str, "str | PrecisionScheme"] | None
 
 
-def _mx_modules(model: nn.Module) -> Iterator[tuple[str, MxModule]]:
+def named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` with the ``_orig_mod`` segment that ``torch.compile``'s wrapper
+    adds removed, so names, globs and metrics are the same compiled or not."""
     for name, module in model.named_modules():
+        yield ".".join(part for part in name.split(".") if part != "_orig_mod"), module
+
+
+def _mx_modules(model: nn.Module) -> Iterator[tuple[str, MxModule]]:
+    for name, module in named_modules(model):
         if isinstance(module, MxModule):
             yield name, module
 
@@ -71,7 +78,7 @@ def _adapter(name: str, module: nn.Module, attention: list[str]):
 
 
 def _attention_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    return [n for n, m in named_modules(model) if isinstance(m, nn.MultiheadAttention)]
 
 
 _ATTENTION_LEFT = (
@@ -84,7 +91,7 @@ def unemulated_attention(model: nn.Module) -> list[str]:
     """Names of the attention modules whose products are not MX-emulated (no ``MxMatmul``)."""
     return [
         name
-        for name, m in model.named_modules()
+        for name, m in named_modules(model)
         if type(m).__name__.endswith("Attention")
         and not any(isinstance(c, MxMatmul) for c in m.modules())
     ]
@@ -107,7 +114,7 @@ def convert(
     validate_overrides(overrides)
     attention = _attention_names(model)
     left: dict[str, str] = {}
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         if isinstance(module, nn.TransformerEncoderLayer):
             # Its eval/no_grad fast path reads linear and norm weights directly, skipping our
             # forwards; the fast path is only taken when this flag is set.
@@ -311,7 +318,7 @@ def describe(model: nn.Module) -> Description:
     attention = _attention_names(model)
     emulated: dict[int, int] = {}
     every: dict[int, int] = {}
-    for name, module in model.named_modules():
+    for name, module in named_modules(model):
         params = [p for p in module._parameters.values() if p is not None]
         every.update((id(p), p.numel()) for p in params)
         if not isinstance(module, MxModule):

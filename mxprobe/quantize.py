@@ -135,8 +135,25 @@ def _round_cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     return clamped.to(target).to(x.dtype)
 
 
+@torch.library.custom_op("mxprobe::round_to", mutates_args=())
+def _round_op(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    return compiled_call(_round_cast, x, target=target)
+
+
+@_round_op.register_fake
+def _(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 def _round(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    """Round ``x`` to ``target`` and back (one fused pass when compiled)."""
+    """Round ``x`` to ``target`` and back.
+
+    Under ``torch.compile`` an opaque custom op: Inductor otherwise keeps the value in fp32
+    across a ``.to(bfloat16).to(float32)`` pair and silently drops the rounding (it moved a
+    compiled MX model's output by 5e-2). Eager calls skip the op's dispatch cost.
+    """
+    if torch.compiler.is_compiling():
+        return _round_op(x, target)
     return compiled_call(_round_cast, x, target=target)
 
 
