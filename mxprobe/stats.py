@@ -142,14 +142,15 @@ def _block_sums(xb: torch.Tensor, *, fmt, scale_mode, rounding, noise) -> torch.
     q = quantize_blocks(xb, fmt, scale_mode, rounding, noise, xb.dtype).float()
     x = xb.float()
     nonzero = x != 0
-    # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squares are summed in float64.
+    # x - q is exact in fp32 (q is 0 or within a factor 2 of x); squared in float64, since an
+    # fp32 square overflows above ~1.8e19 and underflows below ~1e-23.
     return torch.stack(
         [
             _saturated(x, fmt, scale_mode).sum(dtype=torch.float64),
             nonzero.sum(dtype=torch.float64),
             ((q == 0) & nonzero).sum(dtype=torch.float64),
-            x.square().sum(dtype=torch.float64),
-            (x - q).square().sum(dtype=torch.float64),
+            x.double().square().sum(),
+            (x - q).double().square().sum(),
         ]
     )
 

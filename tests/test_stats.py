@@ -177,3 +177,15 @@ def test_gradient_sums_combine_over_parts():
     whole = compare_gradients(q, f)
     for name, value in gradient_comparison(parts).items():
         assert value.item() == pytest.approx(whole[name].item(), rel=1e-12, abs=1e-15)
+
+
+def test_quantization_sums_square_in_float64_at_the_fp32_range_edges():
+    """An fp32 square overflows above ~1.8e19 and underflows below ~1e-23: the energies (and
+    the SQNR the activation monitor reports) must not."""
+    from mxprobe.stats import quantization_stats, sqnr_db
+
+    for scale in (1e20, 1e-24):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(0)) * scale
+        got = quantization_stats(quantization_sums(x, "e4m3"))["sqnr_db"].item()
+        want = sqnr_db(x, quantize_mx(x, "e4m3")).item()
+        assert math.isfinite(got) and abs(got - want) < 1e-6, (scale, got, want)
