@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
@@ -18,7 +17,7 @@ from mxprobe.callbacks.rules import MetricTrigger, Rule, SpikeTrigger, StepTrigg
 from mxprobe.callbacks.snapshots import Snapshot, SnapshotStore
 from mxprobe.callbacks.spikes import LossSpikeDetector
 
-from mxprobe.convert import module_names
+from mxprobe.convert import check_scheme_change
 
 
 @dataclasses.dataclass
@@ -161,19 +160,21 @@ class PrecisionIntervention(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._events.setup(trainer)
-        names = module_names(pl_module)
         for rule in self.rules:
-            for action in rule.scheme_actions():
-                if not any(fnmatch.fnmatchcase(n, action.modules) for n in names):
-                    raise ValueError(
-                        f"rule {rule.name!r}: modules {action.modules!r} matches no MX module; "
-                        f"MX modules: {names[:12] or 'none (call mxprobe.convert first)'}"
-                    )
             if isinstance(rule.trigger, SpikeTrigger) and not self._detectors(trainer):
                 raise MisconfigurationException(
                     f"rule {rule.name!r} has a spike trigger but the Trainer has no "
                     "LossSpikeDetector callback; add mxprobe.callbacks.LossSpikeDetector(...)"
                 )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After configure_model: a model built and converted there exists only from here on.
+        for rule in self.rules:
+            for action in rule.scheme_actions():
+                try:
+                    check_scheme_change(pl_module, action.scheme, action.modules)
+                except ValueError as err:
+                    raise ValueError(f"rule {rule.name!r}: {err}") from None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._checked_step = None

@@ -213,10 +213,7 @@ def amend_scheme(
         ValueError: ``modules`` matches no MX module, or ``change`` names a role none of the
             matched modules has.
     """
-    matched = [(n, m) for n, m in _mx_modules(model) if fnmatch.fnmatchcase(n, modules)]
-    if not matched:
-        raise ValueError(f"no MX module matches {modules!r}; names: {module_names(model)[:10]}")
-    _check_roles(change, matched, f"matching {modules!r}")
+    matched = check_scheme_change(model, change, modules)
     changed = {}
     for name, module in matched:
         before = module.mx_scheme or PrecisionScheme()  # None means full precision = fp32
@@ -227,6 +224,21 @@ def amend_scheme(
         if any(role_quantizer(before, r) != role_quantizer(after, r) for r in module.mx_roles):
             changed[name] = (before, after)
     return changed
+
+
+def check_scheme_change(
+    model: nn.Module, change: str, modules: str = "*"
+) -> list[tuple[str, MxModule]]:
+    """The MX modules ``amend_scheme(model, change, modules)`` would amend; raises
+    ``ValueError`` when ``modules`` matches none or ``change`` names a role none of them has
+    (what rules check at setup, before a run relies on them)."""
+    PrecisionScheme().amend(change)  # a malformed change fails here, naming the bad item
+    matched = [(n, m) for n, m in _mx_modules(model) if fnmatch.fnmatchcase(n, modules)]
+    if not matched:
+        names = module_names(model)[:10] or "none (call mxprobe.convert first)"
+        raise ValueError(f"no MX module matches {modules!r}; MX modules: {names}")
+    _check_roles(change, matched, f"matching {modules!r}")
+    return matched
 
 
 def module_names(model: nn.Module) -> list[str]:

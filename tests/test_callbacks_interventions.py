@@ -254,8 +254,15 @@ def test_setup_rejects_unknown_modules_and_missing_detector(tmp_path):
         {"kind": "step", "at": 1},
         {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "encoder.*"},
     )
-    with pytest.raises(ValueError, match="modules 'encoder.\\*' matches no MX module"):
+    with pytest.raises(ValueError, match="rule 'r': no MX module matches 'encoder.\\*'"):
         trainer(tmp_path, 1, [PrecisionIntervention(rules=[bad_glob])]).fit(TinyMx())
+    no_role = _rule(
+        "n",
+        {"kind": "step", "at": 1},
+        {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "*.fc*"},
+    )
+    with pytest.raises(ValueError, match="rule 'n': scheme 'norm=bf16' sets norm_affine"):
+        trainer(tmp_path, 1, [PrecisionIntervention(rules=[no_role])]).fit(TinyMx())
     spike = _rule("s", {"kind": "spike"}, {"kind": "scale_lr", "factor": 0.5})
     with pytest.raises(MisconfigurationException, match="no LossSpikeDetector"):
         trainer(tmp_path, 1, [PrecisionIntervention(rules=[spike])]).fit(TinyMx())
@@ -311,3 +318,27 @@ callbacks:
     assert built[0].every_n_steps == 25 and built[3].method == "derivative"
     assert [r.name for r in built[4].rules] == ["norms-to-bf16", "rewind-on-spike"]
     assert built[4].rules[1].action.then.scheme == "mxfp8_e4m3,a=bf16"
+
+
+class BuiltInConfigureModel(TinyMx):
+    """The model is built and converted in configure_model (after the callbacks' setup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending = [self.model]  # a list: not registered as a submodule until configured
+        self.model = None
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self._pending.pop()
+
+
+def test_rules_check_modules_after_configure_model(tmp_path):
+    rule = _rule(
+        "r",
+        {"kind": "step", "at": 1},
+        {"kind": "set_scheme", "scheme": "norm=bf16", "modules": "*"},
+    )
+    intervention = PrecisionIntervention(rules=[rule])
+    trainer(tmp_path, 2, [intervention]).fit(BuiltInConfigureModel())
+    assert [e["rule"] for e in intervention.timeline] == ["r"]
