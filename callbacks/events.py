@@ -76,6 +76,26 @@ def reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter or gradient sharded by FSDP2)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole on every rank: a ``DTensor`` is gathered (a collective: every rank
+    must call it in the same order), anything else is returned as is."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (no communication); anything else as is."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
 def reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` averaged over ranks (unchanged on one process)."""
     if trainer.world_size > 1:

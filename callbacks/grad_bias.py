@@ -14,8 +14,11 @@ from mxprobe.callbacks.events import (
     PeriodicMonitor,
     check_every_n_steps,
     is_monitored_step,
+    is_sharded,
+    local_tensor,
     log_stats,
     reduce_mean,
+    reduce_sum,
 )
 from torch import nn
 from torch.optim import Optimizer
@@ -78,8 +81,14 @@ class GradientBiasMonitor(PeriodicMonitor):
 
     DDP: ``.grad`` is already averaged over ranks, so the shadow gradient is averaged too
     (one all-reduce of the flattened shadow gradient, ``reduce_op="mean"``) before the
-    comparison; every rank then logs the same global statistics. FSDP/DeepSpeed (sharded
-    parameters) are not supported.
+    comparison; every rank then logs the same global statistics.
+
+    FSDP2 (``fully_shard``, Lightning's ``ModelParallelStrategy``): ``.grad`` is this rank's
+    shard of the rank-averaged gradient. The shadow is one plain ``backward`` per captured
+    micro-batch, which FSDP2 reduce-scatters into ``.grad`` exactly like the MX gradient
+    (``.grad`` is set aside first and put back after, the same tensors, so training is
+    unchanged); the 7-vector sums of each module are taken over the local shards and added
+    over ranks (one all-reduce), so every rank logs the statistics of the full gradients.
 
     Args:
         every_n_steps: measure at optimizer steps whose ``global_step`` is a multiple of this.
@@ -164,16 +173,23 @@ class GradientBiasMonitor(PeriodicMonitor):
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if params:
-            shadow = self._shadow_gradient(trainer, pl_module, params)
-            log_stats(trainer, pl_module, self._statistics(params, shadow))
+            sharded = any(is_sharded(p) for p in params)
+            if sharded:
+                shadow = self._sharded_shadow_gradient(trainer, pl_module, params)
+            else:
+                shadow = self._shadow_gradient(trainer, pl_module, params)
+            log_stats(trainer, pl_module, self._statistics(trainer, params, shadow, sharded))
         self._batches = []
+
+    def _loss_scale(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        # Lightning divides every micro-batch loss by accumulate_grad_batches (automatic
+        # optimization only), also for a short last window; the shadow must match.
+        return 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
 
     def _shadow_gradient(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[torch.Tensor]
     ) -> list[torch.Tensor]:
-        # Lightning divides every micro-batch loss by accumulate_grad_batches (automatic
-        # optimization only), also for a short last window; the shadow must match.
-        scale = 1.0 / trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1.0
+        scale = self._loss_scale(trainer, pl_module)
         shadow = [torch.zeros_like(p) for p in params]
         devices = [params[0].device] if params[0].device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), full_precision(pl_module):
@@ -193,14 +209,54 @@ class GradientBiasMonitor(PeriodicMonitor):
             ]
         return shadow
 
+    def _sharded_shadow_gradient(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """The shadow gradient under FSDP2, sharded and averaged over ranks like ``.grad``.
+
+        FSDP2 computes with unsharded copies of the parameters that autograd does not link to
+        the sharded ones (``torch.autograd.grad`` would give ``None``), so the shadow is a
+        plain ``backward`` that FSDP2 reduce-scatters into ``.grad``, as it does the MX
+        gradient; the MX gradients are set aside before and put back (the same tensors) after.
+        """
+        scale = self._loss_scale(trainer, pl_module)
+        every = list(pl_module.parameters())
+        real = [p.grad for p in every]
+        for p in every:
+            p.grad = None
+        devices = [params[0].device] if params[0].device.type == "cuda" else []
+        try:
+            with (
+                torch.random.fork_rng(devices=devices),
+                torch.enable_grad(),
+                full_precision(pl_module),
+            ):
+                for batch, rng in self._batches:
+                    _set_rng_state(rng, params[0].device)
+                    (pl_module.compute_loss(batch) * scale).backward()
+            shadow = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        finally:
+            for p, g in zip(every, real, strict=True):
+                p.grad = g
+        return shadow
+
     def _statistics(
-        self, params: list[torch.Tensor], shadow: list[torch.Tensor]
+        self,
+        trainer: pl.Trainer,
+        params: list[torch.Tensor],
+        shadow: list[torch.Tensor],
+        sharded: bool = False,
     ) -> dict[str, torch.Tensor]:
         per_module: dict[str, torch.Tensor] = {}
         for p, s in zip(params, shadow, strict=True):
             name = self._owner.get(p, "<unnamed>")
-            sums = gradient_sums(p.grad, s)
+            # Under FSDP2 the sums of this rank's shards; added over ranks below.
+            sums = gradient_sums(local_tensor(p.grad), local_tensor(s))
             per_module[name] = per_module[name] + sums if name in per_module else sums
+        if sharded:
+            # Every rank holds a shard of every parameter, in the same order: same names.
+            reduced = reduce_sum(trainer, torch.stack(list(per_module.values())))
+            per_module = dict(zip(per_module, reduced, strict=True))
         stats = {}
         if self.per_module:
             for name, sums in per_module.items():

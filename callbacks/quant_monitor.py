@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from mxprobe.callbacks.events import (
     PeriodicMonitor,
     check_every_n_steps,
+    full_tensor,
     is_monitored_step,
     log_stats,
     reduce_sum,
@@ -86,10 +87,12 @@ def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple
 
 
 def _operand(module: nn.Module, name: str) -> torch.Tensor | None:
-    """The tensor the norm's forward multiplies by (``1 + w`` for a unit-offset norm)."""
+    """The tensor the norm's forward multiplies by (``1 + w`` for a unit-offset norm), whole:
+    a parameter sharded by FSDP2 is gathered (every rank gets the full tensor)."""
     if getattr(module, name, None) is None:
         return None
-    return module.forward_operand(name) if isinstance(module, MxModule) else getattr(module, name)
+    value = module.forward_operand(name) if isinstance(module, MxModule) else getattr(module, name)
+    return full_tensor(value)
 
 
 class NormAffineMonitor(PeriodicMonitor):
@@ -123,7 +126,10 @@ class NormAffineMonitor(PeriodicMonitor):
     - ``in_force``: 1 when the statistics are for the module's own MX format, 0 when for the
       reference format.
 
-    Parameters are identical on every rank under DDP, so nothing is reduced.
+    Parameters are identical on every rank under DDP, so nothing is reduced. Under FSDP2 each
+    γ/β is gathered (``DTensor.full_tensor()``, one all-gather of ``d`` elements per tensor)
+    and measured whole: FSDP2 splits the block axis of these 1-d tensors at offsets that need
+    not be multiples of the block size, and the statistics are then those of one process.
 
     Args:
         every_n_steps: measure at optimizer steps whose ``global_step`` is a multiple of this.

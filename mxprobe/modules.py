@@ -266,7 +266,40 @@ def snap_parameters(module: MxModule, before: PrecisionScheme, after: PrecisionS
         if param is None or role_quantizer(before, role) == role_quantizer(after, role):
             continue
         with torch.no_grad():
-            param.copy_(module.forward_parameter(name, before))
+            if _is_dtensor(param):
+                _snap_sharded(module, name, before)
+            else:
+                param.copy_(module.forward_parameter(name, before))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _snap_sharded(module: MxModule, name: str, before: PrecisionScheme) -> None:
+    """Snap a parameter sharded by FSDP2 (a ``DTensor`` outside forward): the forward value of
+    the full tensor, of which each rank keeps its own shard.
+
+    Gathered rather than quantized shard by shard: FSDP2 splits dim 0, which is the block axis
+    of a 1-d gamma/beta/bias, at offsets that need not be multiples of the block size. The
+    value is computed as FSDP2's forward computes it, with the unsharded tensor in place of
+    the parameter, so adapters' ``forward_parameter`` (e.g. a ``1 + w`` norm) apply unchanged.
+    """
+    sharded = module._parameters[name]
+    module._parameters[name] = nn.Parameter(sharded.full_tensor(), requires_grad=False)
+    try:
+        value = module.forward_parameter(name, before)
+    finally:
+        module._parameters[name] = sharded
+    # Every rank holds the same full value: each takes its own shard, without communication.
+    from torch.distributed.tensor import distribute_tensor
+
+    mine = distribute_tensor(value, sharded.device_mesh, sharded.placements, src_data_rank=None)
+    sharded.to_local().copy_(mine.to_local())
 
 
 class MxActivation(MxModule):
