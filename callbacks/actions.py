@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 from mxprobe.callbacks.events import scheme_strings
 from mxprobe.callbacks.kinds import Kinded, check_int, check_number, set_field
 from mxprobe.callbacks.snapshots import SnapshotStore
+from mxprobe.callbacks.spikes import LossSpikeDetector
 
 from mxprobe.convert import amend_scheme
 from mxprobe.scheme import PrecisionScheme
@@ -146,6 +147,9 @@ class RewindAction(Action):
         rewound_to = context.snapshots.rewind(
             context.pl_module, context.trainer.optimizers, context.step, self.steps
         )
+        for callback in context.trainer.callbacks if rewound_to is not None else ():
+            if isinstance(callback, LossSpikeDetector):
+                callback.rewind_to(rewound_to)  # the spike must not stay in the window it skews
         return {"steps": self.steps, "rewound_to": rewound_to}
 
     def followed_by(self) -> Action | None:

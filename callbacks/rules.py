@@ -10,8 +10,8 @@ A rule as YAML::
     cooldown: 200
     max_times: 1
 
-Triggers: ``{kind: spike, signal: any}`` (``signal``: ``any``, ``loss``, ``grad_norm`` or
-``nonfinite``), ``{kind: step, at: 4500}``, ``{kind: metric, name, op, value, for_steps: 1,
+Triggers: ``{kind: spike, signal: any}`` (``signal``: ``any``, ``loss``, ``grad_norm``,
+``nonfinite`` or ``scaler_skip``; ``any`` leaves out a GradScaler's skipped steps), ``{kind: step, at: 4500}``, ``{kind: metric, name, op, value, for_steps: 1,
 after: 0}``. Actions (:mod:`mxprobe.callbacks.actions`): ``{kind: set_scheme, scheme, modules:
 "*", snap: false}``, ``{kind: scale_lr, factor}``, ``{kind: rewind, steps, then: <set_scheme or
 scale_lr action>}``.
@@ -42,7 +42,7 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "==": operator.eq,
     "!=": operator.ne,
 }
-SPIKE_SIGNALS = ("any", "loss", "grad_norm", "nonfinite")
+SPIKE_SIGNALS = ("any", "loss", "grad_norm", "nonfinite", "scaler_skip")
 
 __all__ = [
     "OPERATORS",
@@ -67,7 +67,8 @@ class Trigger(Kinded):
 @dataclasses.dataclass(frozen=True)
 class SpikeTrigger(Trigger):
     """Fires at the step after a ``LossSpikeDetector`` event of ``signal`` (``any``, ``loss``,
-    ``grad_norm`` or ``nonfinite``)."""
+    ``grad_norm``, ``nonfinite`` or ``scaler_skip``). ``any`` is every event except a
+    GradScaler's skipped step, which is the scaler working as designed."""
 
     signal: str = "any"
     kind: ClassVar[str] = "spike"
@@ -77,10 +78,12 @@ class SpikeTrigger(Trigger):
 
     def matches(self, event: Mapping[str, Any]) -> bool:
         """Whether a detector's event is of this trigger's signal."""
+        if event["kind"] == "scaler_skip":
+            return self.signal == "scaler_skip"
         if self.signal == "any":
             return True
-        if self.signal == "nonfinite":
-            return event["kind"] == "nonfinite"
+        if self.signal in ("nonfinite", "scaler_skip"):
+            return event["kind"] == self.signal
         return self.signal in event["signals"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from torch.optim import Optimizer
 
 METHODS = ("zscore", "ema_ratio", "derivative")
 DEFAULT_THRESHOLDS = {"zscore": 6.0, "ema_ratio": 2.0, "derivative": 0.01}
-SIGNALS = ("loss", "grad_norm", "nonfinite")
+SIGNALS = ("loss", "grad_norm", "nonfinite", "scaler_skip")
 _KEPT_EVENTS = 100
 
 
@@ -49,7 +50,17 @@ class LossSpikeDetector(PeriodicMonitor):
     ``grad_norm_factor`` set, a gradient norm above ``grad_norm_factor`` times its EMA (same
     decay and warm-up) is also a spike. A NaN/Inf loss or gradient norm is always an event
     (kind ``nonfinite``), whatever the method and warm-up; non-finite losses never enter the
-    history.
+    history. Under a ``GradScaler`` (``precision="16-mixed"``) a finite loss with a non-finite
+    gradient norm is the scaler skipping the step and lowering its scale, by design: that is
+    an event of kind ``scaler_skip``, which rules ignore unless their trigger asks for
+    ``signal: scaler_skip``.
+
+    Rewind: :meth:`rewind_to` (called by a rule's ``rewind`` action) drops from the window
+    the losses of the steps the rewind undoes, the spike that caused it among them, so the
+    spike does not stay in the window (inflating its std and masking a repeat) and the window
+    holds the history of the weights training resumes from (the detector keeps the last
+    ``max(10 * window, 1000)`` losses for this; a window short of entries after a longer
+    rewind warms up again). The EMAs (``ema_ratio``, gradient norm) are kept as they are.
 
     A *spike* is the first step of an anomalous episode (the episode ends at the first normal
     step), so a diverging run writes one event, not one per step. Each event is appended to
@@ -102,8 +113,12 @@ class LossSpikeDetector(PeriodicMonitor):
         self.threshold = DEFAULT_THRESHOLDS[method] if threshold is None else float(threshold)
         self.ema_decay = ema_decay
         self.grad_norm_factor = grad_norm_factor
+        self._kept = max(10 * window, 1000)
         self.spikes: list[dict[str, Any]] = []
-        self._history: deque[float] = deque(maxlen=window)
+        # Longer than the window, so that a rewind, which drops the losses it undoes, leaves
+        # older ones to refill the window with.
+        self._history: deque[float] = deque(maxlen=self._kept)
+        self._history_steps: deque[int] = deque(maxlen=self._kept)  # the step of each loss
         self._loss_ema: float | None = None
         self._grad_ema: float | None = None
         self._grad_count = 0
@@ -113,6 +128,7 @@ class LossSpikeDetector(PeriodicMonitor):
         self._losses: list[torch.Tensor] = []
         self._grad_sq: list[torch.Tensor] = []
         self._step = 0
+        self._scaler = False
 
     metric_prefix = "mx/spikes/"
 
@@ -134,6 +150,15 @@ class LossSpikeDetector(PeriodicMonitor):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._events.setup(trainer)
         self.every_n_steps = trainer.log_every_n_steps
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaler = scaler is not None and scaler.is_enabled()
+
+    def rewind_to(self, step: int) -> None:
+        """Drop the losses of steps ``>= step`` from the window (see the class docstring)."""
+        while self._history_steps and self._history_steps[-1] >= step:
+            self._history.pop()
+            self._history_steps.pop()
+        self._in_spike = self._in_nonfinite = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._step = trainer.global_step
@@ -203,7 +228,7 @@ class LossSpikeDetector(PeriodicMonitor):
             score = self._loss_score(loss)
             if score > self.threshold:
                 signals.append("loss")
-            self._update_loss(loss)
+            self._update_loss(step, loss)
         if self.grad_norm_factor is not None and grad_norm is not None and math.isfinite(grad_norm):
             if self._grad_ema is not None and self._grad_count >= self.window:
                 values["grad_norm_ratio"] = grad_norm / self._grad_ema
@@ -214,16 +239,18 @@ class LossSpikeDetector(PeriodicMonitor):
         values["score"] = score
         if signals and not self._in_spike:
             self._emit(trainer, step, "spike", signals, values)
+        skipped = self._scaler and nonfinite and loss is not None and math.isfinite(loss)
         if nonfinite and not self._in_nonfinite:
-            self._emit(trainer, step, "nonfinite", ["nonfinite"], values)
+            kind = "scaler_skip" if skipped else "nonfinite"
+            self._emit(trainer, step, kind, [kind], values)
         self._in_spike, self._in_nonfinite = bool(signals), nonfinite
         return score
 
     def _loss_score(self, loss: float) -> float:
-        """The method's score of ``loss`` against the history (NaN during warm-up)."""
-        h = self._history
-        if len(h) < self.window:
+        """The method's score of ``loss`` against the window (NaN during warm-up)."""
+        if len(self._history) < self.window:
             return math.nan
+        h = list(itertools.islice(self._history, len(self._history) - self.window, None))
         mean = sum(h) / len(h)
         if self.method == "zscore":
             std = math.sqrt(sum((v - mean) ** 2 for v in h) / len(h))
@@ -235,8 +262,9 @@ class LossSpikeDetector(PeriodicMonitor):
         # derivative: m_t - m_{t-1} = (L_t - L_{t-window}) / window.
         return (loss - h[0]) / (self.window * abs(mean)) if mean else math.nan
 
-    def _update_loss(self, loss: float) -> None:
+    def _update_loss(self, step: int, loss: float) -> None:
         self._history.append(loss)
+        self._history_steps.append(step)
         self._loss_ema = _ema(self._loss_ema, loss, self.ema_decay)
 
     def _emit(
@@ -265,6 +293,7 @@ class LossSpikeDetector(PeriodicMonitor):
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": list(self._history),
+            "history_steps": list(self._history_steps),
             "loss_ema": self._loss_ema,
             "grad_ema": self._grad_ema,
             "grad_count": self._grad_count,
@@ -274,7 +303,10 @@ class LossSpikeDetector(PeriodicMonitor):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._history = deque(state_dict["history"], maxlen=self.window)
+        self._history = deque(state_dict["history"], maxlen=self._kept)
+        # Checkpoints from before history_steps existed: consecutive steps, newest last.
+        steps = state_dict.get("history_steps") or range(-len(self._history), 0)
+        self._history_steps = deque(steps, maxlen=self._kept)
         self._loss_ema = state_dict["loss_ema"]
         self._grad_ema = state_dict["grad_ema"]
         self._grad_count = state_dict["grad_count"]

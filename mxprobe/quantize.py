@@ -13,6 +13,8 @@ The packed form (``mx_encode`` / ``mx_decode``, from ``packing``), ``block_scale
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from mxprobe.compile_cache import compiled_call, set_compile
@@ -127,17 +129,28 @@ def quantize_mx(
     return _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
 
 
-def _round_cast(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    # Saturating: a finite value past the target's range becomes its max (65504 for fp16),
-    # never Inf; ±Inf and NaN inputs stay what they are.
-    top = torch.finfo(target).max
+@functools.cache
+def _saturation_limit(target: torch.dtype, dtype: torch.dtype) -> float:
+    """The largest finite value of ``target`` that ``dtype`` also holds (fp32 -> fp16: 65504;
+    fp16 -> bf16 and back: 65280, since bf16 rounds 65504 up to 65536, past fp16)."""
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16}[target]
+    top = min(torch.finfo(target).max, torch.finfo(dtype).max)
+    v = torch.tensor(top, dtype=torch.float64).to(target)
+    while float(v) > top or float(v.to(dtype)) != float(v):
+        v = (v.view(bits) - 1).view(target)  # the next smaller positive value of target
+    return float(v)
+
+
+def _round_cast(x: torch.Tensor, target: torch.dtype, top: float) -> torch.Tensor:
+    # Saturating: a finite value past the range becomes ``top``, the largest value both dtypes
+    # hold (65504 for fp16), never Inf; ±Inf and NaN inputs stay what they are.
     clamped = torch.where(x.isinf(), x, x.clamp(-top, top))
     return clamped.to(target).to(x.dtype)
 
 
 @torch.library.custom_op("mxprobe::round_to", mutates_args=())
 def _round_op(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    return compiled_call(_round_cast, x, target=target)
+    return compiled_call(_round_cast, x, target=target, top=_saturation_limit(target, x.dtype))
 
 
 @_round_op.register_fake
@@ -154,7 +167,7 @@ def _round(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     """
     if torch.compiler.is_compiling():
         return _round_op(x, target)
-    return compiled_call(_round_cast, x, target=target)
+    return compiled_call(_round_cast, x, target=target, top=_saturation_limit(target, x.dtype))
 
 
 class _RoundStraightThrough(torch.autograd.Function):

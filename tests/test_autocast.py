@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 import mxprobe
@@ -60,6 +61,11 @@ def test_attention_product_under_autocast_is_in_the_autocast_dtype():
     assert a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
 
 
+def _fp16_with_scaler():
+    # Lightning turns precision="16-mixed" into bf16 on CPU; this plugin keeps fp16 + GradScaler.
+    return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_lightning_mixed_precision_trains_an_mx_model(tmp_path, precision):
     module = TinyMx(d=32, scheme="mxfp8_e4m3")
@@ -70,7 +76,8 @@ def test_lightning_mixed_precision_trains_an_mx_model(tmp_path, precision):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
 
-    trainer(tmp_path, 4, [Losses()], precision=precision).fit(module)
+    options = {"precision": precision} if precision == "bf16-mixed" else _fp16_with_scaler()
+    trainer(tmp_path, 4, [Losses()], **options).fit(module)
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
     moved = [not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True)]
     assert all(moved)

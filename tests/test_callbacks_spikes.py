@@ -5,7 +5,8 @@ import types
 
 import pytest
 import torch
-from mxprobe.callbacks import LossSpikeDetector, read_events
+from lightning.pytorch.plugins.precision import MixedPrecision
+from mxprobe.callbacks import LossSpikeDetector, PrecisionIntervention, read_events
 from mxprobe.callbacks.spikes import squared_norm
 
 from tests.helpers_lightning import TinyMx, trainer
@@ -135,3 +136,55 @@ def test_squared_gradient_norm_against_float64(multi_tensor):
     assert math.isnan(squared_norm(grads, multi_tensor=multi_tensor).item())
     grads[1][3, 4] = float("inf")
     assert squared_norm(grads, multi_tensor=multi_tensor).item() == math.inf
+
+
+class TwoSpikes(TinyMx):
+    """Loss x1000 at two optimizer steps (counted forward, so a rewind does not replay them)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = self.mse(batch)
+        if self.trainer.global_step in (12, 16):
+            loss = loss * 1000.0
+        self.log("train/loss", loss)
+        return loss
+
+
+def test_a_rewind_drops_the_spike_from_the_window_so_a_repeat_is_seen(tmp_path):
+    rule = {
+        "name": "rewind",
+        "trigger": {"kind": "spike", "signal": "loss"},
+        "action": {"kind": "rewind", "steps": 3},
+        "max_times": 1,
+    }
+    detector = LossSpikeDetector(window=5)
+    intervention = PrecisionIntervention(rules=[rule], snapshot_every=1, keep_snapshots=5)
+    trainer(tmp_path, 20, [detector, intervention]).fit(TwoSpikes())
+    assert [e["rewound_to"] for e in intervention.timeline] == [10]
+    # The second spike is 4 steps after the first: with the first still in a 5-step window
+    # its z-score would be ~2; with the window rolled back it is far above the threshold.
+    assert [(e["step"], e["kind"]) for e in detector.spikes] == [(12, "spike"), (16, "spike")]
+
+
+def test_scaler_skips_are_their_own_event_and_do_not_fire_any_rules(tmp_path):
+    class Overflow(TinyMx):
+        def on_after_backward(self):  # an fp16 overflow in the backward pass of step 6
+            if self.trainer.global_step == 6:
+                next(self.parameters()).grad.fill_(float("inf"))
+
+    fired = {
+        "name": "any",
+        "trigger": {"kind": "spike"},
+        "action": {"kind": "scale_lr", "factor": 0.5},
+    }
+    asked = {
+        "name": "asked",
+        "trigger": {"kind": "spike", "signal": "scaler_skip"},
+        "action": {"kind": "scale_lr", "factor": 0.9},
+    }
+    detector = LossSpikeDetector(window=4)
+    intervention = PrecisionIntervention(rules=[fired, asked])
+    # Lightning turns precision="16-mixed" into bf16 on CPU; a GradScaler plugin keeps fp16.
+    fp16 = MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))
+    trainer(tmp_path, 10, [detector, intervention], plugins=[fp16]).fit(Overflow())
+    assert [(e["step"], e["kind"]) for e in detector.spikes] == [(6, "scaler_skip")]
+    assert [e["rule"] for e in intervention.timeline] == ["asked"]

@@ -21,3 +21,11 @@ def test_round_to_below_the_range_is_the_plain_cast():
     x = torch.randn(4096) * 1000
     assert torch.equal(mxprobe.round_to(x, "fp16"), x.half().float())
     assert torch.equal(mxprobe.round_to(x, "bf16"), x.bfloat16().float())
+
+
+def test_round_to_bf16_on_fp16_input_saturates_within_fp16():
+    """fp16 -> bf16 -> fp16 (bf16 elementwise under 16-mixed): bf16 rounds 65504 up to 65536,
+    past fp16, so the saturation point is 65280, the largest value both formats hold."""
+    x = torch.tensor([65504.0, 65400.0, -65504.0, 1.0], dtype=torch.float16)
+    want = torch.tensor([65280.0, 65280.0, -65280.0, 1.0], dtype=torch.float16)
+    assert torch.equal(mxprobe.round_to(x, "bf16"), want)
