@@ -12,9 +12,10 @@ A rule as YAML::
 
 Triggers: ``{kind: spike, signal: any}`` (``signal``: ``any``, ``loss``, ``grad_norm``,
 ``nonfinite`` or ``scaler_skip``; ``any`` leaves out a GradScaler's skipped steps),
-``{kind: step, at: 4500}``, ``{kind: metric, name, op, value, for_steps: 1, after: 0}``. Actions (:mod:`mxprobe.callbacks.actions`): ``{kind: set_scheme, scheme, modules:
-"*", snap: false}``, ``{kind: scale_lr, factor}``, ``{kind: rewind, steps, then: <set_scheme or
-scale_lr action>}``.
+``{kind: step, at: 4500}``, ``{kind: metric, name, op, value, for_steps: 1, after: 0}``.
+Actions (:mod:`mxprobe.callbacks.actions`): ``{kind: set_scheme, scheme, modules: "*", snap:
+false}``, ``{kind: scale_lr, factor}``, ``{kind: rewind, steps, then: <set_scheme or scale_lr
+action>}``.
 """
 
 from __future__ import annotations
