@@ -172,7 +172,7 @@ class PrecisionIntervention(Callback):
         for rule in self.rules:
             for action in rule.scheme_actions():
                 try:
-                    check_scheme_change(pl_module, action.scheme, action.modules)
+                    check_scheme_change(pl_module, action.scheme, action.modules, action.snap)
                 except ValueError as err:
                     raise ValueError(f"rule {rule.name!r}: {err}") from None
 

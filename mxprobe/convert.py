@@ -36,6 +36,7 @@ from torch import nn
 
 from mxprobe import hf_attention
 from mxprobe.adapters import MX_CLASS_OF, adapter_for, probe_weight_offset, twin_class
+from mxprobe.formats import is_mx
 from mxprobe.modules import MxMatmul, MxModule, role_quantizer, snap_parameters
 from mxprobe.scheme import (
     BACKWARD_ROLES,
@@ -213,7 +214,7 @@ def amend_scheme(
         ValueError: ``modules`` matches no MX module, or ``change`` names a role none of the
             matched modules has.
     """
-    matched = check_scheme_change(model, change, modules)
+    matched = check_scheme_change(model, change, modules, snap)
     changed = {}
     for name, module in matched:
         before = module.mx_scheme or PrecisionScheme()  # None means full precision = fp32
@@ -227,18 +228,36 @@ def amend_scheme(
 
 
 def check_scheme_change(
-    model: nn.Module, change: str, modules: str = "*"
+    model: nn.Module, change: str, modules: str = "*", snap: bool = False
 ) -> list[tuple[str, MxModule]]:
-    """The MX modules ``amend_scheme(model, change, modules)`` would amend; raises
-    ``ValueError`` when ``modules`` matches none or ``change`` names a role none of them has
-    (what rules check at setup, before a run relies on them)."""
+    """The MX modules ``amend_scheme(model, change, modules, snap)`` would amend; raises
+    ``ValueError`` when ``modules`` matches none, ``change`` names a role none of them has, or
+    ``snap`` would snap a parameter rounded stochastically (what rules check at setup, before
+    a run relies on them)."""
     PrecisionScheme().amend(change)  # a malformed change fails here, naming the bad item
     matched = [(n, m) for n, m in _mx_modules(model) if fnmatch.fnmatchcase(n, modules)]
     if not matched:
         names = module_names(model)[:10] or "none (call mxprobe.convert first)"
         raise ValueError(f"no MX module matches {modules!r}; MX modules: {names}")
     _check_roles(change, matched, f"matching {modules!r}")
+    if snap:
+        stochastic = [n for n, m in matched if _snaps_stochastic(m, change)]
+        if stochastic:
+            raise ValueError(
+                f"snap=True under stochastic rounding ({stochastic[:4]}): the forward's values "
+                "were drawn with noise that cannot be redrawn, so snapping would set other "
+                "values than the forward used; switch without snap, or snap from rounding=even"
+            )
     return matched
+
+
+def _snaps_stochastic(module: MxModule, change: str) -> bool:
+    before = module.mx_scheme or PrecisionScheme()
+    after = before.amend(change)
+    return before.rounding == "stochastic" and any(
+        is_mx(getattr(before, role)) and role_quantizer(before, role) != role_quantizer(after, role)
+        for role, _ in module.mx_param_roles.values()
+    )
 
 
 def module_names(model: nn.Module) -> list[str]:

@@ -309,3 +309,14 @@ def test_amend_reports_only_modules_whose_rounding_changed():
     mxprobe.convert(model, "mxfp8_e4m3")
     assert sorted(mxprobe.amend_scheme(model, "norm=bf16")) == ["0"]  # the Linear has no norm
     assert mxprobe.amend_scheme(model, "norm=bf16") == {}  # already in force
+
+
+def test_snap_under_stochastic_rounding_is_refused():
+    model = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 32))
+    mxprobe.convert(model, "mxfp8_e4m3,round=stochastic")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="snap=True under stochastic rounding"):
+        mxprobe.amend_scheme(model, "norm=bf16", snap=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert model[0].mx_scheme.norm_affine == "fp8_e4m3"  # nothing was changed
+    mxprobe.amend_scheme(model, "norm=bf16")  # without snap it is allowed
