@@ -36,7 +36,7 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/quant_bench.py
+	$(VENV)/bin/mxprobe bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

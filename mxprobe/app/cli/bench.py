@@ -1,6 +1,6 @@
 """``mxprobe bench``: quantizer throughput per format next to ``x.clone()`` and torchao, one run.
 
-    mxprobe bench [--size 4096] [--threads 2] [--reps 5]   (= python benchmarks/quant_bench.py)
+    mxprobe bench [--size 4096] [--threads 2] [--reps 5]   (make bench)
 
 Prints Melem/s for each (dtype, format) on a size x size tensor, the ratio to ``clone()``
 measured in the same run (the issue's goal: >= 0.33 for fp32 e4m3 floor/even on 2 threads), and,
