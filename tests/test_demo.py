@@ -1,13 +1,18 @@
-"""mxprobe demo --quick end to end: three runs, the report, and a summary that agrees with the
-losses each run logged itself (its CSVLogger metrics.csv), not with another file the demo wrote."""
+"""mxprobe demo --quick end to end: four runs, a summary that agrees with the losses each run
+logged itself (its CSVLogger metrics.csv, recomputed with mxprobe.outcome), and a report whose
+first screen has a headline per run and only panels with data."""
 
 import csv
+import html
 import json
+import re
 
+import yaml
+
+from mxprobe.app import demo_case
 from mxprobe.app.cli import main
+from mxprobe.app.cli.demo import RUNS, demo_config
 from mxprobe.outcome import divergence_summary
-
-RUNS = ("fp32", "mx", "mx_intervention")
 
 
 def logged_losses(run_dir) -> tuple[list[int], list[float]]:
@@ -18,9 +23,10 @@ def logged_losses(run_dir) -> tuple[list[int], list[float]]:
     return [int(r["step"]) for r in rows], [float(r["train/loss"]) for r in rows]
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr()
     summary = json.loads((out / "summary.json").read_text())
     logged = {name: logged_losses(out / name) for name in RUNS}
     losses = {name: values for name, (_, values) in logged.items()}
@@ -29,24 +35,66 @@ def test_demo_quick(tmp_path):
         assert summary["final_loss"][name] == losses[name][-1]
         assert summary["divergence_step"][name] == outcome["divergence_step"]
         if outcome["diverged"] == "false":
-            assert summary[name].startswith("stable")
+            assert summary[name].startswith(("stable", "rescued"))
         else:
-            assert summary[name] == f"diverged at step {outcome['divergence_step']}"
+            assert summary[name].startswith(f"diverged at step {outcome['divergence_step']}")
     assert losses["fp32"] != losses["mx"]  # MX really was emulated
     for name in ("fp32", "mx"):  # no intervention: one loss per step from step 0
         steps = logged[name][0]
         assert steps == list(range(len(steps)))
         if summary["divergence_step"][name] == "":
             assert len(steps) == summary["steps"]  # a stable run trains every step
-    if not summary["intervention_events"]:
-        # No rule fired: the same scheme from the same weights on the same batches.
-        assert losses["mx_intervention"] == losses["mx"]
+    for name in ("mx_intervention", "mx_rewind_only"):
+        if not [e for e in summary["events"][name] if e["kind"] != "spike"]:
+            # No rule fired: the same scheme from the same weights on the same batches.
+            assert losses[name] == losses["mx"]
 
-    report = (out / "report" / "report.md").read_text()
+    # The printed summary: a line per run carrying the report's headline, and the framing.
     for name in RUNS:
-        line = next(x for x in report.splitlines() if f"`{out.name}/{name}`" in x)
-        assert f"{losses[name][-1]:.4g}" in line
-    assert (out / "report" / "report.html").exists()
-    assert (out / "report" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    header = next((out / "mx").rglob("metrics.csv")).read_text().splitlines()[0]
-    assert "mx/grad_bias/total/zeta" in header.split(",")
+        assert summary[name] in printed.out
+    assert "8 of 45" in printed.out and "10 of 45" in printed.out
+    assert "\r" not in printed.err  # not a TTY: plain progress lines, no carriage returns
+    assert re.search(r"\[demo\] mx +step +\d+/\d+ +loss", printed.err)
+
+    page = (out / "report" / "report.html").read_text()
+    headlines = dict(
+        re.findall(r"<li class='headline' data-run='([^']+)'>.*?</span>: (.*?)</li>", page)
+    )
+    assert {k: html.unescape(v) for k, v in headlines.items()} == {n: summary[n] for n in RUNS}
+    assert page.index("class='headline'") < page.index("<img")  # the answer comes first
+    sections = re.findall(
+        r"<section data-title='([^']+)' data-points='(\d+)'>(.*?)</section>", page, re.S
+    )
+    titles = [t for t, _, _ in sections]
+    assert titles[0] == "Loss"
+    assert any(t.startswith("γ block saturation per norm — mx") for t in titles)
+    assert any(t.startswith("Gradient bias ζ per layer") for t in titles)
+    assert not any("fp32" in t for t in titles)  # ζ of an fp32 run carries nothing: left out
+    for title, points, body in sections:
+        assert "data:image/png;base64," in body and int(points) > 0, title
+    # The mechanism names real layers of the model.
+    assert re.search(r"largest mean ζ over .*<code>student\.blocks\.\d", page)
+    assert "8 of 45" in page and "proxy_cpu.yaml" in page
+
+
+def test_demo_case_is_the_shipped_configuration():
+    """The demo's runs are the configs of docs/proxy_cpu.md: they cannot drift apart."""
+    shipped = {
+        name: yaml.safe_load(open(f"examples/configs/{name}.yaml"))
+        for name in ("proxy_cpu", "proxy_cpu_intervention", "proxy_cpu_rewind_only")
+    }
+    for name, shipped_name in (
+        ("mx", "proxy_cpu"),
+        ("mx_intervention", "proxy_cpu_intervention"),
+        ("mx_rewind_only", "proxy_cpu_rewind_only"),
+    ):
+        ours = demo_config(name, demo_case.SEED, quick=False)
+        theirs = shipped[shipped_name]
+        for key in ("model", "data"):
+            expected = {k: v for k, v in theirs[key].items() if k not in ("scheme",)}
+            assert {k: ours[key][k] for k in expected} == expected, (name, key)
+        assert ours["trainer"]["max_steps"] == theirs["trainer"]["max_steps"]
+        by_class = {c["class_path"]: c["init_args"] for c in theirs["trainer"].get("callbacks", [])}
+        ours_by_class = {c["class_path"]: c["init_args"] for c in ours["trainer"]["callbacks"]}
+        for class_path, init_args in by_class.items():
+            assert ours_by_class[class_path] == init_args, (name, class_path)

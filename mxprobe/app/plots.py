@@ -1,5 +1,6 @@
-"""The report's figures, one question each. Every function writes one PNG and returns its path,
-or ``None`` when the runs hold nothing to draw (the report then says so)."""
+"""The report's figures, one question each. Every function writes one PNG and returns ``(path,
+points)``, the number of finite values drawn, or ``(None, 0)`` when the runs hold nothing to
+draw (the report then leaves the panel out or says so)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.colors import ListedColormap, LogNorm  # noqa: E402
 
+from mxprobe.app.headlines import RunOutcome  # noqa: E402
+from mxprobe.app.mechanism import Mechanism  # noqa: E402
 from mxprobe.app.runs import Run, finite  # noqa: E402
 from mxprobe.formats import mx_format  # noqa: E402
+
+Figure = tuple[Path | None, int]
 
 _EVENT_STYLE = {
     "spike": ("v", "C3"),
     "nonfinite": ("x", "black"),
-    "intervention": ("*", "C2"),
     "set_scheme": ("*", "C2"),
     "scale_lr": ("s", "C4"),
     "rewind": ("<", "C1"),
@@ -32,106 +36,146 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _value_at(steps: list[int], values: list[float], step: int) -> float | None:
-    best = None
-    for s, v in zip(steps, values, strict=True):
-        if s <= step and math.isfinite(v):
-            best = v
-    return best
-
-
-def loss_curves(runs: list[Run], path: Path) -> Path | None:
-    """Training loss against step for every run (log scale), events marked and labelled."""
-    drawn = [(r, r.loss_name()) for r in runs if r.loss_name()]
-    if not drawn:
-        return None
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for i, (run, name) in enumerate(drawn):
-        steps, values = run.series(name)
-        pos = [(s, v) for s, v in zip(steps, values, strict=True) if math.isfinite(v) and v > 0]
+def loss_curves(outcomes: list[RunOutcome], path: Path) -> Figure:
+    """Training loss against the training batch for every run (log scale), with its events and
+    where its divergence begins."""
+    if not outcomes:
+        return None, 0
+    fig, ax = plt.subplots(figsize=(10, 5.2))
+    points = 0
+    for i, o in enumerate(outcomes):
+        color = f"C{i}"
+        pos = [(b, v) for b, v in enumerate(o.losses) if math.isfinite(v) and v > 0]
+        points += len(pos)
         if pos:
-            ax.plot([s for s, _ in pos], [v for _, v in pos], lw=1, color=f"C{i}", label=run.name)
-        for ev in run.events:
-            kind = ev.get("kind", "event")
-            step = ev.get("step")
-            if step is None:
-                continue
-            marker, color = _EVENT_STYLE.get(kind, ("o", "grey"))
-            y = _value_at(steps, values, step)
-            if kind == "rewind":
-                target = ev.get("rewound_to")
-                ax.axvline(step, color=color, ls="--", lw=0.8)
-                if target is not None:
-                    ax.annotate(
-                        "",
-                        xy=(target, y or 1),
-                        xytext=(step, y or 1),
-                        arrowprops={"arrowstyle": "->", "color": color},
-                    )
+            ax.plot([b for b, _ in pos], [v for _, v in pos], lw=0.9, color=color, label=o.name)
+        for ev in o.events:
+            marker, ev_color = _EVENT_STYLE.get(ev.get("kind"), ("o", "grey"))
+            y = _value_at(o.losses, ev["batch"])
+            if ev.get("kind") == "rewind":
+                ax.axvline(ev["batch"], color=color, ls="--", lw=0.8, alpha=0.7)
+                ax.annotate(
+                    f"{o.name}: rewind to step {ev.get('rewound_to')}",
+                    (ev["batch"], 1.0),
+                    xycoords=("data", "axes fraction"),
+                    textcoords="offset points",
+                    xytext=(3, -12 - 10 * (i % 3)),
+                    fontsize=7,
+                    color=color,
+                )
+            elif y is not None:
+                ax.plot([ev["batch"]], [y], marker=marker, color=ev_color, ms=7, ls="none")
+        if o.diverged:
+            y = _value_at(o.losses, o.divergence_batch)
             if y is not None:
-                ax.plot([step], [y], marker=marker, color=color, ms=8, ls="none")
-                label = ev.get("rule") or kind
-                ax.annotate(label, (step, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+                ax.plot([o.divergence_batch], [y], marker="X", color=color, ms=11, mec="black")
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("training batch (= optimizer step until a rewind)")
     ax.set_ylabel("training loss (log scale)")
-    ax.set_title("Loss per run (▼ spike, ★ intervention, ← rewind, × non-finite)")
+    ax.set_title("Loss per run (▼ detector alarm, ★ precision change, ■ lr change, X divergence)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path), points
 
 
-def module_heatmap(run: Run, monitor: str, stat: str, path: Path, title: str) -> Path | None:
-    """A module × step heatmap of ``mx/<monitor>/<module>/<stat>`` (the total row excluded)."""
-    per_module = {m: s for m, s in run.mx_metrics(monitor, stat).items() if m != "total"}
-    if not per_module:
-        return None
-    steps = sorted({s for st, _ in per_module.values() for s in st})
-    modules = sorted(per_module)
-    grid = [[math.nan] * len(steps) for _ in modules]
-    col = {s: i for i, s in enumerate(steps)}
-    for r, m in enumerate(modules):
-        for s, v in zip(*per_module[m], strict=True):
-            grid[r][col[s]] = v
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(modules) + 2))
-    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+def _value_at(values: list[float], index: int) -> float | None:
+    """The last finite positive value at or before ``index``."""
+    for v in reversed(values[: index + 1]):
+        if math.isfinite(v) and v > 0:
+            return v
+    return None
+
+
+def _mark_divergence(ax, mech: Mechanism) -> None:
+    if mech.divergence is not None:
+        ax.axvline(mech.divergence, color="C3", ls="--", lw=1)
+        ax.annotate(
+            f"divergence begins (step {mech.divergence})",
+            (mech.divergence, 0.95),
+            xycoords=("data", "axes fraction"),
+            textcoords="offset points",
+            xytext=(4, 0),
+            fontsize=8,
+            color="C3",
+        )
+
+
+def norm_saturation(mech: Mechanism, path: Path) -> Figure:
+    """Per norm: the fraction of γ elements clipped in their block, over steps."""
+    if not mech.saturation:
+        return None, 0
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    points = 0
+    for module, (steps, values) in sorted(mech.saturation.items()):
+        ax.plot(steps, [100 * v for v in values], lw=1.2, marker=".", ms=3, label=module)
+        points += len(finite(values))
+    _mark_divergence(ax, mech)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("γ elements saturated (%)")
+    ax.set_title(f"{mech.run}: layer-norm γ block saturation (E4M3, in force)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    return _save(fig, path), points
+
+
+def zeta_heatmap(mech: Mechanism, path: Path) -> Figure:
+    """A module × step heatmap of ζ over the mechanism's window (log colour scale)."""
+    lo, hi = mech.window
+    cells = {
+        m: {s: v for s, v in zip(*series, strict=True) if lo <= s <= hi}
+        for m, series in mech.zeta.items()
+    }
+    cells = {m: c for m, c in cells.items() if c}
+    if not cells:
+        return None, 0
+    steps = sorted({s for c in cells.values() for s in c})
+    ranked = [m for m, _ in mech.ranked_zeta()]
+    modules = [m for m in ranked if m in cells] + sorted(set(cells) - set(ranked))
+    grid = [[cells[m].get(s, math.nan) for s in steps] for m in modules]
+    positive = [v for row in grid for v in row if math.isfinite(v) and v > 0]
+    points = sum(math.isfinite(v) for row in grid for v in row)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(modules) + 1.8))
+    norm = LogNorm(min(positive), max(positive)) if positive else None
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", norm=norm)
     ax.set_yticks(range(len(modules)), modules, fontsize=7)
-    ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
+    ticks = list(range(0, len(steps), max(1, len(steps) // 10)))
     ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
     ax.set_xlabel("optimizer step")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=stat)
-    return _save(fig, path)
+    ax.set_title(f"{mech.run}: ζ per module, steps {lo}–{hi} (largest mean ζ on top)")
+    fig.colorbar(image, ax=ax, label="ζ (log)")
+    return _save(fig, path), points
 
 
 def per_module_lines(
     runs: list[Run], monitor: str, stats: list[tuple[str, str]], path: Path, title: str
-) -> Path | None:
+) -> Figure:
     """One panel per (stat, axis label): a line per module (and run) over steps."""
     panels = [
         (stat, label) for stat, label in stats if any(r.mx_metrics(monitor, stat) for r in runs)
     ]
     if not panels:
-        return None
+        return None, 0
+    points = 0
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.2 * len(panels)), squeeze=False)
     for ax, (stat, label) in zip(axes[:, 0], panels, strict=True):
         for run in runs:
             for module, (steps, values) in sorted(run.mx_metrics(monitor, stat).items()):
                 prefix = f"{run.name}: " if len(runs) > 1 else ""
                 ax.plot(steps, values, lw=1, label=prefix + module)
+                points += len(finite(values))
         ax.set_ylabel(label)
         ax.set_xlabel("optimizer step")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     axes[0, 0].set_title(title)
-    return _save(fig, path)
+    return _save(fig, path), points
 
 
-def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: str) -> Path | None:
+def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: str) -> Figure:
     series = [(r, r.mx_metrics(monitor, stat).get("total")) for r in runs]
     series = [(r, s) for r, s in series if s]
     if not series:
-        return None
+        return None, 0
     fig, ax = plt.subplots(figsize=(9, 4))
     for i, (run, (steps, values)) in enumerate(series):
         ax.plot(steps, values, lw=1, color=f"C{i}", label=run.name)
@@ -142,16 +186,16 @@ def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: st
     ax.set_title(f"{ylabel} over training (all modules)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(fig, path), sum(len(finite(values)) for _, (_, values) in series)
 
 
 OUTCOMES = ("stable", "recovered spike", "diverged")
 
 
-def stability_map(rows: list[dict], x: str, y: str, path: Path) -> Path | None:
+def stability_map(rows: list[dict], x: str, y: str, path: Path) -> Figure:
     """Cells (x value × y value) coloured by the worst outcome over seeds, with counts."""
     if not rows or x not in rows[0] or y not in rows[0]:
-        return None
+        return None, 0
     xs = sorted({r[x] for r in rows}, key=_sort_key)
     ys = sorted({r[y] for r in rows}, key=_sort_key)
     grid = [[math.nan] * len(xs) for _ in ys]
@@ -176,7 +220,7 @@ def stability_map(rows: list[dict], x: str, y: str, path: Path) -> Path | None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(3)]
     ax.legend(handles, OUTCOMES, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax.set_title("Stability map (worst outcome over seeds; diverged/total)")
-    return _save(fig, path)
+    return _save(fig, path), len(rows)
 
 
 def _sort_key(v):
@@ -186,7 +230,7 @@ def _sort_key(v):
         return (1, 0.0, str(v))
 
 
-def e4m3_code_gaps(path: Path) -> Path:
+def e4m3_code_gaps(path: Path) -> Figure:
     """Relative gap between consecutive E4M3 codes against code index (paper Figure 3, left),
     with the region a floor-scaled block max can reach but no code represents."""
     values = mx_format("fp8_e4m3").magnitudes()  # codes 0x00 .. 0x7E
@@ -202,4 +246,4 @@ def e4m3_code_gaps(path: Path) -> Path:
     ax.set_title("E4M3: relative spacing of consecutive codes")
     ax.legend(loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path)
+    return _save(fig, path), len(gaps)
