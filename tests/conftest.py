@@ -13,7 +13,3 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # The compiled CPU path is tested on purpose in test_quantize_compiled.py; elsewhere it would
 # only add compile time.
 os.environ.setdefault("MXPROBE_COMPILE", "0")
-
-# Test modules import their helpers from tests.helpers_numerics; this name is kept for those
-# that still import it from here.
-from tests.helpers_numerics import bits_equal  # noqa: E402, F401

@@ -13,8 +13,7 @@ from torch._dynamo.testing import CompileCounter
 import mxprobe.compile_cache as compile_cache
 from mxprobe.quantize import quantize_mx, set_compile
 from mxprobe.stats import quantization_sums
-from tests.conftest import bits_equal
-from tests.test_quantize import adversarial
+from tests.helpers_numerics import adversarial, bits_equal
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from mxprobe.stats import (
     sqnr_db,
     underflow_fraction,
 )
-from tests.test_quantize import adversarial
+from tests.helpers_numerics import adversarial
 
 
 def _block(*head: float, size: int = 32, fill: float = 1.0) -> torch.Tensor:

@@ -11,8 +11,7 @@ import torch
 
 from mxprobe.formats import mx_format
 from mxprobe.quantize import block_scale_exponent, quantize_mx
-from tests.conftest import bits_equal
-from tests.test_quantize import adversarial
+from tests.helpers_numerics import adversarial, bits_equal
 
 mx_tensor = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
 config = pytest.importorskip("torchao.prototype.mx_formats.config")
