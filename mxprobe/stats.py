@@ -38,6 +38,7 @@ from mxprobe.formats import ElementFormat, mx_format
 from mxprobe.mx_blocks import (
     block_scale_exponent,
     check_args,
+    exponent,
     pow2,
     quantize_blocks,
     stochastic_noise,
@@ -105,6 +106,32 @@ def floor_overflow_fraction(
     """Fraction of blocks with ``amax / 2^floor(log2 amax) > max_norm / 2^emax``."""
     count, blocks = floor_overflow_count(x, fmt, block_size=block_size, axis=axis)
     return count.double() / max(blocks, 1)
+
+
+# The scale binades of a block maximum that the layer-norm probes count (floor(log2 amax)).
+BINADES = {"amax_lt_half": (None, -2), "amax_half_to_1": (-1, -1), "amax_1_to_2": (0, 0),
+           "amax_ge_2": (1, None)}  # fmt: skip
+
+
+def block_max_exponents(x: torch.Tensor, *, block_size: int = 32, axis: int = -1) -> torch.Tensor:
+    """``floor(log2 amax)`` of every block of ``x``, flat (int32, exact from the fp32 bits; an
+    all-zero or fp32-subnormal block gives -127): the binade that sets its floor scale."""
+    return exponent(_fp32_blocks(x, block_size, axis).abs().amax(dim=2)).reshape(-1)
+
+
+def binade_shares(exponents: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Share of blocks per binade of their maximum (:data:`BINADES`: below 1/2, [1/2, 1),
+    [1, 2), 2 and above), from :func:`block_max_exponents`."""
+    n = max(exponents.numel(), 1)
+    shares = {}
+    for name, (low, high) in BINADES.items():
+        inside = torch.ones_like(exponents, dtype=torch.bool)
+        if low is not None:
+            inside &= exponents >= low
+        if high is not None:
+            inside &= exponents <= high
+        shares[name] = inside.sum().double() / n
+    return shares
 
 
 def underflow_fraction(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -189,3 +189,23 @@ def test_quantization_sums_square_in_float64_at_the_fp32_range_edges():
         got = quantization_stats(quantization_sums(x, "e4m3"))["sqnr_db"].item()
         want = sqnr_db(x, quantize_mx(x, "e4m3")).item()
         assert math.isfinite(got) and abs(got - want) < 1e-6, (scale, got, want)
+
+
+def test_block_max_exponents_and_binade_shares_follow_frexp():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.rand(32, generator=g) * scale for scale in (0.3, 0.9, 1.0, 1.9, 7.0)])
+    x[40] = 1.0  # a block whose max is exactly a power of two
+    want = [math.frexp(float(b.abs().max()))[1] - 1 for b in x.split(32)]
+    from mxprobe.stats import binade_shares, block_max_exponents
+
+    exponents = block_max_exponents(x)
+    assert exponents.tolist() == want
+    shares = {k: v.item() for k, v in binade_shares(exponents).items()}
+    counts = {
+        "amax_lt_half": sum(e <= -2 for e in want),
+        "amax_half_to_1": want.count(-1),
+        "amax_1_to_2": want.count(0),
+        "amax_ge_2": sum(e >= 1 for e in want),
+    }
+    assert shares == {k: c / len(want) for k, c in counts.items()}
+    assert block_max_exponents(torch.zeros(64)).tolist() == [-127, -127]
