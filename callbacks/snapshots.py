@@ -1,5 +1,10 @@
 """Snapshots for rewinds: a LightningModule's and its optimizers' state copied to CPU every few
-steps, the newest few kept, any of them restored exactly and in place."""
+steps, the newest few kept, any of them restored exactly and in place.
+
+Under FSDP2 the state of a sharded parameter (its weights, its Adam moments) is a ``DTensor``:
+each rank copies only its own shard (:class:`LocalShard`, no communication, nothing gathered on
+one rank) and restores it into the same sharding.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,58 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
+from mxprobe.callbacks.events import is_sharded
 from torch import nn
 
 
+@dataclasses.dataclass
+class LocalShard:
+    """This rank's shard of a ``DTensor``, copied to CPU, and what rebuilds the ``DTensor``."""
+
+    local: torch.Tensor
+    device: torch.device
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple[int, ...]
+
+    def to_dtensor(self) -> torch.Tensor:
+        """A new ``DTensor`` on the original device holding a copy of the shard."""
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            self.local.to(self.device, copy=True),
+            self.mesh,
+            self.placements,
+            shape=self.shape,
+            stride=self.stride,
+        )
+
+
+def _cpu_tensor(t: torch.Tensor) -> torch.Tensor | LocalShard:
+    if is_sharded(t):
+        local = t.to_local().detach().to("cpu", copy=True)
+        return LocalShard(local, t.device, t.device_mesh, tuple(t.placements), t.shape, t.stride())
+    return t.detach().to("cpu", copy=True)
+
+
 def _cpu_copy(obj: Any) -> Any:
-    return apply_to_collection(obj, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+    return apply_to_collection(obj, torch.Tensor, _cpu_tensor)
 
 
 def _clone(obj: Any) -> Any:
-    return apply_to_collection(obj, torch.Tensor, torch.clone)
+    """A copy to load into live objects: tensors cloned, shards rebuilt as ``DTensor``."""
+    return apply_to_collection(
+        obj,
+        (torch.Tensor, LocalShard),
+        lambda t: t.to_dtensor() if isinstance(t, LocalShard) else t.clone(),
+    )
+
+
+def _has_shards(obj: Any) -> bool:
+    found = []
+    apply_to_collection(obj, LocalShard, found.append)
+    return bool(found)
 
 
 @dataclasses.dataclass
@@ -25,10 +73,12 @@ class Snapshot:
     """The state at the start of optimizer step ``step`` (before it trains)."""
 
     step: int
-    model: dict[str, torch.Tensor]
-    """The module's ``state_dict`` (weights and buffers), on CPU."""
+    model: dict[str, torch.Tensor | LocalShard]
+    """The module's ``state_dict`` (weights and buffers), on CPU; this rank's shards under
+    FSDP2."""
     optimizers: list[dict[str, Any]]
-    """Every optimizer's ``state_dict`` (moments, step counts, param groups), on CPU."""
+    """Every optimizer's ``state_dict`` (moments, step counts, param groups), on CPU; this
+    rank's shards of sharded state under FSDP2."""
 
 
 class SnapshotStore:
@@ -93,8 +143,10 @@ class SnapshotStore:
         """Put back the snapshot's weights, buffers and optimizer *state*; parameter-group
         hyperparameters (``lr``, betas...) keep their current values, so the LR schedule stays
         a function of ``global_step``."""
-        # load_state_dict copies into the existing parameters, so DDP and optimizers keep them.
-        module.load_state_dict(snapshot.model)
+        # load_state_dict copies into the existing parameters, so DDP and optimizers keep them;
+        # a sharded parameter takes back its own shard.
+        model = _clone(snapshot.model) if _has_shards(snapshot.model) else snapshot.model
+        module.load_state_dict(model)
         for optimizer, saved in zip(optimizers, snapshot.optimizers, strict=True):
             hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             # A clone: the optimizer would otherwise update the snapshot's tensors in place.

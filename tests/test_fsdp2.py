@@ -1,0 +1,160 @@
+"""Two-process CPU FSDP2 (Lightning's ModelParallelStrategy, ``fully_shard`` in
+``configure_model``, gloo): MX training with every monitor, the spike detector and a rule that
+rewinds and snaps, in one fit.
+
+As in test_callbacks_ddp.py, Lightning starts the other rank by re-running the script, so the
+run lives in ``main()`` of this file, executed as a subprocess; each rank writes what it saw to a
+JSON file.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(out_dir: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    import lightning.pytorch as pl
+    import torch
+
+    torch.set_num_threads(1)
+    from mxprobe.callbacks import (
+        ActivationMonitor,
+        GradientBiasMonitor,
+        LossSpikeDetector,
+        NormAffineMonitor,
+        PrecisionIntervention,
+    )
+    from torch.distributed.tensor import DTensor
+
+    import mxprobe
+    from mxprobe.quantize import quantize_mx
+    from tests.helpers_fsdp2 import TinyMxFsdp2, fsdp2_trainer
+
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for t in tensors:
+            t = t.to_local() if isinstance(t, DTensor) else t
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    class Record(pl.Callback):
+        """After the intervention's hook (it is listed later): this rank's shards of the weights
+        and Adam state at each step's start, the gathered gammas, and the mx/ metrics."""
+
+        def __init__(self):
+            self.states, self.metrics, self.snapped = {}, {}, {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            params = [p for n, p in pl_module.named_parameters() if "norm" not in n]
+            moments = [
+                v
+                for s in trainer.optimizers[0].state.values()
+                for k, v in sorted(s.items())
+                if k != "step"
+            ]
+            gammas = [
+                m.weight.full_tensor() for m in pl_module.model.modules() if hasattr(m, "eps")
+            ]
+            self.states[step] = {
+                "weights": digest(params),
+                "moments": digest(moments),
+                "gammas": [g.tolist() for g in gammas],
+                "gammas_e4m3": [quantize_mx(g, "e4m3").tolist() for g in gammas],
+                "local_numel": [p.to_local().numel() for p in pl_module.parameters()],
+            }
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.metrics[trainer.global_step - 1] = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mx/")
+            }
+
+    rule = {
+        "name": "rewind-to-bf16",
+        "trigger": {"kind": "step", "at": 6},
+        "action": {
+            "kind": "rewind",
+            "steps": 2,
+            "then": {"kind": "set_scheme", "scheme": "norm=bf16", "snap": True},
+        },
+    }
+    intervention = PrecisionIntervention(rules=[rule], snapshot_every=2, keep_snapshots=2)
+    record = Record()
+    callbacks = [
+        intervention,
+        record,
+        LossSpikeDetector(window=3),
+        GradientBiasMonitor(every_n_steps=2),
+        NormAffineMonitor(every_n_steps=2),
+        ActivationMonitor(every_n_steps=2),
+    ]
+    module = TinyMxFsdp2()
+    run = fsdp2_trainer(out_dir, 8, callbacks)
+    run.fit(module)
+    result = {
+        "rank": run.global_rank,
+        "timeline": [(e["step"], e["kind"], e.get("rewound_to")) for e in intervention.timeline],
+        "norm_affine": sorted(
+            {s.norm_affine for n, s in mxprobe.schemes_of(module).items() if n.endswith("norm")}
+        ),
+        "sharded": all(isinstance(p, DTensor) for p in module.parameters()),
+        "states": record.states,
+        "metrics": record.metrics,
+    }
+    with open(os.path.join(out_dir, f"rank{run.global_rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def _run(tmp_path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_fsdp2_monitors_rewind_and_snap(tmp_path):
+    ranks = _run(tmp_path)
+    for r in ranks:
+        assert r["sharded"]
+        # d = 32 over two ranks: gamma shards of 16, a block of 32 straddles them.
+        assert r["states"]["0"]["local_numel"][0] == 16
+        assert r["timeline"] == [[6, "rewind", 4], [6, "set_scheme", None]]
+        assert r["norm_affine"] == ["bf16"]
+        states = r["states"]
+        # The rewind at step 6 put back this rank's shards of step 4 exactly: the weights and
+        # the Adam moments.
+        assert states["6"]["weights"] == states["4"]["weights"] != states["5"]["weights"]
+        assert states["6"]["moments"] == states["4"]["moments"]
+        # snap=True: each gamma is the e4m3 value the step-4 forward used, on every rank.
+        assert states["6"]["gammas"] == states["4"]["gammas_e4m3"]
+        assert states["6"]["gammas"] != states["4"]["gammas"]
+    # Every reading of every monitor is the same on both ranks (statistics of the full
+    # tensors); the spike detector's gradient norm is excluded (see the report).
+    zero, one = ({s: _shared(m) for s, m in r["metrics"].items()} for r in ranks)
+    assert zero == one
+    names = set().union(*zero.values())
+    for prefix in ("mx/grad_bias/total/", "mx/norm_affine/model.0.norm/", "mx/activations/"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    assert 0 < zero["2"]["mx/grad_bias/total/zeta"] < 1
+    assert zero["2"]["mx/norm_affine/model.0.norm/in_force"] == 1.0
+    assert zero["6"]["mx/norm_affine/model.0.norm/in_force"] == 0.0
+
+
+def _shared(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "mx/spikes/total/grad_norm"}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
