@@ -62,7 +62,7 @@ def test_truncated_run_still_reports(tmp_path):
     assert any("unreadable event" in n for n in report.notes)
     assert (tmp_path / "out" / "loss.png").exists()
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "Not drawn" in md  # activations were never logged: said, not faked
+    assert "ActivationMonitor logged nothing" in md  # never logged: said in one line, not faked
 
 
 def test_empty_directory_is_a_clear_error(tmp_path, capsys):
@@ -82,3 +82,40 @@ def test_stability_map_from_summary(tmp_path):
     report = build_report([tmp_path / "sweep"], tmp_path / "out")
     section = next(s for s in report.sections if s.title == "Stability map")
     assert section.image is not None and section.image.exists()
+
+
+def test_single_run_headline_and_lead_time(tmp_path):
+    """One user run that diverges: its headline says where (mxprobe.outcome on its own losses),
+    the detector's lead time is counted from its first alarm, and the mechanism panels read
+    that run."""
+    run = tmp_path / "user" / "version_0"
+    run.mkdir(parents=True)
+    cols = ["step", "train/loss", "mx/norm_affine/ln/weight_saturation", "mx/grad_bias/fc/zeta"]
+    with open(run / "metrics.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for s in range(800):
+            loss = 0.01 if s < 300 else 5.0  # diverges at 300 and never recovers
+            mon = [0.01 * (s // 10), 0.2] if s % 10 == 0 else ["", ""]
+            w.writerow([s, loss, *mon])
+    (run / "events.jsonl").write_text(
+        json.dumps({"step": 290, "kind": "spike", "rule": None, "values": {"loss": 0.05}}) + "\n"
+    )
+    report = build_report([tmp_path / "user"], tmp_path / "out")
+    name = report.runs[0].name
+    assert report.headlines == {name: "diverged at step 300"}
+    assert report.lead_times == [
+        f"{name}: detector 10 step(s) ahead of the divergence — first alarm (spike) at step 290, "
+        "divergence at step 300"
+    ]
+    assert report.mechanism.run == name and report.mechanism.window == (200, 300)
+    assert [(m, round(v, 9)) for m, v in report.mechanism.top_zeta()] == [("fc", 0.2)]
+    drawn = [s for s in report.sections if s.image is not None and not s.details]
+    assert [s.title.split(" —")[0] for s in drawn] == [
+        "Loss",
+        "γ block saturation per norm",
+        "Gradient bias ζ per layer before the divergence",
+    ]
+    assert all(s.points > 0 for s in drawn)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.index("diverged at step 300") < md.index("![Loss]")
