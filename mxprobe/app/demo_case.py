@@ -127,5 +127,6 @@ def framing(seed: int, quick: bool) -> list[str]:
             f"lr {MODEL['lr']}, {STEPS} steps), seed {seed}: one seed, chosen because MX "
             "diverges there and FP32 does not"
         )
-    rates = [f"at the full configuration ({SOURCE}): {r.line()}" for r in BASE_RATES]
-    return [case, *rates]
+    short = "; ".join(f"{r.what} {r.count}/{r.total}" for r in BASE_RATES)
+    case += f". At this configuration ({SOURCE}): {short}"
+    return [case, *(r.line() for r in BASE_RATES)]

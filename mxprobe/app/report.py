@@ -353,6 +353,11 @@ def _first_screen_text(report: Report) -> dict[str, list[str]]:
     return lines
 
 
+def _mechanism_title(report: Report) -> str:
+    diverged = report.mechanism and report.mechanism.divergence is not None
+    return "Before the divergence" if diverged else "What the monitors saw"
+
+
 def _write_markdown(report: Report, path: Path) -> None:
     text = _first_screen_text(report)
     lines = ["# mxprobe report", "", "## What happened", ""]
@@ -370,7 +375,7 @@ def _write_markdown(report: Report, path: Path) -> None:
     else:
         lines.append("No run logged an event (no detector alarm, no rewind, no precision change).")
     if text["mechanism"]:
-        lines += ["", "## Before the divergence", ""] + [f"- {m}" for m in text["mechanism"]]
+        lines += ["", f"## {_mechanism_title(report)}", ""] + [f"- {m}" for m in text["mechanism"]]
     lines += ["", "# Details"]
     for section in rest:
         lines += _md_section(section)
@@ -435,9 +440,15 @@ def _write_html(report: Report, path: Path) -> None:
     parts.append("</ul>")
     parts.append("<p><b>Detector lead time.</b> " + "; ".join(map(_esc, text["lead"])) + "</p>")
     if text["framing"]:
-        parts.append("<details class='framing' open><summary>What these runs are</summary><ul>")
-        parts += [f"<li>{_esc(f)}</li>" for f in text["framing"]]
-        parts.append("</ul></details>")
+        # The case in one line; the rates with their commands folded (long command lines).
+        parts.append(
+            f"<p class='framing'><b>What these runs are.</b> {_esc(text['framing'][0])}</p>"
+        )
+        if len(text["framing"]) > 1:
+            parts.append("<details class='framing'><summary>Base rates at this configuration")
+            parts.append(" and the commands that measured them</summary><ul>")
+            parts += [f"<li>{_esc(f)}</li>" for f in text["framing"][1:]]
+            parts.append("</ul></details>")
     first, rest = _split(report)
     for section in first[:1]:
         parts += _html_section(section)
@@ -455,7 +466,7 @@ def _write_html(report: Report, path: Path) -> None:
         )
     parts.append("</section>")
     if text["mechanism"]:
-        parts.append("<h2>Before the divergence</h2><ul>")
+        parts.append(f"<h2>{_mechanism_title(report)}</h2><ul>")
         parts += [f"<li>{_esc(m)}</li>" for m in text["mechanism"]]
         parts.append("</ul>")
     for section in first[1:]:
