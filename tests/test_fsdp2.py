@@ -1,6 +1,6 @@
 """Two-process CPU FSDP2 (Lightning's ModelParallelStrategy, ``fully_shard`` in
 ``configure_model``, gloo): MX training with every monitor, the spike detector and a rule that
-rewinds and snaps, in one fit.
+rewinds and snaps, in one fit checkpointed at step 7; then a second fit resumed from there.
 
 As in test_callbacks_ddp.py, Lightning starts the other rank by re-running the script, so the
 run lives in ``main()`` of this file, executed as a subprocess; each rank writes what it saw to a
@@ -23,6 +23,7 @@ def main(out_dir: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from mxprobe.callbacks import (
         ActivationMonitor,
         GradientBiasMonitor,
@@ -84,19 +85,30 @@ def main(out_dir: str) -> None:
             "then": {"kind": "set_scheme", "scheme": "norm=bf16", "snap": True},
         },
     }
-    intervention = PrecisionIntervention(rules=[rule], snapshot_every=2, keep_snapshots=2)
-    record = Record()
-    callbacks = [
-        intervention,
-        record,
-        LossSpikeDetector(window=3),
-        GradientBiasMonitor(every_n_steps=2),
-        NormAffineMonitor(every_n_steps=2),
-        ActivationMonitor(every_n_steps=2),
-    ]
-    module = TinyMxFsdp2()
-    run = fsdp2_trainer(out_dir, 8, callbacks)
-    run.fit(module)
+
+    def fit(max_steps: int, **fit_kwargs):
+        intervention = PrecisionIntervention(rules=[rule], snapshot_every=2, keep_snapshots=2)
+        record = Record()
+        callbacks = [
+            intervention,
+            record,
+            LossSpikeDetector(window=3),
+            GradientBiasMonitor(every_n_steps=2),
+            NormAffineMonitor(every_n_steps=2),
+            ActivationMonitor(every_n_steps=2),
+            ModelCheckpoint(os.path.join(out_dir, "ckpt"), every_n_train_steps=7, save_top_k=-1),
+        ]
+        module = TinyMxFsdp2()
+        run = fsdp2_trainer(out_dir, max_steps, callbacks, enable_checkpointing=True)
+        run.fit(module, **fit_kwargs)
+        moments = [v for s in run.optimizers[0].state.values() for k, v in s.items() if k != "step"]
+        return run, module, intervention, record, digest(module.parameters()), digest(moments)
+
+    # The full run, checkpointed at step 7 (after the rewind and switch at 6); then a run
+    # resumed from that checkpoint.
+    run, module, intervention, record, weights, moments = fit(9)
+    ckpt = os.path.join(out_dir, "ckpt", "epoch=0-step=7.ckpt")
+    _, resumed, resumed_intervention, _, resumed_weights, resumed_moments = fit(9, ckpt_path=ckpt)
     result = {
         "rank": run.global_rank,
         "timeline": [(e["step"], e["kind"], e.get("rewound_to")) for e in intervention.timeline],
@@ -106,6 +118,11 @@ def main(out_dir: str) -> None:
         "sharded": all(isinstance(p, DTensor) for p in module.parameters()),
         "states": record.states,
         "metrics": record.metrics,
+        "final": [weights, moments],
+        "resumed_final": [resumed_weights, resumed_moments],
+        "resumed_schemes": [str(s) for s in mxprobe.schemes_of(resumed).values()],
+        "schemes": [str(s) for s in mxprobe.schemes_of(module).values()],
+        "resumed_timeline": resumed_intervention.timeline == intervention.timeline,
     }
     with open(os.path.join(out_dir, f"rank{run.global_rank}.json"), "w") as f:
         json.dump(result, f)
@@ -124,7 +141,7 @@ def _run(tmp_path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_fsdp2_monitors_rewind_and_snap(tmp_path):
+def test_fsdp2_monitors_rewind_snap_and_resume(tmp_path):
     ranks = _run(tmp_path)
     for r in ranks:
         assert r["sharded"]
@@ -140,6 +157,11 @@ def test_fsdp2_monitors_rewind_and_snap(tmp_path):
         # snap=True: each gamma is the e4m3 value the step-4 forward used, on every rank.
         assert states["6"]["gammas"] == states["4"]["gammas_e4m3"]
         assert states["6"]["gammas"] != states["4"]["gammas"]
+        # Resumed from step 7 (Lightning's distributed checkpoint): the same weights and Adam
+        # state bit for bit, the schemes (norm=bf16, from checkpoint["mx_precision"]) and the
+        # timeline back.
+        assert r["resumed_final"] == r["final"]
+        assert r["resumed_schemes"] == r["schemes"] and r["resumed_timeline"]
     # Every reading of every monitor is the same on both ranks (statistics of the full
     # tensors); the spike detector's gradient norm is excluded (see the report).
     zero, one = ({s: _shared(m) for s, m in r["metrics"].items()} for r in ranks)
