@@ -96,6 +96,29 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if is_sharded(tensor) else tensor
 
 
+def check_fsdp2_sharding(module: torch.nn.Module, who: str) -> None:
+    """Raise unless every sharded parameter of ``module`` is FSDP2's: ``Shard(0)`` on a 1-d
+    mesh, so that the ranks' shards are disjoint and their sums add up to the full tensor.
+
+    Raises:
+        MisconfigurationException: naming the parameter and its placements (tensor
+            parallelism, HSDP's replicated dimension).
+    """
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    for name, p in module.named_parameters():
+        if not is_sharded(p):
+            continue
+        from torch.distributed.tensor import Shard
+
+        if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+            raise MisconfigurationException(
+                f"{who} supports sharded parameters only as FSDP2 shards them (Shard(0) on a "
+                f"1-d data-parallel mesh); {name!r} has placements {tuple(p.placements)} on a "
+                f"{p.device_mesh.ndim}-d mesh (tensor parallelism and HSDP are not supported)"
+            )
+
+
 def reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` averaged over ranks (unchanged on one process)."""
     if trainer.world_size > 1:

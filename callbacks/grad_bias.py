@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from mxprobe.callbacks.events import (
     PeriodicMonitor,
     check_every_n_steps,
+    check_fsdp2_sharding,
     is_monitored_step,
     is_sharded,
     local_tensor,
@@ -98,7 +99,9 @@ class GradientBiasMonitor(PeriodicMonitor):
 
     Raises:
         MisconfigurationException: at ``setup`` when the LightningModule has no
-            ``compute_loss(batch)`` method (the message explains the protocol).
+            ``compute_loss(batch)`` method (the message explains the protocol); at
+            ``on_fit_start`` for a parameter sharded other than FSDP2's ``Shard(0)`` on a 1-d
+            mesh (tensor parallelism, HSDP).
         ValueError: for ``every_n_steps < 1``.
 
     Example::
@@ -132,6 +135,7 @@ class GradientBiasMonitor(PeriodicMonitor):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model, so that a model built there is seen.
+        check_fsdp2_sharding(pl_module, "GradientBiasMonitor")
         self._owner = {}
         for name, module in named_modules(pl_module):
             for p in module.parameters(recurse=False):

@@ -174,6 +174,44 @@ def test_fsdp2_monitors_rewind_snap_and_resume(tmp_path):
     assert zero["6"]["mx/norm_affine/model.0.norm/in_force"] == 0.0
 
 
+_TENSOR_PARALLEL = """
+import os, tempfile
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from mxprobe.callbacks.events import check_fsdp2_sharding
+
+store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+layer = nn.Linear(4, 4)
+layer.weight = nn.Parameter(distribute_tensor(layer.weight.detach(), mesh, [Shard(0)]))
+check_fsdp2_sharding(layer, "GradientBiasMonitor")
+layer.bias = nn.Parameter(distribute_tensor(layer.bias.detach(), mesh, [Replicate()]))
+try:
+    check_fsdp2_sharding(layer, "GradientBiasMonitor")
+except Exception as exc:
+    print(type(exc).__name__, exc)
+dist.destroy_process_group()
+"""
+
+
+def test_sharding_other_than_fsdp2_is_refused_by_name():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _TENSOR_PARALLEL],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.startswith("MisconfigurationException GradientBiasMonitor supports")
+    assert "'bias' has placements (Replicate(),)" in done.stdout
+
+
 def _shared(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "mx/spikes/total/grad_norm"}
 
