@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from mxprobe.callbacks.actions import ActionContext
-from mxprobe.callbacks.events import EventLog, PeriodicMonitor, reduce_sum
+from mxprobe.callbacks.events import EventLog, PeriodicMonitor, is_sharded, reduce_sum
 from mxprobe.callbacks.precision_state import load_schemes, save_schemes
 from mxprobe.callbacks.rules import MetricTrigger, Rule, SpikeTrigger, StepTrigger, parse_rules
 from mxprobe.callbacks.snapshots import Snapshot, SnapshotStore
@@ -169,6 +169,13 @@ class PrecisionIntervention(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model: a model built and converted there exists only from here on.
+        if self.checkpoint_snapshots and any(is_sharded(p) for p in pl_module.parameters()):
+            raise MisconfigurationException(
+                "PrecisionIntervention(checkpoint_snapshots=True) is not supported under FSDP2: "
+                "snapshots hold each rank's own shards, which the callback state of a "
+                "distributed checkpoint does not keep per rank; use checkpoint_snapshots=False "
+                "(snapshots are then retaken after a resume)"
+            )
         for rule in self.rules:
             for action in rule.scheme_actions():
                 try:

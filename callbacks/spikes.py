@@ -10,7 +10,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from mxprobe.callbacks.events import EventLog, PeriodicMonitor, log_stats, reduce_sum
+from mxprobe.callbacks.events import (
+    EventLog,
+    PeriodicMonitor,
+    is_sharded,
+    local_tensor,
+    log_stats,
+    reduce_sum,
+)
 from torch.optim import Optimizer
 
 METHODS = ("zscore", "ema_ratio", "derivative")
@@ -168,8 +175,17 @@ class LossSpikeDetector(PeriodicMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            self._grad_sq.append(squared_norm(grads))
+        if not grads:
+            return
+        # FSDP2: each rank holds disjoint shards of the gradients; their squares add up over
+        # ranks (one all-reduce), so every rank sees the norm of the full gradient.
+        shards = [local_tensor(g) for g in grads if is_sharded(g)]
+        whole = [g for g in grads if not is_sharded(g)]
+        total = squared_norm(whole) if whole else None
+        if shards:
+            shard_sq = reduce_sum(trainer, squared_norm(shards))
+            total = shard_sq if total is None else total + shard_sq
+        self._grad_sq.append(total)
 
     def on_train_batch_end(
         self,
