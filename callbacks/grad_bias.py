@@ -38,6 +38,18 @@ COMPUTE_LOSS_PROTOCOL = (
 )
 
 
+GROUPS = ("total_norms", "total_linears")
+
+
+def _group(module: nn.Module) -> str | None:
+    """``total_norms`` for an MX norm, ``total_linears`` for an MX GEMM module, else None."""
+    if not isinstance(module, MxModule):
+        return None
+    if "norm_affine" in module.mx_roles:
+        return "total_norms"
+    return "total_linears" if "weight" in module.mx_roles else None
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -62,7 +74,9 @@ class GradientBiasMonitor(PeriodicMonitor):
     restored afterwards) and logs, per module owning parameters whose qualified name matches
     ``modules`` and in total over all the optimizer's parameters that have a gradient:
 
-    ``mx/grad_bias/<module>/<stat>`` and ``mx/grad_bias/total/<stat>`` with ``stat`` in
+    ``mx/grad_bias/<module>/<stat>``, ``mx/grad_bias/total/<stat>`` and the paper's contrast
+    ``mx/grad_bias/total_norms/<stat>`` (every MX norm's γ, β together) against
+    ``mx/grad_bias/total_linears/<stat>`` (every MX GEMM module's weights) with ``stat`` in
     ``cosine``, ``zeta`` (``||g_q - g_fp||^2 / ||g_fp||^2``), ``bias``
     (``<g_q, g_fp> / ||g_fp||^2 - 1``), ``mean_diff`` and ``norm_ratio`` (see
     :mod:`mxprobe.stats`).
@@ -121,6 +135,7 @@ class GradientBiasMonitor(PeriodicMonitor):
         self._batches: list[Any] = []
         self._batches_step = -1
         self._owner: dict[torch.nn.Parameter, str] = {}
+        self._groups: dict[str, str] = {}
 
     @property
     def state_key(self) -> str:
@@ -137,9 +152,13 @@ class GradientBiasMonitor(PeriodicMonitor):
         # After configure_model, so that a model built there is seen.
         check_fsdp2_sharding(pl_module, "GradientBiasMonitor")
         self._owner = {}
+        self._groups: dict[str, str] = {}
         for name, module in named_modules(pl_module):
             for p in module.parameters(recurse=False):
                 self._owner.setdefault(p, name or "<root>")
+            group = _group(module)
+            if group:
+                self._groups[name or "<root>"] = group
         stochastic = any(
             isinstance(m, MxModule)
             and m.mx_scheme is not None
@@ -270,4 +289,10 @@ class GradientBiasMonitor(PeriodicMonitor):
         total = torch.stack(list(per_module.values())).sum(0)
         for stat, v in gradient_comparison(total).items():
             stats[f"mx/grad_bias/total/{stat}"] = v
+        # The paper's contrast: the norms' affine parameters against the GEMM weights.
+        for group in GROUPS:
+            members = [sums for name, sums in per_module.items() if self._groups.get(name) == group]
+            if members:
+                for stat, v in gradient_comparison(torch.stack(members).sum(0)).items():
+                    stats[f"mx/grad_bias/{group}/{stat}"] = v
         return stats

@@ -25,6 +25,8 @@ from mxprobe.modules import MxModule
 from mxprobe.quantize import quantize_mx
 from mxprobe.scheme import PrecisionScheme
 from mxprobe.stats import (
+    binade_shares,
+    block_max_exponents,
     floor_overflow_fraction,
     quantization_stats,
     quantization_sums,
@@ -121,8 +123,22 @@ class NormAffineMonitor(PeriodicMonitor):
     - ``weight_mean``, ``weight_std``: of γ itself.
     - ``bias_saturation``, ``bias_floor_overflow``, ``bias_rel_bias``, ``bias_rel_error``:
       the same for β when the module has one.
-    - ``ref_weight_saturation``, ..., ``ref_bias_rel_error``: the same under
-      ``reference_format``, for a norm whose own ``norm_affine`` is not MX now.
+    - ``weight_gap``: mean of ``q(γ) - γ``, the effective γ the forward uses minus the latent
+      one the optimizer updates (e4m3 floor: about ``-0.06`` when γ sits in [0.875, 1)).
+    - ``ref_weight_saturation``, ..., ``ref_bias_gap``: the same under ``reference_format``,
+      for a norm whose own ``norm_affine`` is not MX now.
+
+    Mechanism probes (the paper's: γ clustered near 1 drifts down through the saturating zone
+    of the floor scale), whatever the format in force:
+
+    - ``weight_blocks_amax_lt_half``, ``weight_blocks_amax_half_to_1``,
+      ``weight_blocks_amax_1_to_2``, ``weight_blocks_amax_ge_2``: share of γ blocks whose
+      maximum lies in that scale binade (``floor(log2 amax)``, which sets the block's floor
+      scale). The share in the *saturating zone* (for E4M3, max in [0.875, 1)·2^k, where the
+      floor scale clips every γ of [0.875, 1) to 0.875) is ``weight_floor_overflow`` above.
+    - ``weight_blocks_crossed``: number of γ blocks whose binade changed since this monitor's
+      previous reading of the module (each crossing rescales the whole block: with E4M3 up to
+      12.5 % per element); kept in ``state_dict`` so a resumed run counts on.
     - ``in_force``: 1 when the statistics are for the module's own MX format, 0 when for the
       reference format.
 
@@ -155,10 +171,19 @@ class NormAffineMonitor(PeriodicMonitor):
         self.reference_format = _check_reference(reference_format)
         self.modules = modules
         self._generator: torch.Generator | None = None
+        # {module: floor(log2) of each γ block max at the last reading}, for blocks_crossed.
+        self._binades: dict[str, torch.Tensor] = {}
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=self.every_n_steps, modules=self.modules)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"binades": {k: v.tolist() for k, v in self._binades.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        binades = state_dict.get("binades", {})
+        self._binades = {k: torch.tensor(v, dtype=torch.int32) for k, v in binades.items()}
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
@@ -170,7 +195,23 @@ class NormAffineMonitor(PeriodicMonitor):
             for name, module in _matching(pl_module, is_norm, self.modules):
                 for stat, v in self._module_stats(module).items():
                     stats[f"mx/norm_affine/{name}/{stat}"] = v
+                weight = _operand(module, "weight")
+                if weight is not None:
+                    for stat, v in self._probes(name, module, weight).items():
+                        stats[f"mx/norm_affine/{name}/{stat}"] = v
         log_stats(trainer, pl_module, stats)
+
+    def _probes(self, name: str, module: nn.Module, weight: torch.Tensor) -> dict:
+        """The mechanism probes of γ (see the class docstring): binade shares, crossings."""
+        scheme = module.active_scheme() if isinstance(module, MxModule) else None
+        block_size = (scheme or PrecisionScheme()).block_size
+        binades = block_max_exponents(weight, block_size=block_size).cpu()
+        stats = {f"weight_blocks_{k}": v for k, v in binade_shares(binades).items()}
+        previous = self._binades.get(name)
+        if previous is not None and previous.shape == binades.shape:
+            stats["weight_blocks_crossed"] = (previous != binades).sum().double()
+        self._binades[name] = binades
+        return stats
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model: a model built there exists only from here on.
@@ -206,6 +247,7 @@ class NormAffineMonitor(PeriodicMonitor):
             stats[f"{key}_floor_overflow"] = floor_overflow_fraction(p, fmt, **kw)
             stats[f"{key}_rel_bias"] = relative_bias(p, q)
             stats[f"{key}_rel_error"] = relative_error(p, q)
+            stats[f"{key}_gap"] = (q.double() - p.double()).mean()
         stats["in_force"] = torch.tensor(float(in_force))
         return stats
 

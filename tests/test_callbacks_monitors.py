@@ -35,7 +35,7 @@ def test_grad_bias_is_exactly_zero_under_fp32_scheme(tmp_path):
     assert sorted(recorder.steps) == [0, 1, 2]
     for metrics in recorder.steps.values():
         zetas = {k: v for k, v in metrics.items() if k.endswith("/zeta")}
-        assert len(zetas) == 1 + 2 * 3  # total + 3 parameter-owning modules per block
+        assert len(zetas) == 3 + 2 * 3  # total, total_norms, total_linears + 3 modules per block
         assert set(zetas.values()) == {0.0}
         assert metrics["mx/grad_bias/total/cosine"] == pytest.approx(1.0, abs=1e-6)
         assert metrics["mx/grad_bias/total/bias"] == 0.0
@@ -228,3 +228,36 @@ def test_norm_affine_on_plain_rmsnorm_uses_the_reference():
     assert stats["ref_weight_floor_overflow"].item() == 0.5
     assert stats["ref_weight_saturation"].item() == 1 / 64
     assert not any("bias_" in k for k in stats)
+
+
+def test_norm_probes_count_binades_crossings_and_the_gap(tmp_path):
+    """The mechanism probes on a γ moved by hand between two readings, checked by hand."""
+    from lightning.pytorch.callbacks import Callback
+
+    class MoveGamma(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            gamma = pl_module.model[0].norm.weight
+            with torch.no_grad():
+                # Step 0: the (one) block max at 1.01 (binade [1, 2)). Step 1: the max
+                # pushed below 1 ([0.5, 1)): one block crossed.
+                gamma.copy_(torch.full_like(gamma, 0.95))
+                gamma[1] = 1.01 if trainer.global_step == 0 else 0.96
+
+    monitor = NormAffineMonitor(every_n_steps=1)
+    seen = []
+
+    class Read(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            seen.append({k.split("/")[-1]: float(v) for k, v in m.items() if "model.0.norm/" in k})
+
+    trainer(tmp_path, 2, [MoveGamma(), monitor, Read()]).fit(TinyMx(d=32, lr=0.0))
+    first, second = seen
+    assert first["weight_blocks_amax_1_to_2"] == 1.0 and "weight_blocks_crossed" not in first
+    assert second["weight_blocks_amax_half_to_1"] == 1.0
+    assert second["weight_blocks_crossed"] == 1.0
+    # e4m3, floor scale: a block with max 0.96 has S = -1 - 8, so 0.95 and 0.96 clip to 0.875;
+    # in the first block (max 1.01) they round to 0.9375 (step 1/16 in [0.5, 1)) and 1.0.
+    assert second["weight_gap"] == pytest.approx(((0.875 - 0.95) * 31 + (0.875 - 0.96)) / 32)
+    want_first = ((0.9375 - 0.95) * 31 + (1.0 - 1.01)) / 32
+    assert first["weight_gap"] == pytest.approx(want_first, rel=1e-5)

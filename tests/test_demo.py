@@ -49,6 +49,15 @@ def test_demo_quick(tmp_path, capsys):
             # No rule fired: the same scheme from the same weights on the same batches.
             assert losses[name] == losses["mx"]
 
+    # The layer-norm mechanism probes are logged by the MX run and summarised.
+    with open(next((out / "mx").rglob("metrics.csv")), newline="") as fh:
+        columns = next(csv.reader(fh))
+    for probe in ("weight_blocks_amax_half_to_1", "weight_blocks_crossed", "weight_gap"):
+        assert any(c.endswith(f"/{probe}") and "mx/norm_affine/" in c for c in columns), probe
+    assert any(c.startswith("mx/grad_bias/total_norms/") for c in columns)
+    assert any("layer norms" in line and "linear weights" in line for line in summary["mechanism"])
+    assert any("crossing a power of two" in line for line in summary["mechanism"])
+
     # The printed summary: a line per run carrying the report's headline, and the framing.
     for name in RUNS:
         assert summary[name] in printed.out

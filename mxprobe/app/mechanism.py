@@ -8,6 +8,7 @@ demo's ``mx``); failing that, the first with MX readings, over its whole length.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -30,15 +31,18 @@ class Mechanism:
     window: tuple[int, int]
     saturation: Series
     zeta: Series
+    crossed: Series = dataclasses.field(default_factory=dict)
+    below_one: Series = dataclasses.field(default_factory=dict)
+    groups: Series = dataclasses.field(default_factory=dict)  # total_norms / total_linears ζ
 
-    def _ranked(self, series: Series) -> list[tuple[str, float]]:
+    def _ranked(self, series: Series, total: bool = False) -> list[tuple[str, float]]:
         lo, hi = self.window
         means = {}
         for module, (steps, values) in series.items():
             inside = [v for s, v in zip(steps, values, strict=True) if lo <= s <= hi]
             inside = [v for v in inside if math.isfinite(v)]
             if inside:
-                means[module] = sum(inside) / len(inside)
+                means[module] = sum(inside) / (1 if total else len(inside))
         return sorted(means.items(), key=lambda kv: -kv[1])
 
     def ranked_zeta(self) -> list[tuple[str, float]]:
@@ -62,9 +66,25 @@ class Mechanism:
         if self.zeta:
             top = ", ".join(f"`{m}` {v:.3g}" for m, v in self.top_zeta())
             lines.append(f"largest mean ζ over {when}: {top}")
+        if len(self.groups) == 2:
+            means = dict(self._ranked(self.groups))
+            lines.append(
+                f"mean ζ over {when}: layer norms {means.get('total_norms', math.nan):.3g} vs "
+                f"linear weights {means.get('total_linears', math.nan):.3g}"
+            )
         if self.saturation:
             top = ", ".join(f"`{m}` {100 * v:.2g}%" for m, v in self.top_saturation())
             lines.append(f"largest mean γ block saturation over {when}: {top}")
+        if self.below_one:
+            top = ", ".join(f"`{m}` {100 * v:.2g}%" for m, v in self._ranked(self.below_one)[:TOP])
+            lines.append(f"largest mean share of γ blocks with max below 1 over {when}: {top}")
+        if self.crossed:
+            ranked = self._ranked(self.crossed, total=True)
+            top = ", ".join(f"`{m}` {v:.0f}" for m, v in ranked[:TOP])
+            lines.append(
+                f"γ blocks crossing a power of two between readings over {when}: "
+                f"{sum(v for _, v in ranked):.0f} in all; most: {top}"
+            )
         return lines
 
 
@@ -74,8 +94,21 @@ def _in_force(o: RunOutcome, stat: str) -> Series:
     return {m: s for m, s in o.run.mx_metrics("norm_affine", stat).items() if m != "total"}
 
 
+def _below_one(o: RunOutcome) -> Series:
+    """Share of γ blocks whose max is below 1 (the two lower binades of the probes)."""
+    low = o.run.mx_metrics("norm_affine", "weight_blocks_amax_lt_half")
+    mid = o.run.mx_metrics("norm_affine", "weight_blocks_amax_half_to_1")
+    out = {}
+    for module, (steps, values) in mid.items():
+        below = dict(zip(*low.get(module, ([], [])), strict=True))
+        out[module] = (steps, [v + below.get(s, 0.0) for s, v in zip(steps, values, strict=True)])
+    return out
+
+
 def _zeta(o: RunOutcome) -> Series:
-    series = {m: s for m, s in o.run.mx_metrics("grad_bias", "zeta").items() if m != "total"}
+    series = {
+        m: s for m, s in o.run.mx_metrics("grad_bias", "zeta").items() if not m.startswith("total")
+    }
     return series if any(v != 0 for _, vals in series.values() for v in vals) else {}
 
 
@@ -94,4 +127,11 @@ def find_mechanism(outcomes: list[RunOutcome]) -> Mechanism | None:
     else:
         last = max((s[-1] for s, _ in (*saturation.values(), *zeta.values()) if s), default=0)
         window = (0, last)
-    return Mechanism(o.name, o.divergence_batch if o.diverged else None, window, saturation, zeta)
+    crossed = o.run.mx_metrics("norm_affine", "weight_blocks_crossed")
+    divergence = o.divergence_batch if o.diverged else None
+    groups = {
+        m: series
+        for m, series in o.run.mx_metrics("grad_bias", "zeta").items()
+        if m in ("total_norms", "total_linears")
+    }
+    return Mechanism(o.name, divergence, window, saturation, zeta, crossed, _below_one(o), groups)
