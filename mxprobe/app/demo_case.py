@@ -3,16 +3,19 @@
 The configuration is ``examples/configs/proxy_cpu.yaml`` (L=4, d=128, batch 256, Adam lr 8.5e-3
 constant, 1200 steps), the rule that of ``examples/configs/proxy_cpu_intervention.yaml``, the
 control that of ``examples/configs/proxy_cpu_rewind_only.yaml`` (tests/test_demo.py checks that
-these stay equal). Seed 0 is a seed where MX diverges and FP32 does not; :data:`BASE_RATES`
-says how often that happens at this configuration, so nobody reads one seed as a rate. Every
-count comes from docs/proxy_cpu.md with the command that measured it.
+these stay equal). Seed 2 is a seed where, on the current code (2026-12-01 re-scan in
+docs/proxy_cpu.md), MX diverges and FP32 does not; :data:`BASE_RATES` says how often such
+outcomes happened at this configuration, so nobody reads one seed as a rate. Every count comes
+from docs/proxy_cpu.md with the command that measured it; :data:`RATES_CAVEAT` says which code
+measured them. At the stability edge a seed's outcome depends on floating-point reduction order
+(code version, machine), so re-check the seed after changing the compiled graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SEED = 0
+SEED = 2
 SOURCE = "docs/proxy_cpu.md"
 
 MODEL = {
@@ -114,6 +117,12 @@ BASE_RATES = (
 )
 
 
+RATES_CAVEAT = (
+    "rates measured on the code before 2026-12-01 on another machine instance; per-seed outcomes "
+    "have moved since (the 2026-12-01 re-scan of seeds 1-10: MX diverged in 3 of 10)"
+)
+
+
 def framing(seed: int, quick: bool) -> list[str]:
     """What the demo's four runs are, and why one seed is not a rate."""
     if quick:
@@ -128,5 +137,5 @@ def framing(seed: int, quick: bool) -> list[str]:
             "diverges there and FP32 does not"
         )
     short = "; ".join(f"{r.what} {r.count}/{r.total}" for r in BASE_RATES)
-    case += f". At this configuration ({SOURCE}): {short}"
+    case += f". At this configuration ({SOURCE}; {RATES_CAVEAT}): {short}"
     return [case, *(r.line() for r in BASE_RATES)]

@@ -73,10 +73,10 @@ class Mechanism:
                 f"linear weights {means.get('total_linears', math.nan):.3g}"
             )
         if self.saturation:
-            top = ", ".join(f"`{m}` {100 * v:.2g}%" for m, v in self.top_saturation())
+            top = ", ".join(f"`{m}` {100 * v:.0f}%" for m, v in self.top_saturation())
             lines.append(f"largest mean γ block saturation over {when}: {top}")
         if self.below_one:
-            top = ", ".join(f"`{m}` {100 * v:.2g}%" for m, v in self._ranked(self.below_one)[:TOP])
+            top = ", ".join(f"`{m}` {100 * v:.0f}%" for m, v in self._ranked(self.below_one)[:TOP])
             lines.append(f"largest mean share of γ blocks with max below 1 over {when}: {top}")
         if self.crossed:
             ranked = self._ranked(self.crossed, total=True)
