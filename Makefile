@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/mxprobe demo --out out/demo
 
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

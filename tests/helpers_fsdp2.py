@@ -5,8 +5,6 @@ processes (gloo)."""
 
 from __future__ import annotations
 
-import os
-
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -14,7 +12,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 import mxprobe
-from tests.helpers_lightning import Block, TinyMx
+from tests.helpers_lightning import Block, TinyMx, trainer
 
 
 class TinyMxFsdp2(TinyMx):
@@ -40,17 +38,5 @@ class TinyMxFsdp2(TinyMx):
 
 def fsdp2_trainer(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     """A quiet two-process CPU trainer under FSDP2 (``ModelParallelStrategy``, gloo)."""
-    options = dict(
-        accelerator="cpu",
-        devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_steps=max_steps,
-        default_root_dir=os.fspath(root),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
+    fsdp2 = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    return trainer(root, max_steps, callbacks, devices=2, strategy=fsdp2, **kwargs)

@@ -9,7 +9,11 @@ DDP each rank draws its own batches (the seed includes the rank).
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -129,3 +133,16 @@ def trainer(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     )
     options.update(kwargs)
     return pl.Trainer(**options)
+
+
+def run_ranks(script: str, out_dir, timeout: int = 240) -> list[dict]:
+    """Run ``script`` (a test module that writes ``rank{r}.json`` into ``out_dir`` from two
+    Lightning processes) in a fresh interpreter; the two ranks' results."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, script, str(out_dir)], env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in (0, 1)]

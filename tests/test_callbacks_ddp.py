@@ -6,9 +6,10 @@ Lightning's DDP launcher starts the other rank by re-running the script, so the 
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers_lightning import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,16 +64,7 @@ def main(out_dir: str) -> None:
 
 
 def test_ddp_ranks_switch_together(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_ranks(__file__, tmp_path)
     for r in ranks:
         assert r["spikes"] == [[6, "spike"]]
         assert r["timeline"] == [[7, "set_scheme"]]

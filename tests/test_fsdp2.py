@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers_lightning import run_ranks
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -129,16 +131,7 @@ def main(out_dir: str) -> None:
 
 
 def _run(tmp_path) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return run_ranks(__file__, tmp_path)
 
 
 def test_fsdp2_monitors_rewind_snap_and_resume(tmp_path):
