@@ -5,18 +5,20 @@ from __future__ import annotations
 import torch
 import transformers
 
+# The decoder size shared by the Llama-style configs: 2 layers, d=64, grouped-query attention.
+DECODER = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
 
 def llama():
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER))
 
 
 def gpt2():
@@ -28,17 +30,7 @@ def gpt2():
 
 
 def qwen3():
-    config = transformers.Qwen3Config(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-    )
-    return transformers.Qwen3ForCausalLM(config)
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**DECODER, head_dim=16))
 
 
 MODELS = {"llama": llama, "gpt2": gpt2, "qwen3": qwen3}
