@@ -17,6 +17,7 @@ import functools
 
 import torch
 
+from mxprobe import native
 from mxprobe.compile_cache import compiled_call, set_compile
 from mxprobe.formats import ElementFormat
 from mxprobe.mx_blocks import (
@@ -44,18 +45,32 @@ __all__ = [
     "set_compile",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
 def _resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        if x.is_cuda:
+            return "triton"
+        # Under torch.compile the torch block numerics are traced and fused into the graph.
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and native.available():
+            return "native"
+        return "torch"
+    if backend == "native" and (x.device.type != "cpu" or not native.available()):
+        raise RuntimeError(
+            f"backend='native' needs a CPU tensor and a built native quantizer; got a tensor on "
+            f"{x.device} ({native.unavailable_reason() or 'native quantizer available'}); use "
+            "backend='auto' or 'torch'"
+        )
     return backend
 
 
 def _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator):
     """The dequantized tensor, in ``x``'s dtype and shape."""
-    if _resolve_backend(backend, x) == "triton":
+    resolved = _resolve_backend(backend, x)
+    if resolved == "native":
+        return native.quantize(x, fmt, block_size, axis, scale_mode, rounding, generator)
+    if resolved == "triton":
         from mxprobe.triton_kernels import quantize_mx_triton
 
         return quantize_mx_triton(x, fmt, block_size, axis, scale_mode, rounding, generator)
@@ -106,7 +121,9 @@ def quantize_mx(
         scale_mode: ``floor`` (OCP), ``rceil`` (NVIDIA), ``ceil`` or ``even`` (torchao).
         rounding: ``even`` (ties to even), ``nearest`` (ties away from zero), ``floor``
             (toward zero) or ``stochastic`` (unbiased; reproducible with ``generator``).
-        backend: ``torch``, ``triton`` or ``auto`` (Triton for CUDA tensors, torch otherwise).
+        backend: ``auto`` (Triton for CUDA tensors; for CPU tensors the native C kernel,
+            built at first use, or the torch path under ``torch.compile`` and where no C
+            compiler is found), ``native``, ``torch`` (the reference) or ``triton``.
         generator: random source for stochastic rounding.
 
     A block holding a NaN or ±Inf comes out all NaN; other values saturate at the element's

@@ -1,0 +1,182 @@
+"""The native C quantizer against the independent reference and the torch path, bit for bit.
+
+The kernel is built by ``mxprobe.native`` with the machine's C compiler; on a machine with a
+compiler, an unavailable kernel is a failure (it would silently cost users the fast path).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mxprobe import native
+from mxprobe.formats import MX_FORMAT_NAMES
+from mxprobe.quantize import SCALE_MODES, quantize_mx
+from tests.helpers_numerics import DETERMINISTIC, DTYPES, adversarial, bits_equal, heavy_tailed
+from tests.mx_reference import reference_quantize
+
+HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang"))
+pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def nq(x, fmt, **kw):
+    return quantize_mx(x, fmt, backend="native", **kw)
+
+
+def test_the_kernel_builds_and_is_what_auto_uses_on_cpu(monkeypatch):
+    assert native.available(), native.unavailable_reason()
+    calls = []
+    real = native.quantize
+    monkeypatch.setattr(native, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    quantize_mx(torch.randn(4, 64), "e4m3")
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("fmt", MX_FORMAT_NAMES)
+@pytest.mark.parametrize("scale_mode", SCALE_MODES)
+@pytest.mark.parametrize("rounding", DETERMINISTIC)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adversarial_matches_reference(fmt, scale_mode, rounding, dtype):
+    x = adversarial(fmt).to(dtype)
+    for axis in (-1, 0):  # contiguous blocks, and blocks across rows (the strided loops)
+        got = nq(x, fmt, axis=axis, scale_mode=scale_mode, rounding=rounding)
+        want = reference_quantize(x, fmt, 32, axis, scale_mode, rounding)
+        assert bits_equal(got, want), (axis, (got != want).sum())
+
+
+@pytest.mark.parametrize("fmt", MX_FORMAT_NAMES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_axes_tails_and_block_sizes_match_reference(fmt, dtype):
+    x = heavy_tailed(3, 37, 45, seed=5).to(dtype)
+    # 4100 > the kernel's 4096-element chunk: one block spans several chunks of columns.
+    long = heavy_tailed(2, 4100, seed=6).to(dtype)
+    for t, axis, bs in [(x, a, b) for a in (0, 1, 2) for b in (32, 7, 1, 64)] + [(long, 1, 4100)]:
+        for scale_mode in ("floor", "rceil"):
+            got = nq(t, fmt, block_size=bs, axis=axis, scale_mode=scale_mode)
+            want = reference_quantize(t, fmt, bs, axis, scale_mode, "even")
+            assert bits_equal(got, want), (axis, bs, scale_mode)
+
+
+finite_f32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
+special_f32 = st.sampled_from([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    values=st.lists(st.one_of(finite_f32, special_f32), min_size=1, max_size=80),
+    fmt=st.sampled_from(MX_FORMAT_NAMES),
+    scale_mode=st.sampled_from(SCALE_MODES),
+    rounding=st.sampled_from(DETERMINISTIC),
+    block_size=st.sampled_from([1, 2, 5, 32]),
+    dtype=st.sampled_from(DTYPES),
+)
+def test_property_matches_reference(values, fmt, scale_mode, rounding, block_size, dtype):
+    x = torch.tensor(values, dtype=torch.float32).to(dtype)
+    got = nq(x, fmt, block_size=block_size, scale_mode=scale_mode, rounding=rounding)
+    assert bits_equal(got, reference_quantize(x, fmt, block_size, -1, scale_mode, rounding))
+
+
+@pytest.mark.parametrize("axis", [-1, 1, 0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stochastic_draws_the_torch_paths_noise(axis, dtype):
+    x = heavy_tailed(3, 70, 5, seed=1).to(dtype)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    got = nq(x, "e2m1", axis=axis, rounding="stochastic", generator=g1)
+    want = quantize_mx(x, "e2m1", axis=axis, rounding="stochastic", generator=g2, backend="torch")
+    assert bits_equal(got, want)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_threaded_large_tensors_and_non_contiguous_input(axis):
+    # Above PARALLEL_MIN_NUMEL the block-rows are split between threads mid-slice.
+    x = heavy_tailed(3, 300, 170, seed=3)
+    assert x.numel() >= native.PARALLEL_MIN_NUMEL
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for t in (x, x.transpose(0, 2)):
+            for fmt in ("e4m3", "int8"):
+                got = nq(t, fmt, axis=axis)
+                want = quantize_mx(t, fmt, axis=axis, backend="torch")
+                assert bits_equal(got, want)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_straight_through_gradient_on_the_native_path():
+    x = torch.randn(4, 64, requires_grad=True)
+    nq(x, "e4m3").sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": REPO, **env}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env
+    )
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_the_torch_path(tmp_path):
+    done = _run(
+        """
+        import warnings, torch
+        warnings.simplefilter("always")
+        from mxprobe import native
+        from mxprobe.quantize import quantize_mx
+        x = torch.randn(8, 64)
+        with warnings.catch_warnings(record=True) as seen:
+            a = quantize_mx(x, "e4m3"); b = quantize_mx(x, "e4m3")
+        assert torch.equal(a, quantize_mx(x, "e4m3", backend="torch"))
+        print(len(seen), seen[0].message)
+        try:
+            quantize_mx(x, "e4m3", backend="native")
+        except RuntimeError as err:
+            print("refused:", err)
+        """,
+        CC="/bin/false",
+        PATH="/nonexistent",
+        MXPROBE_CACHE_DIR=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 mxprobe's native CPU quantizer is unavailable (RuntimeError: " in done.stdout
+    assert "slower torch path" in done.stdout
+    assert "refused: backend='native' needs" in done.stdout
+
+
+def test_turned_off_by_the_environment():
+    done = _run(
+        """
+        import torch
+        from mxprobe import native
+        print(native.available(), native.unavailable_reason())
+        """,
+        MXPROBE_NATIVE="0",
+    )
+    assert done.stdout.split()[0] == "False" and "MXPROBE_NATIVE=0" in done.stdout
+
+
+def test_the_self_check_rejects_a_fast_math_build(tmp_path, monkeypatch):
+    # -ffast-math folds (a + c) - c to a: the element rounding would vanish without a sound.
+    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-ffast-math"])
+    monkeypatch.setenv("MXPROBE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "error": None})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert native.library() is None
+    assert "self-check failed" in str(seen[0].message)
+    assert not native.available()
+
+
+def test_builds_are_cached_per_source_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv("MXPROBE_CACHE_DIR", str(tmp_path))
+    first = native._build(native._compiler())
+    assert first.exists() and native._build(native._compiler()) == first
+    assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]
