@@ -1,4 +1,4 @@
-"""The native CPU quantizer: ``native_quantize.c``, built with the machine's C compiler at first use.
+"""The native CPU quantizer: ``native_quantize.c``, built with the C compiler at first use.
 
 It computes ``mx_blocks.quantize_blocks`` bit for bit in one pass over memory, with no padding
 or reshaping copies and a few microseconds of call overhead, so that the quantizer runs near
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mxprobe.formats import ElementFormat, mx_format
-from mxprobe.mx_blocks import from_blocks, fp32, quantize_blocks, to_blocks
+from mxprobe.mx_blocks import fp32, from_blocks, quantize_blocks, to_blocks
 
 SOURCE = Path(__file__).with_name("native_quantize.c")
 ABI_VERSION = 1
@@ -245,7 +245,7 @@ def quantize(
         bounds = [rows * t // threads for t in range(threads + 1)]
         jobs = [
             _thread_pool().submit(lib.mx_quantize, *ptrs, lo, hi, ctypes.byref(args))
-            for lo, hi in zip(bounds, bounds[1:])
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
         ]
         for job in jobs:
             job.result()

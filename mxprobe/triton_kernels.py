@@ -16,15 +16,23 @@ exact values:
   >= 2^-133 (bf16's subnormal step) or finer, and then the output is x itself or the
   saturation value max_norm * 2^S, a multiple of 2^(emax - mbits - 127) >= 2^-133.
 
-A program owns ``ROWS`` MX blocks, each padded to a power of two and masked (masked lanes count
-as 0 for the block max). On a CPU tensor the kernel runs only under Triton's interpreter:
-``TRITON_INTERPRET=1`` must be set before triton is first imported (``triton.jit`` picks its
-mode when it decorates, and triton's own ``tl.max`` is decorated at ``import triton``).
+The kernel reads and writes ``x`` in its own layout (contiguous, or permuted: a transposed
+weight), seen as (outer, length, inner) with ``length`` the block axis, so blocks along a
+leading axis (3 of the 6 GEMM operands of a linear layer) cost no transposing copy. With
+``inner == 1`` a program owns ``ROWS`` consecutive blocks as rows of a tile; otherwise it owns
+one block position along ``length`` for ``INNER_TILE`` neighbouring columns, so its loads run
+along the contiguous ``inner`` axis and the block max reduces over the tile's first axis.
+Blocks are padded to a power of two and masked (masked lanes count as 0 for the block max).
+
+On a CPU tensor the kernel runs only under Triton's interpreter: ``TRITON_INTERPRET=1`` must be
+set before triton is first imported (``triton.jit`` picks its mode when it decorates, and
+triton's own ``tl.max`` is decorated at ``import triton``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -97,7 +105,7 @@ def _scale_exponent(
 
 
 @triton.jit
-def _round_magnitude(r, seed, offsets, ROUNDING: tl.constexpr):
+def _round_magnitude(r, seed_ptr, offsets, ROUNDING: tl.constexpr):
     """Round non-negative fp32 ``r`` (< 2^24) to an integer-valued fp32; every branch is exact."""
     if ROUNDING == "even":
         q = (r + 8388608.0) - 8388608.0  # one rounding at 2^23, where the ulp is 1
@@ -106,20 +114,25 @@ def _round_magnitude(r, seed, offsets, ROUNDING: tl.constexpr):
         if ROUNDING == "nearest":
             q += tl.where(r - q >= 0.5, 1.0, 0.0)  # r - q is exact (Sterbenz)
         elif ROUNDING == "stochastic":
-            q += tl.where(tl.rand(seed, offsets) < r - q, 1.0, 0.0)  # P(up) = frac: unbiased
+            # The seed is read on the device: drawing it needs no device -> host sync.
+            draw = tl.rand(tl.load(seed_ptr), offsets)
+            q += tl.where(draw < r - q, 1.0, 0.0)  # P(up) = frac: unbiased
     return q
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     out_ptr,
+    seed_ptr,  # one int64 seed, read only for stochastic rounding
     n_blocks,
     length,
-    seed,
+    inner,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_POW2: tl.constexpr,
     ROWS: tl.constexpr,
+    INNER_TILE: tl.constexpr,
+    BLOCK_AXIS: tl.constexpr,  # the tile axis that runs along a block: 1 iff inner == 1
     EVEN_ROWS: tl.constexpr,
     EMAX: tl.constexpr,
     MBITS: tl.constexpr,
@@ -131,18 +144,30 @@ def _quantize_kernel(
     SCALE_MODE: tl.constexpr,
     ROUNDING: tl.constexpr,
 ):
-    # x is (rows, length) contiguous; block b covers columns [j*BLOCK_SIZE, ...) of one row.
-    blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    lanes = tl.arange(0, BLOCK_POW2)
-    mask = (blocks < n_blocks)[:, None] & (lanes < BLOCK_SIZE)[None, :]
-    if EVEN_ROWS:  # no tail block: blocks tile the flat tensor
-        offsets = blocks[:, None] * BLOCK_SIZE + lanes[None, :]
-    else:
-        per_row = tl.cdiv(length, BLOCK_SIZE)
-        row = blocks // per_row
-        cols = (blocks - row * per_row)[:, None] * BLOCK_SIZE + lanes[None, :]
-        mask &= cols < length
-        offsets = row[:, None] * length + cols
+    # x is (outer, length, inner) contiguous; a block is BLOCK_SIZE consecutive positions along
+    # length at one (outer, inner).
+    per_row = tl.cdiv(length, BLOCK_SIZE)
+    if BLOCK_AXIS == 1:  # tile = ROWS blocks x BLOCK_POW2 lanes
+        blocks = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        lanes = tl.arange(0, BLOCK_POW2)
+        mask = (blocks < n_blocks)[:, None] & (lanes < BLOCK_SIZE)[None, :]
+        if EVEN_ROWS:  # no tail block: blocks tile the flat tensor
+            offsets = blocks[:, None] * BLOCK_SIZE + lanes[None, :]
+        else:
+            row = blocks // per_row
+            cols = (blocks - row * per_row)[:, None] * BLOCK_SIZE + lanes[None, :]
+            mask &= cols < length
+            offsets = row[:, None] * length + cols
+    else:  # tile = BLOCK_POW2 positions along length x INNER_TILE neighbours along inner
+        pid = tl.program_id(0).to(tl.int64)
+        inner_tiles = tl.cdiv(inner, INNER_TILE)
+        block_row = pid // inner_tiles  # (outer, block index along length), flattened
+        outer = block_row // per_row
+        pos = (block_row - outer * per_row) * BLOCK_SIZE + tl.arange(0, BLOCK_POW2)
+        col = (pid - block_row * inner_tiles) * INNER_TILE + tl.arange(0, INNER_TILE)
+        in_block = (tl.arange(0, BLOCK_POW2) < BLOCK_SIZE) & (pos < length)
+        mask = in_block[:, None] & (col < inner)[None, :]
+        offsets = (outer * length + pos)[:, None] * inner + col[None, :]
 
     raw = tl.load(x_ptr + offsets, mask=mask, other=0.0)
     if IS_BF16:
@@ -151,20 +176,21 @@ def _quantize_kernel(
         x = raw.to(tl.float32)
 
     # NaN becomes +Inf before the max so one test finds both poisons of a block.
-    amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=1)
-    bad = (amax == float("inf"))[:, None]
+    amax = tl.max(tl.where(x == x, tl.abs(x), float("inf")), axis=BLOCK_AXIS)
+    bad = tl.expand_dims(amax == float("inf"), BLOCK_AXIS)
     s = _scale_exponent(amax.to(tl.int32, bitcast=True), SCALE_MODE, EMAX, MBITS, INV_MAX_NORM)
+    s = tl.expand_dims(s, BLOCK_AXIS)
 
-    y = x * _pow2(-s)[:, None]  # exact, or below 2^-126 where every rounding gives 0
+    y = x * _pow2(-s)  # exact, or below 2^-126 where every rounding gives 0
     y_bits = y.to(tl.int32, bitcast=True)
     p_field = tl.maximum(y_bits & 0x7F800000, (EMIN + 127) << 23)  # p = max(exponent(y), emin)
     # 2^(mbits - p); the constant is split because (254 + mbits) << 23 overflows int32.
     inv_step = (((MBITS + 127) << 23) - p_field + (127 << 23)).to(tl.float32, bitcast=True)
     step = (p_field - (MBITS << 23)).to(tl.float32, bitcast=True)  # 2^(p - mbits)
-    q = _round_magnitude(tl.abs(y) * inv_step, seed, offsets, ROUNDING)
+    q = _round_magnitude(tl.abs(y) * inv_step, seed_ptr, offsets, ROUNDING)
     v = tl.minimum(q * step, MAX_NORM)
     # Past the output dtype's range (Inf included): saturate at its largest finite value.
-    out = tl.minimum(v * _pow2(s)[:, None], OUT_MAX)
+    out = tl.minimum(v * _pow2(s), OUT_MAX)
     out_bits = out.to(tl.int32, bitcast=True) | (y_bits & -0x80000000)  # copysign, -0 kept
     out_bits = tl.where(bad, 0x7FC00000, out_bits)
     if IS_BF16:
@@ -190,9 +216,18 @@ def _float_errors_ignored():
     return np.errstate(over="ignore", invalid="ignore")
 
 
-def _stochastic_seed(generator: torch.Generator | None) -> int:
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
+def _stochastic_seed(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """One seed drawn on ``device``, left there: the kernel reads it, so no device -> host sync
+    (and CUDA-graph capture) stands in the way. Like the torch backend's draws, a ``generator``
+    must live on ``device``."""
+    return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
+
+
+def _dense_order(x: torch.Tensor) -> list[int] | None:
+    """The dims of ``x`` by decreasing stride if that permutation of ``x`` is contiguous (a
+    contiguous, transposed or permuted tensor), else ``None``."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return order if x.permute(order).is_contiguous() else None
 
 
 def quantize_mx_triton(
@@ -207,8 +242,9 @@ def quantize_mx_triton(
     """``quantize_mx`` on the Triton kernel: ``x`` fake-quantized, in its dtype and shape.
 
     Arguments are already validated by ``quantize_mx`` (``axis`` non-negative, ``x`` non-empty).
-    Stochastic rounding draws one seed from ``generator`` (or torch's global RNG), so results
-    repeat for a given seed, but differ from the torch backend's draws.
+    Stochastic rounding draws one seed on ``x``'s device from ``generator`` (which must live
+    there) or torch's global RNG, without a host sync; results repeat for a given seed, but
+    differ from the torch backend's draws.
 
     Raises:
         RuntimeError: ``x`` is not a CUDA tensor and Triton is not in interpreter mode, or
@@ -233,23 +269,40 @@ def quantize_mx_triton(
             f"block_size {block_size} is too large for the Triton backend (at most "
             f"{_TILE * 16}); use backend='torch'"
         )
-    # The common case (blocks along a contiguous last axis) is already in place: no copy.
-    rows = x.movedim(axis, -1).contiguous()
-    out = torch.empty_like(rows)
-    length = rows.shape[-1]
-    n_blocks = rows.numel() // length * triton.cdiv(length, block_size)
-    tile_rows = max(1, _TILE // block_pow2)
-    seed = _stochastic_seed(generator) if rounding == "stochastic" else 0
+    order = _dense_order(x)
+    if order is None:  # gaps or overlaps in memory (a slice): the kernel needs a dense x
+        x, order = x.contiguous(), list(range(x.dim()))
+    out = torch.empty_like(x)  # x's strides, since x is dense
+    # The same memory seen as contiguous tensors: no transposing copy, whatever ``axis`` is.
+    x_dense, out_dense = x.permute(order), out.permute(order)
+    axis = order.index(axis)
+    length = x_dense.shape[axis]
+    inner = math.prod(x_dense.shape[axis + 1 :])
+    per_row = triton.cdiv(length, block_size)
+    if inner == 1:
+        n_blocks = x.numel() // length * per_row
+        tile_rows, inner_tile = max(1, _TILE // block_pow2), 1
+        programs = triton.cdiv(n_blocks, tile_rows)
+    else:
+        n_blocks = x.numel() // (length * inner) * per_row  # (outer, length-block) pairs
+        tile_rows = 1
+        inner_tile = min(max(1, _TILE // block_pow2), triton.next_power_of_2(inner))
+        programs = n_blocks * triton.cdiv(inner, inner_tile)
+    # Deterministic roundings never read the seed pointer: any tensor will do.
+    seed = _stochastic_seed(generator, x.device) if rounding == "stochastic" else x
     with _float_errors_ignored():
-        _quantize_kernel[(triton.cdiv(n_blocks, tile_rows),)](
-            rows,
-            out,
+        _quantize_kernel[(programs,)](
+            x_dense,
+            out_dense,
+            seed,
             n_blocks,
             length,
-            seed,
+            inner,
             BLOCK_SIZE=block_size,
             BLOCK_POW2=block_pow2,
             ROWS=tile_rows,
+            INNER_TILE=inner_tile,
+            BLOCK_AXIS=1 if inner == 1 else 0,
             EVEN_ROWS=length % block_size == 0,
             EMAX=fmt.emax,
             MBITS=fmt.mbits,
@@ -260,6 +313,7 @@ def quantize_mx_triton(
             IS_BF16=x.dtype == torch.bfloat16,
             SCALE_MODE=scale_mode,
             ROUNDING=rounding,
-            num_warps=_NUM_WARPS,
+            # 16 elements per thread, as on a full tile; small tiles (short inner) get fewer warps.
+            num_warps=min(_NUM_WARPS, max(1, tile_rows * inner_tile * block_pow2 // 512)),
         )
-    return out.movedim(-1, axis)
+    return out
