@@ -8,10 +8,17 @@ Times forward + backward + Adam step of two models in one run:
   on (16, 128, 256) inputs. Its ``nn.MultiheadAttention`` projections stay full precision
   (mxprobe cannot reach them), so its ratio understates a fully emulated transformer.
 
+``--memory`` adds each variant's peak memory over ``--memory-steps`` training steps, relative to
+fp32: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak
+resident set (``ru_maxrss``) over the steps, beyond what building the model and optimizer took,
+each variant in a fresh process so that one variant's peak cannot hide another's.
+
 Variants are measured interleaved (each repetition runs one step of every variant, in rotating
 order) so that load from other processes hits them alike; the table shows the median and the
-minimum per step and the median ratio to fp32. Warm-up steps — which absorb torch.compile of the
-quantizer on CPU (``--eager`` or ``MXPROBE_COMPILE=0`` times eager torch) — are timed separately.
+minimum per step and the median ratio to fp32. Warm-up steps (the native kernel's first build, or
+torch.compile of the torch path's quantizer) are timed separately. On CPU the quantizer is the
+native C kernel unless ``--no-native`` (then the torch path, compiled per call for large tensors
+unless ``--eager`` or ``MXPROBE_COMPILE=0``).
 
 Run from the repository root with mxprobe installed (``pip install -e .``) or ``PYTHONPATH=.``::
 
@@ -23,8 +30,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -35,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mxprobe
+from mxprobe import native
 from mxprobe.quantize import set_compile
 
 
@@ -149,6 +162,50 @@ def bench_model(
     return [(name, v) for v in variants]
 
 
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """In a fresh process: the peak memory (MB) of ``--memory-steps`` steps of one variant."""
+    name, kind = args.memory_probe.split(":")
+    factory, shape = make_models(args)[name]
+    device = torch.device(args.device)
+    variant = next(v for v in build_variants(factory, device, args.scheme) if v.name == kind)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).to(device)
+    target = torch.randn(*shape, generator=g).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+    else:
+        before = _rss_mb()
+    for _ in range(args.memory_steps):
+        train_step(variant, x, target)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = _rss_mb()
+    print(json.dumps({"before_mb": before, "peak_mb": peak}))
+
+
+def measure_memory(results: list[tuple[str, Variant]], argv: list[str]) -> dict:
+    """{(model, variant name): (peak MB, MB above setup)}, one fresh process per variant."""
+    out = {}
+    for model, v in results:
+        done = subprocess.run(
+            [sys.executable, __file__, *argv, "--memory-probe", f"{model}:{v.name}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+        out[(model, v.name)] = (row["peak_mb"], row["peak_mb"] - row["before_mb"])
+    return out
+
+
 def print_table(results: list[tuple[str, Variant]], steps: int) -> None:
     header = ("model", "variant", "warm-up s", "median ms/step", "min ms/step", f"/fp32 n={steps}")
     rows = [header]
@@ -182,7 +239,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--scheme", default="mxfp8_e4m3", help="MX scheme (preset or string form)")
     p.add_argument("--models", default="mlp,transformer", help="comma-separated subset")
-    p.add_argument("--eager", action="store_true", help="quantize with eager torch, no compile")
+    p.add_argument("--eager", action="store_true", help="torch path: eager, no compile")
+    p.add_argument(
+        "--no-native", action="store_true", help="CPU: the torch path, not the native kernel"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d", type=int, default=512, help="MLP width")
     p.add_argument("--batch", type=int, default=2048, help="MLP batch")
@@ -191,6 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tf-layers", type=int, default=4, help="transformer layers")
     p.add_argument("--tf-batch", type=int, default=16, help="transformer batch")
     p.add_argument("--seq", type=int, default=128, help="transformer sequence length")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory per variant")
+    p.add_argument("--memory-steps", type=int, default=3, help="steps of the memory probe")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be >= 1 (warm-up absorbs torch.compile)")
@@ -198,9 +261,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _quantizer_label(device: torch.device, compile_on: bool) -> str:
+    if device.type == "cuda":
+        return "triton"
+    if native.available():
+        return "native C kernel"
+    return f"torch path, compile {'on' if compile_on else 'off'}"
+
+
+def print_memory(memory: dict) -> None:
+    print("\npeak memory (MB above setup = growth over the steps; ratio of that to fp32)")
+    for (model, name), (peak, step) in memory.items():
+        ratio = step / memory[(model, "fp32")][1]
+        print(f"  {model:12} {name:16} peak {peak:8.0f}  above setup {step:8.0f}  {ratio:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.no_native:
+        os.environ["MXPROBE_NATIVE"] = "0"
+    if args.memory_probe:
+        memory_probe(args)
+        return
     device = torch.device(args.device)
     # set_compile returns the setting in force (MXPROBE_COMPILE unless overridden).
     compile_on = set_compile(False) and not args.eager
@@ -210,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}"
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
         + f" | threads {torch.get_num_threads()} | scheme {args.scheme} | "
-        f"quantizer compile {'on' if compile_on else 'off'} | {time.strftime('%Y-%m-%d %H:%M')}"
+        f"quantizer {_quantizer_label(device, compile_on)} | {time.strftime('%Y-%m-%d %H:%M')}"
     )
     models = make_models(args)
     wanted = [m.strip() for m in args.models.split(",")]
@@ -222,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         factory, shape = models[name]
         results += bench_model(name, factory, shape, args, device)
     print_table(results, args.steps)
+    if args.memory:
+        print_memory(measure_memory(results, [a for a in argv if a != "--memory"]))
 
 
 if __name__ == "__main__":
