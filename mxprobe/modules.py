@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mxprobe.formats import is_mx
+from mxprobe.gemm import mx_gemm
 from mxprobe.quantize import quantize_mx, round_to
 from mxprobe.scheme import BACKWARD_ROLES, PrecisionScheme
 
@@ -60,8 +61,8 @@ class _MxLinearFunction(torch.autograd.Function):
         xq = quantize_role(x2d, scheme, "act", -1)
         wq = quantize_role(weight, scheme, "weight", -1)
         if scheme.elementwise == "fp32":
-            return F.linear(xq, wq, bias)  # bias fused as nn.Linear does (same fp32 rounding)
-        y = round_elementwise(xq @ wq.t(), scheme)
+            return mx_gemm(xq, wq.t(), bias)  # bias fused as nn.Linear does (same fp32 rounding)
+        y = round_elementwise(mx_gemm(xq, wq.t()), scheme)
         if bias is not None:
             y = round_elementwise(y + round_elementwise(bias, scheme), scheme)
         return y
@@ -73,12 +74,14 @@ class _MxLinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if s.quantize_backprop:
             if ctx.needs_input_grad[0]:
-                dx = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(
-                    weight, s, "weight_bp", 0
+                dx = mx_gemm(
+                    quantize_role(dy, s, "grad_dgrad", -1), quantize_role(weight, s, "weight_bp", 0)
                 )
                 dx = round_elementwise(dx, s)
             if ctx.needs_input_grad[1]:
-                dw = quantize_role(dy, s, "grad_wgrad", 0).t() @ quantize_role(x2d, s, "act_bp", 0)
+                dw = mx_gemm(
+                    quantize_role(dy, s, "grad_wgrad", 0).t(), quantize_role(x2d, s, "act_bp", 0)
+                )
                 dw = round_elementwise(dw, s)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 db = round_elementwise(dy.sum(0), s)
@@ -125,7 +128,7 @@ class _MxMatmulFunction(torch.autograd.Function):
     def forward(ctx, a, b, scheme):
         ctx.scheme = scheme
         ctx.save_for_backward(a, b)
-        y = quantize_role(a, scheme, "act", -1) @ quantize_role(b, scheme, "act", -2)
+        y = mx_gemm(quantize_role(a, scheme, "act", -1), quantize_role(b, scheme, "act", -2))
         return round_elementwise(y, scheme)
 
     @staticmethod
@@ -135,11 +138,13 @@ class _MxMatmulFunction(torch.autograd.Function):
         if not s.quantize_backprop:
             return dy @ b.transpose(-1, -2), a.transpose(-1, -2) @ dy, None
         # dA = dY @ B^T contracts over B's columns; dB = A^T @ dY contracts over A's rows.
-        da = quantize_role(dy, s, "grad_dgrad", -1) @ quantize_role(b, s, "act_bp", -1).transpose(
-            -1, -2
+        da = mx_gemm(
+            quantize_role(dy, s, "grad_dgrad", -1),
+            quantize_role(b, s, "act_bp", -1).transpose(-1, -2),
         )
-        db = quantize_role(a, s, "act_bp", -2).transpose(-1, -2) @ quantize_role(
-            dy, s, "grad_wgrad", -2
+        db = mx_gemm(
+            quantize_role(a, s, "act_bp", -2).transpose(-1, -2),
+            quantize_role(dy, s, "grad_wgrad", -2),
         )
         return round_elementwise(da, s), round_elementwise(db, s), None
 

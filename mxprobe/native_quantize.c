@@ -78,9 +78,27 @@ static inline void load(const void *restrict x, int64_t start, float *restrict b
         const uint16_t *p = (const uint16_t *)x + start;
         for (int64_t k = 0; k < n; k++) buf[k] = from_bits((uint32_t)p[k] << 16);
     } else {
-        const _Float16 *p = (const _Float16 *)x + start;
-        for (int64_t k = 0; k < n; k++) buf[k] = (float)p[k];
+        /* fp16 -> fp32 from bits (compilers do not vectorize _Float16): the 15 low bits moved
+           into fp32 position are the value times 2^-112 (subnormals included), so one exact
+           multiplication rebiases; Inf/NaN keep an all-ones exponent. */
+        const uint16_t *p = (const uint16_t *)x + start;
+        for (int64_t k = 0; k < n; k++) {
+            uint32_t h = p[k], em = h & 0x7FFFu;
+            float mag = from_bits(em << 13) * 0x1p112f;
+            uint32_t u = em >= 0x7C00u ? (em << 13) | 0x7F800000u : bits_of(mag);
+            buf[k] = from_bits(u | (h & 0x8000u) << 16);
+        }
     }
+}
+
+/* fp32 -> fp16 bits, round to nearest even, for finite |v| <= 65504 (saturated before). */
+static inline uint16_t to_fp16(float v) {
+    uint32_t f = bits_of(v) & 0x7FFFFFFFu, sign = (bits_of(v) >> 16) & 0x8000u;
+    /* below 2^-14 the result is subnormal: adding 0.5 rounds at 2^-24, fp16's subnormal step */
+    uint32_t sub = bits_of(from_bits(f) + 0.5f) - 0x3F000000u;
+    /* normal: rebias the exponent, add the rounding bias (half an ulp, plus one when odd) */
+    uint32_t norm = (f + ((uint32_t)(15 - 127) << 23) + 0xFFFu + ((f >> 13) & 1u)) >> 13;
+    return (uint16_t)((f < 0x38800000u ? sub : norm) | sign);
 }
 
 /* The saturation of mx_blocks (clamp at the dtype's largest value), then the cast: fp32 -> bf16
@@ -102,8 +120,8 @@ static inline void store(void *restrict out, int64_t start, float *restrict res,
             p[k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
         }
     } else {
-        _Float16 *p = (_Float16 *)out + start;
-        for (int64_t k = 0; k < n; k++) p[k] = (_Float16)res[k];
+        uint16_t *p = (uint16_t *)out + start;
+        for (int64_t k = 0; k < n; k++) p[k] = to_fp16(res[k]);
     }
 }
 

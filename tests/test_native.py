@@ -180,3 +180,17 @@ def test_builds_are_cached_per_source_and_compiler(tmp_path, monkeypatch):
     first = native._build(native._compiler())
     assert first.exists() and native._build(native._compiler()) == first
     assert [p.name for p in (tmp_path / "native").iterdir()] == [first.name]
+
+
+@pytest.mark.parametrize("fmt", MX_FORMAT_NAMES)
+def test_every_fp16_and_bf16_bit_pattern(fmt):
+    # The kernel converts fp16 and bf16 with bit operations of its own: every input pattern
+    # (NaN, Inf, subnormals, -0) alone in a block and in blocks of 32, against the torch path.
+    every = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = every.view(dtype)
+        for bs in (1, 32):
+            for scale_mode in SCALE_MODES:
+                got = nq(x, fmt, block_size=bs, scale_mode=scale_mode)
+                want = quantize_mx(x, fmt, block_size=bs, scale_mode=scale_mode, backend="torch")
+                assert bits_equal(got, want), (dtype, bs, scale_mode)
