@@ -35,8 +35,8 @@ log "machine: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$OUT/summary.txt"
 check
 
-log "1. Triton on CUDA == torch path, bit for bit (tests/test_triton.py, no interpreter)"
-timeout 150 $PY -m pytest -q -p no:cacheprovider "${TRITON[@]}" tests/test_triton.py 2>&1 | tail -n 5 | tee -a "$OUT/summary.txt"
+log "1. Triton on CUDA == torch path, bit for bit; TF32 tensor-core products exact (tests/test_triton.py, tests/test_gemm.py)"
+timeout 150 $PY -m pytest -q -p no:cacheprovider "${TRITON[@]}" tests/test_triton.py tests/test_gemm.py 2>&1 | tail -n 5 | tee -a "$OUT/summary.txt"
 check
 
 log "2. bf16->bf16 and fp32 throughput vs device copy bandwidth"

@@ -1,4 +1,4 @@
-"""Products of MX-quantized operands, on bf16 tensor cores where that is exact (DESIGN.md §3).
+"""Products of MX-quantized operands, on TF32 tensor cores where that is exact (DESIGN.md §3).
 
 An MX value is an element with at most 8 significant bits (int8 7; e4m3 and e2m3 4; e5m2 and
 e3m2 3; e2m1 2) times an E8M0 scale 2^S, S in [-127, 127], stored in fp32. bf16 is the top half
@@ -21,6 +21,13 @@ so the low 13 must be zero. Eight significant bits always fit; what can fail is 
 
 Each product of two exact bf16 operands has at most 16 significant bits and enters the fp32
 accumulator exactly; the sum is rounded as any fp32 GEMM rounds it (in its own order).
+
+So the choice is made from the formats alone, never from the data (reading a flag back from the
+GPU would cost a host sync per GEMM and break CUDA-graph capture): under the floor scale mode,
+e4m3, e2m3, e3m2, e2m1 and int8 values, and bf16/fp16-rounded values, are TF32-exact over the
+whole E8M0 range; e5m2 (tiny blocks), plain fp32 operands and the other scale modes (fp32
+saturation) keep the fp32 GEMM. TF32 needs tensor cores that keep fp32 subnormal inputs (e4m3
+reaches 2^-136): tests/test_gemm.py checks that on the first CUDA machine.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+# Element formats whose values times any E8M0 scale (floor mode) are TF32-exact; bf16/fp16
+# rounded values are too (8 and 11 significant bits, fp32's range).
+TF32_EXACT_FORMATS = frozenset(
+    {"fp8_e4m3", "fp6_e2m3", "fp6_e3m2", "fp4_e2m1", "int8", "bf16", "fp16"}
+)
 
 
 def _low_bits_clear(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -38,8 +51,7 @@ def _low_bits_clear(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def bf16_exact(x: torch.Tensor) -> torch.Tensor:
     """Elementwise: each value of fp32 ``x`` is exactly a bf16 (see the module docstring for
-    where MX values are not). A bool tensor on ``x``'s device; reading it back is the caller's
-    choice."""
+    where MX values are not). A bool tensor on ``x``'s device."""
     return _low_bits_clear(_check_fp32(x), 16)
 
 
@@ -55,52 +67,38 @@ def _check_fp32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def mx_gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ b`` (plus ``bias``, fused as ``F.linear`` fuses it) for MX-quantized operands.
-
-    On CUDA, with fp32 operands of two or more dims whose every value is exactly a bf16, the
-    product runs on bf16 tensor cores with fp32 accumulation and fp32 output: the same products
-    as the fp32 GEMM. Otherwise, and always on CPU, it is the plain fp32 ``a @ b`` (with a 2-D
-    ``a`` and a bias: ``torch.addmm``, which is what ``F.linear`` runs), bit for bit.
-
-    Deciding exactness reads one flag back from the GPU: one host sync per call on CUDA.
-    """
-    if _bf16_is_exact(a, b):
-        y = _bf16_product(a, b)
-        return y if bias is None else y + bias
-    if bias is None:
-        return a @ b
-    return torch.addmm(bias, a, b) if a.dim() == 2 else a @ b + bias
-
-
-def _bf16_is_exact(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if not (a.is_cuda and a.dtype == b.dtype == torch.float32 and min(a.dim(), b.dim()) >= 2):
-        return False
-    return bool(bf16_exact(a).all() & bf16_exact(b).all())
+def tensor_core_exact(fmt: str, scale_mode: str) -> bool:
+    """True when every value a role of format ``fmt`` produces under ``scale_mode`` is exactly a
+    TF32, whatever the data (see the module docstring)."""
+    if fmt in ("bf16", "fp16"):
+        return True
+    return scale_mode == "floor" and fmt in TF32_EXACT_FORMATS
 
 
 @contextlib.contextmanager
-def _full_precision_reduction():
-    """cuBLAS may otherwise reduce split-K partial sums of a bf16 GEMM in bf16 (torch allows
-    it by default), which would round the exact products' sums twice."""
+def _tf32_matmul():
     flags = torch.backends.cuda.matmul
-    saved = flags.allow_bf16_reduced_precision_reduction
-    flags.allow_bf16_reduced_precision_reduction = False
+    saved = flags.fp32_precision
+    flags.fp32_precision = "tf32"
     try:
         yield
     finally:
-        flags.allow_bf16_reduced_precision_reduction = saved
+        flags.fp32_precision = saved
 
 
-def _bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` from bf16 copies of the operands, fp32 accumulation and output (CUDA only:
-    the ``out_dtype`` overloads of mm/bmm have no CPU kernel in torch 2.13)."""
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    with _full_precision_reduction():
-        if a.dim() == b.dim() == 2:
-            return torch.mm(a16, b16, out_dtype=torch.float32)
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        a3 = a16.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-        b3 = b16.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        y = torch.bmm(a3, b3, out_dtype=torch.float32)
-    return y.reshape(*batch, a.shape[-2], b.shape[-1])
+def mx_gemm(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, exact_tf32: bool = False
+) -> torch.Tensor:
+    """``a @ b`` (plus ``bias``, fused as ``F.linear`` fuses it) for quantized operands.
+
+    ``exact_tf32`` (from :func:`tensor_core_exact` of both operands' formats) lets a CUDA fp32
+    product run on TF32 tensor cores: the same products as the fp32 GEMM, summed in fp32 in
+    the kernel's own order. Otherwise, and always on CPU, it is the plain fp32 ``a @ b`` (with a
+    2-D ``a`` and a bias: ``torch.addmm``, which is what ``F.linear`` runs), bit for bit. No
+    data is read back: no host sync.
+    """
+    use_tf32 = exact_tf32 and a.is_cuda and a.dtype == b.dtype == torch.float32
+    with _tf32_matmul() if use_tf32 else contextlib.nullcontext():
+        if bias is None:
+            return a @ b
+        return torch.addmm(bias, a, b) if a.dim() == 2 else a @ b + bias

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mxprobe.formats import is_mx
-from mxprobe.gemm import mx_gemm
+from mxprobe.gemm import mx_gemm, tensor_core_exact
 from mxprobe.quantize import quantize_mx, round_to
 from mxprobe.scheme import BACKWARD_ROLES, PrecisionScheme
 
@@ -48,6 +48,19 @@ def quantize_role(
     return round_to(t, fmt)
 
 
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scheme: PrecisionScheme,
+    roles: tuple[str, str],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``a @ b`` of operands quantized by ``roles``: on TF32 tensor cores (CUDA) when both
+    roles' formats make that exact, see ``mxprobe.gemm``."""
+    exact = all(tensor_core_exact(getattr(scheme, r), scheme.scale_mode) for r in roles)
+    return mx_gemm(a, b, bias, exact_tf32=exact)
+
+
 def round_elementwise(t: torch.Tensor, scheme: PrecisionScheme) -> torch.Tensor:
     return round_to(t, scheme.elementwise)
 
@@ -61,8 +74,9 @@ class _MxLinearFunction(torch.autograd.Function):
         xq = quantize_role(x2d, scheme, "act", -1)
         wq = quantize_role(weight, scheme, "weight", -1)
         if scheme.elementwise == "fp32":
-            return mx_gemm(xq, wq.t(), bias)  # bias fused as nn.Linear does (same fp32 rounding)
-        y = round_elementwise(mx_gemm(xq, wq.t()), scheme)
+            # bias fused as nn.Linear does (same fp32 rounding)
+            return gemm(xq, wq.t(), scheme, ("act", "weight"), bias)
+        y = round_elementwise(gemm(xq, wq.t(), scheme, ("act", "weight")), scheme)
         if bias is not None:
             y = round_elementwise(y + round_elementwise(bias, scheme), scheme)
         return y
@@ -74,13 +88,19 @@ class _MxLinearFunction(torch.autograd.Function):
         dx = dw = db = None
         if s.quantize_backprop:
             if ctx.needs_input_grad[0]:
-                dx = mx_gemm(
-                    quantize_role(dy, s, "grad_dgrad", -1), quantize_role(weight, s, "weight_bp", 0)
+                dx = gemm(
+                    quantize_role(dy, s, "grad_dgrad", -1),
+                    quantize_role(weight, s, "weight_bp", 0),
+                    s,
+                    ("grad_dgrad", "weight_bp"),
                 )
                 dx = round_elementwise(dx, s)
             if ctx.needs_input_grad[1]:
-                dw = mx_gemm(
-                    quantize_role(dy, s, "grad_wgrad", 0).t(), quantize_role(x2d, s, "act_bp", 0)
+                dw = gemm(
+                    quantize_role(dy, s, "grad_wgrad", 0).t(),
+                    quantize_role(x2d, s, "act_bp", 0),
+                    s,
+                    ("grad_wgrad", "act_bp"),
                 )
                 dw = round_elementwise(dw, s)
             if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -128,7 +148,8 @@ class _MxMatmulFunction(torch.autograd.Function):
     def forward(ctx, a, b, scheme):
         ctx.scheme = scheme
         ctx.save_for_backward(a, b)
-        y = mx_gemm(quantize_role(a, scheme, "act", -1), quantize_role(b, scheme, "act", -2))
+        aq, bq = quantize_role(a, scheme, "act", -1), quantize_role(b, scheme, "act", -2)
+        y = gemm(aq, bq, scheme, ("act", "act"))
         return round_elementwise(y, scheme)
 
     @staticmethod
@@ -138,13 +159,17 @@ class _MxMatmulFunction(torch.autograd.Function):
         if not s.quantize_backprop:
             return dy @ b.transpose(-1, -2), a.transpose(-1, -2) @ dy, None
         # dA = dY @ B^T contracts over B's columns; dB = A^T @ dY contracts over A's rows.
-        da = mx_gemm(
+        da = gemm(
             quantize_role(dy, s, "grad_dgrad", -1),
             quantize_role(b, s, "act_bp", -1).transpose(-1, -2),
+            s,
+            ("grad_dgrad", "act_bp"),
         )
-        db = mx_gemm(
+        db = gemm(
             quantize_role(a, s, "act_bp", -2).transpose(-1, -2),
             quantize_role(dy, s, "grad_wgrad", -2),
+            s,
+            ("act_bp", "grad_wgrad"),
         )
         return round_elementwise(da, s), round_elementwise(db, s), None
 

@@ -104,6 +104,8 @@ def _round_to_grid(mag: np.ndarray, grid: np.ndarray, rounding: str) -> np.ndarr
     over = mag >= top
     if rounding == "floor":
         out = lo
+    elif rounding == "up":  # away from zero: the other neighbour stochastic rounding may pick
+        out = hi
     else:
         d_lo, d_hi = mag - lo, hi - mag
         if rounding == "nearest":
@@ -123,7 +125,8 @@ def reference_quantize(
     scale_mode: str = "floor",
     rounding: str = "even",
 ) -> torch.Tensor:
-    """float64 reference of ``quantize_mx`` for deterministic roundings."""
+    """float64 reference of ``quantize_mx`` for deterministic roundings (and ``"up"``, away from
+    zero, which bounds stochastic rounding from above)."""
     f = reference_format(fmt)
     grid = np.array(f.magnitudes(), dtype=np.float64)
     dtype = x.dtype
