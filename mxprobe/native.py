@@ -96,9 +96,10 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join(x.encode() if isinstance(x, str) else x for x in (
-            source, cc, version, " ".join(_FLAGS), platform.machine(), _cpu_signature()
-        ))
+        b"\0".join(
+            x.encode() if isinstance(x, str) else x
+            for x in (source, cc, version, " ".join(_FLAGS), platform.machine(), _cpu_signature())
+        )
     ).hexdigest()[:20]
     target = _cache_dir() / f"mxquant-{key}.so"
     if target.exists():
@@ -250,4 +251,3 @@ def quantize(
         for job in jobs:
             job.result()
     return out
-

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch
@@ -163,16 +162,24 @@ def test_turned_off_by_the_environment():
     assert done.stdout.split()[0] == "False" and "MXPROBE_NATIVE=0" in done.stdout
 
 
-def test_the_self_check_rejects_a_fast_math_build(tmp_path, monkeypatch):
+def test_the_self_check_rejects_a_fast_math_build(tmp_path):
     # -ffast-math folds (a + c) - c to a: the element rounding would vanish without a sound.
-    monkeypatch.setattr(native, "_FLAGS", [*native._FLAGS, "-ffast-math"])
-    monkeypatch.setenv("MXPROBE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(native, "_state", {"lib": None, "tried": False, "error": None})
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        assert native.library() is None
-    assert "self-check failed" in str(seen[0].message)
-    assert not native.available()
+    # In a subprocess: gcc links crtfastmath into such a library, whose loading turns on
+    # flush-to-zero for the whole process.
+    done = _run(
+        """
+        import warnings
+        from mxprobe import native
+        native._FLAGS = [*native._FLAGS, "-ffast-math"]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            lib = native.library()
+        print(lib is None, native.available(), seen[0].message)
+        """,
+        MXPROBE_CACHE_DIR=str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("True False ") and "self-check failed" in done.stdout
 
 
 def test_builds_are_cached_per_source_and_compiler(tmp_path, monkeypatch):
