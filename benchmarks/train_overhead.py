@@ -9,9 +9,9 @@ Times forward + backward + Adam step of two models in one run:
   (mxprobe cannot reach them), so its ratio understates a fully emulated transformer.
 
 ``--memory`` adds each variant's peak memory over ``--memory-steps`` training steps, relative to
-fp32: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of the process's peak
-resident set (``ru_maxrss``) over the steps, beyond what building the model and optimizer took,
-each variant in a fresh process so that one variant's peak cannot hide another's.
+fp32: on CUDA ``torch.cuda.max_memory_allocated``; on CPU (Linux) the process's peak resident
+set during the steps (VmHWM, reset before them) above its size before them; each variant in a
+fresh process so that one variant's peak cannot hide another's.
 
 Variants are measured interleaved (each repetition runs one step of every variant, in rotating
 order) so that load from other processes hits them alike; the table shows the median and the
@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -162,8 +162,17 @@ def bench_model(
     return [(name, v) for v in variants]
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # Linux: writing 5 resets the process's peak resident set (VmHWM) to its current size, so
+    # the peak read after the steps is the steps' own, not setup's.
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def memory_probe(args: argparse.Namespace) -> None:
@@ -180,14 +189,15 @@ def memory_probe(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     else:
-        before = _rss_mb()
+        _reset_peak_rss()
+        before = _status_mb("VmRSS")
     for _ in range(args.memory_steps):
         train_step(variant, x, target)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = _rss_mb()
+        peak = _status_mb("VmHWM")
     print(json.dumps({"before_mb": before, "peak_mb": peak}))
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from mxprobe.formats import is_mx
 from mxprobe.gemm import mx_gemm, tensor_core_exact
-from mxprobe.quantize import quantize_mx, round_to
+from mxprobe.quantize import quantize_mx, round_to, round_to_owned
 from mxprobe.scheme import BACKWARD_ROLES, PrecisionScheme
 
 
@@ -65,6 +65,11 @@ def round_elementwise(t: torch.Tensor, scheme: PrecisionScheme) -> torch.Tensor:
     return round_to(t, scheme.elementwise)
 
 
+def round_fresh(t: torch.Tensor, scheme: PrecisionScheme) -> torch.Tensor:
+    """``round_elementwise`` of a tensor just made here (a GEMM output): in place if possible."""
+    return round_to_owned(t, scheme.elementwise)
+
+
 class _MxLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, scheme):
@@ -76,9 +81,9 @@ class _MxLinearFunction(torch.autograd.Function):
         if scheme.elementwise == "fp32":
             # bias fused as nn.Linear does (same fp32 rounding)
             return gemm(xq, wq.t(), scheme, ("act", "weight"), bias)
-        y = round_elementwise(gemm(xq, wq.t(), scheme, ("act", "weight")), scheme)
+        y = round_fresh(gemm(xq, wq.t(), scheme, ("act", "weight")), scheme)
         if bias is not None:
-            y = round_elementwise(y + round_elementwise(bias, scheme), scheme)
+            y = round_fresh(y + round_elementwise(bias, scheme), scheme)
         return y
 
     @staticmethod
@@ -94,7 +99,7 @@ class _MxLinearFunction(torch.autograd.Function):
                     s,
                     ("grad_dgrad", "weight_bp"),
                 )
-                dx = round_elementwise(dx, s)
+                dx = round_fresh(dx, s)
             if ctx.needs_input_grad[1]:
                 dw = gemm(
                     quantize_role(dy, s, "grad_wgrad", 0).t(),
@@ -102,9 +107,9 @@ class _MxLinearFunction(torch.autograd.Function):
                     s,
                     ("grad_wgrad", "act_bp"),
                 )
-                dw = round_elementwise(dw, s)
+                dw = round_fresh(dw, s)
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = round_elementwise(dy.sum(0), s)
+                db = round_fresh(dy.sum(0), s)
         else:
             dx = dy @ weight if ctx.needs_input_grad[0] else None
             dw = dy.t() @ x2d if ctx.needs_input_grad[1] else None
@@ -150,7 +155,7 @@ class _MxMatmulFunction(torch.autograd.Function):
         ctx.save_for_backward(a, b)
         aq, bq = quantize_role(a, scheme, "act", -1), quantize_role(b, scheme, "act", -2)
         y = gemm(aq, bq, scheme, ("act", "act"))
-        return round_elementwise(y, scheme)
+        return round_fresh(y, scheme)
 
     @staticmethod
     def backward(ctx, dy):
@@ -171,7 +176,7 @@ class _MxMatmulFunction(torch.autograd.Function):
             s,
             ("act_bp", "grad_wgrad"),
         )
-        return round_elementwise(da, s), round_elementwise(db, s), None
+        return round_fresh(da, s), round_fresh(db, s), None
 
 
 def mx_matmul(a: torch.Tensor, b: torch.Tensor, scheme: PrecisionScheme | None) -> torch.Tensor:

@@ -34,7 +34,7 @@ from mxprobe.formats import ElementFormat, mx_format
 from mxprobe.mx_blocks import fp32, from_blocks, quantize_blocks, to_blocks
 
 SOURCE = Path(__file__).with_name("native_quantize.c")
-ABI_VERSION = 1
+ABI_VERSION = 2
 # Below this many elements one thread is faster than handing work to the pool.
 PARALLEL_MIN_NUMEL = 1 << 17
 _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11", "-shared", "-fPIC"]
@@ -135,6 +135,15 @@ def _load() -> ctypes.CDLL:
         ctypes.POINTER(_Args),
     ]
     lib.mx_quantize.restype = None
+    lib.mx_round.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int32,
+        ctypes.c_float,
+    ]
+    lib.mx_round.restype = None
     return lib
 
 
@@ -201,6 +210,31 @@ def _self_check() -> None:
             )
 
 
+def _split(fn, n: int, numel: int, *args) -> None:
+    """Run ``fn(*ptrs, lo, hi, ...)`` over [0, n) on up to ``torch.get_num_threads()`` threads
+    (ctypes releases the GIL); one thread for small work."""
+    threads = min(torch.get_num_threads(), n) if numel >= PARALLEL_MIN_NUMEL else 1
+    if threads <= 1:
+        fn(0, n)
+        return
+    bounds = [n * t // threads for t in range(threads + 1)]
+    jobs = [_thread_pool().submit(fn, lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    for job in jobs:
+        job.result()
+
+
+def round_cast(x: torch.Tensor, target: torch.dtype, top: float, inplace: bool) -> torch.Tensor:
+    """fp32 CPU ``x`` rounded to ``target`` (bf16 or fp16) and back, saturating at ``top``;
+    into ``x`` itself with ``inplace`` (``x`` contiguous), else into a new tensor."""
+    lib = library()
+    x = x if inplace else x.contiguous()
+    out = x if inplace else torch.empty_like(x)
+    code = _DTYPE_CODES[target]
+    src, dst = x.data_ptr(), out.data_ptr()
+    _split(lambda lo, hi: lib.mx_round(src, dst, lo, hi, code, top), x.numel(), x.numel())
+    return out
+
+
 def _thread_pool() -> ThreadPoolExecutor:
     global _pool
     if _pool is None:
@@ -237,17 +271,7 @@ def quantize(
         int(scale_mode != "floor" or x.dtype != torch.float32),
         fmt.max_norm, fp32(1.0 / fmt.max_norm), out_max,
     )  # fmt: skip
-    rows = outer * nblocks
     ptrs = (x.data_ptr(), out.data_ptr(), noise.data_ptr() if noise is not None else None)
-    threads = min(torch.get_num_threads(), rows) if x.numel() >= PARALLEL_MIN_NUMEL else 1
-    if threads <= 1:
-        lib.mx_quantize(*ptrs, 0, rows, ctypes.byref(args))
-    else:
-        bounds = [rows * t // threads for t in range(threads + 1)]
-        jobs = [
-            _thread_pool().submit(lib.mx_quantize, *ptrs, lo, hi, ctypes.byref(args))
-            for lo, hi in zip(bounds, bounds[1:], strict=False)
-        ]
-        for job in jobs:
-            job.result()
+    ref = ctypes.byref(args)
+    _split(lambda lo, hi: lib.mx_quantize(*ptrs, lo, hi, ref), outer * nblocks, x.numel())
     return out

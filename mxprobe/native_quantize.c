@@ -312,4 +312,23 @@ void mx_quantize(const void *x, void *out, const float *noise, int64_t r_begin, 
         rows_strided(x, out, noise, r_begin, r_end, &a);
 }
 
-int mx_abi_version(void) { return 1; }
+/* Elementwise rounding of fp32 x[begin, end) to bf16 (target 1) or fp16 (target 2) and back,
+   round to nearest even, saturating at `top` (the largest value both hold); Inf and NaN pass
+   through. out may be x itself. The twin of quantize._round_cast. */
+void mx_round(const float *x, float *out, int64_t begin, int64_t end, int32_t target, float top) {
+    for (int64_t k = begin; k < end; k++) {
+        float v = x[k];
+        uint32_t mag = bits_of(v) & 0x7FFFFFFFu;
+        float c = v > top ? top : (v < -top ? -top : v);
+        uint32_t u = bits_of(c), r;
+        if (target == DT_BF16) {
+            r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+        } else {
+            uint32_t h = to_fp16(c), em = h & 0x7FFFu;
+            r = bits_of(from_bits(em << 13) * 0x1p112f) | (h & 0x8000u) << 16;
+        }
+        out[k] = mag >= 0x7F800000u ? v : from_bits(r);
+    }
+}
+
+int mx_abi_version(void) { return 2; }

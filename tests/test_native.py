@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mxprobe import native
+from mxprobe import native, quantize
 from mxprobe.formats import MX_FORMAT_NAMES
 from mxprobe.quantize import SCALE_MODES, quantize_mx
 from tests.helpers_numerics import DETERMINISTIC, DTYPES, adversarial, bits_equal, heavy_tailed
@@ -201,3 +201,24 @@ def test_every_fp16_and_bf16_bit_pattern(fmt):
                 got = nq(x, fmt, block_size=bs, scale_mode=scale_mode)
                 want = quantize_mx(x, fmt, block_size=bs, scale_mode=scale_mode, backend="torch")
                 assert bits_equal(got, want), (dtype, bs, scale_mode)
+
+
+@pytest.mark.parametrize("target", [torch.bfloat16, torch.float16], ids=str)
+def test_elementwise_rounding_matches_the_torch_cast(target):
+    # Random fp32 bit patterns (every exponent, NaN payloads, Inf, subnormals), the ties of
+    # each target at every binade, and the saturation edges; in place and out of place.
+    g = torch.Generator().manual_seed(4)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=g, dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)
+    ties = torch.ldexp(torch.full((300,), 1.0 + 2.0**-8), torch.arange(-150, 150))
+    ties11 = torch.ldexp(torch.full((60,), 1.0 + 2.0**-11), torch.arange(-30, 30))
+    edges = torch.tensor([65504.0, 65519.0, 65520.0, 3.4e38, -3.39e38, float("inf"), -0.0])
+    snan = torch.tensor([0x7F800001, 0xFFC00001 - 2**32], dtype=torch.int32).view(torch.float32)
+    x = torch.cat([x, ties, -ties, ties11, edges, snan])
+    top = quantize._saturation_limit(target, torch.float32)
+    want = quantize._round_cast(x, target, top)
+    assert bits_equal(native.round_cast(x, target, top, inplace=False), want)
+    y = x.clone()
+    assert native.round_cast(y, target, top, inplace=True) is y and bits_equal(y, want)
+    fmt = "bf16" if target == torch.bfloat16 else "fp16"
+    assert bits_equal(quantize.round_to(x, fmt), want)
