@@ -1,7 +1,7 @@
 """Training throughput of the byte-level LLM: plain fp32 vs MX emulation, side by side, one run.
 
     PYTHONPATH=. python benchmarks/llm_bench.py                 # CPU: tiny, fp32 vs mxfp8_e4m3
-    PYTHONPATH=. python benchmarks/llm_bench.py --compile both  # also eager vs compiled quantizer
+    PYTHONPATH=. python benchmarks/llm_bench.py --compile both  # also the torch path, eager and compiled
     PYTHONPATH=. python benchmarks/llm_bench.py --threads 1     # shared machine: see below
 
 Each row times full training steps (forward, backward, AdamW) on random byte windows after
@@ -9,8 +9,8 @@ warm-up steps (which absorb torch.compile's first compile) and prints tokens/s a
 the first row. Rows:
 
 - CPU: the ``tiny`` model unconverted (fp32), converted under ``fp32`` (the wrapper's cost), and
-  under ``mxfp8_e4m3`` with MX attention products; with ``--compile both`` the MX row is run with
-  the CPU quantizer eager (``MXPROBE_COMPILE=0``) and compiled.
+  under ``mxfp8_e4m3`` with MX attention products on the default CPU quantizer (the native C
+  kernel); ``--compile both`` adds MX rows on the torch path, eager and torch.compile'd.
 Tokens per CPU-second (all threads of this process) are printed next to tokens/s: on a machine
 shared with other jobs the wall clock stretches, the work does not. With tensors as small as the
 tiny model's, ``--threads 1`` is usually faster on a busy machine (OpenMP threads spin-wait).
@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from mxprobe.models.llm import LLM, LLMConfig, count_parameters
 
+from mxprobe import native
 from mxprobe.convert import convert
+from mxprobe.quantize import set_compile
 
 
 def _step_fn(model, optimizer, autocast_dtype):
@@ -107,7 +109,8 @@ def main() -> None:
         "--compile",
         choices=("env", "both"),
         default="env",
-        help="CPU quantizer: as MXPROBE_COMPILE says (env), or eager and compiled rows (both)",
+        help="CPU quantizer rows: the default native kernel (env), or also the torch path "
+        "eager and compiled (both)",
     )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
@@ -130,10 +133,16 @@ def main() -> None:
         ("fp32 (unconverted, SDPA)", tokens_per_second(plain, None, **common)),
         ("fp32 (converted, MX attention off)", tokens_per_second(plain, "fp32", **common)),
     ]
-    modes = [os.environ.get("MXPROBE_COMPILE", "1")] if args.compile == "env" else ["0", "1"]
-    for mode in modes:
-        os.environ["MXPROBE_COMPILE"] = mode
-        label = "compiled" if mode not in ("0", "false", "False", "") else "eager"
+    # The default CPU quantizer is the native C kernel; --compile both adds the torch path's
+    # eager and torch.compile'd variants for comparison.
+    variants = [("native", True, True)]
+    if args.compile == "both":
+        variants += [("torch path, eager", False, False), ("torch path, compiled", False, True)]
+    for label, use_native, compile_on in variants:
+        os.environ["MXPROBE_NATIVE"] = "1" if use_native else "0"
+        set_compile(compile_on)
+        if use_native and not native.available():
+            label = f"torch path: {native.unavailable_reason()}"
         rows.append(
             (
                 f"mxfp8_e4m3 + MX attention ({label})",
