@@ -27,6 +27,7 @@ from mxprobe.models.student_teacher import ProxyConfig, build_student, build_tea
 
 import mxprobe
 from mxprobe.outcome import DivergenceTracker
+from mxprobe.stats import block_max_exponents, floor_overflow_count
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-losses", default=None, help="torch.save the loss list here")
     p.add_argument(
+        "--probe-every",
+        type=int,
+        default=0,
+        help="> 0: every N steps, record the layer-norm probes (gamma mean, share of 32-blocks in "
+        "E4M3's floor-saturating zone, share with max below 1) and the loss into the row",
+    )
+    p.add_argument(
         "--device",
         default="cpu",
         help="cpu: the batches of `mxprobe proxy compare` (numpy, docs/proxy_cpu.md); cuda: "
@@ -68,6 +76,24 @@ def _device_batch(teacher, a, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x, teacher(x) + a.noise * eps
 
 
+def _gamma_probes(student: torch.nn.Module) -> dict:
+    """Layer-norm gamma: mean, share of 32-blocks whose max is in E4M3's floor-saturating zone
+    (every gamma of such a block in [0.875, 1) * 2^k is cut to 0.875 * 2^k), share with max < 1."""
+    gammas = [m.weight.detach() for m in student.modules() if isinstance(m, torch.nn.LayerNorm)]
+    zone, below, blocks = 0, 0, 0
+    for g in gammas:
+        count, n = floor_overflow_count(g, "fp8_e4m3")
+        zone += int(count)
+        below += int((block_max_exponents(g) < 0).sum())
+        blocks += n
+    mean = torch.cat(gammas).mean().item()
+    return {
+        "gamma_mean": round(mean, 4),
+        "zone": round(zone / blocks, 3),
+        "below_1": round(below / blocks, 3),
+    }
+
+
 def run(a: argparse.Namespace) -> dict:
     """Train one configuration (parsed by :func:`parser`); the JSON row as a dict."""
     torch.set_num_threads(a.threads)
@@ -81,6 +107,7 @@ def run(a: argparse.Namespace) -> dict:
     else:
         opt = torch.optim.Adam(student.parameters(), **adam)
     tracker = DivergenceTracker()
+    probes = []
     start = time.perf_counter()
     for step in range(a.steps):
         if step == a.switch_at:
@@ -96,6 +123,8 @@ def run(a: argparse.Namespace) -> dict:
             torch.nn.utils.clip_grad_norm_(student.parameters(), a.clip)
         opt.step()
         tracker.update(loss.item())
+        if a.probe_every > 0 and step % a.probe_every == 0:
+            probes.append({"step": step, "loss": round(loss.item(), 6), **_gamma_probes(student)})
         if tracker.divergence_step is not None and (
             step - tracker.divergence_step >= tracker.patience or not torch.isfinite(loss)
         ):
@@ -108,6 +137,8 @@ def run(a: argparse.Namespace) -> dict:
         tracker.summary(), steps_run=tracker.step, wall_s=round(time.perf_counter() - start, 1)
     )
     row.update(gamma_mean=round(gammas.mean().item(), 4), gamma_std=round(gammas.std().item(), 4))
+    if probes:
+        row["probes"] = probes
     if a.save_losses:
         torch.save(tracker.losses, a.save_losses)
     return row
