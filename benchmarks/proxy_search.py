@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -56,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="> 0: every N steps, record the layer-norm probes (gamma mean, share of 32-blocks in "
-        "E4M3's floor-saturating zone, share with max below 1) and the loss into the row",
+        "E4M3's floor-saturating zone, share with max below 1) and the loss into the row "
+        "(and print each reading to stderr as progress)",
     )
     p.add_argument(
         "--device",
@@ -125,6 +127,7 @@ def run(a: argparse.Namespace) -> dict:
         tracker.update(loss.item())
         if a.probe_every > 0 and step % a.probe_every == 0:
             probes.append({"step": step, "loss": round(loss.item(), 6), **_gamma_probes(student)})
+            print(json.dumps({"scheme": a.scheme, **probes[-1]}), file=sys.stderr, flush=True)
         if tracker.divergence_step is not None and (
             step - tracker.divergence_step >= tracker.patience or not torch.isfinite(loss)
         ):
