@@ -210,9 +210,9 @@ def _self_check() -> None:
             )
 
 
-def _split(fn, n: int, numel: int, *args) -> None:
-    """Run ``fn(*ptrs, lo, hi, ...)`` over [0, n) on up to ``torch.get_num_threads()`` threads
-    (ctypes releases the GIL); one thread for small work."""
+def _split(fn, n: int, numel: int) -> None:
+    """Run ``fn(lo, hi)`` over ranges covering [0, n) on up to ``torch.get_num_threads()``
+    threads (ctypes releases the GIL); one thread when ``numel`` elements is little work."""
     threads = min(torch.get_num_threads(), n) if numel >= PARALLEL_MIN_NUMEL else 1
     if threads <= 1:
         fn(0, n)
@@ -240,6 +240,16 @@ def _thread_pool() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
     return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child inherits the pool object but not its threads: work submitted to it would
+    # wait forever (DataLoader workers, multiprocessing jobs).
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def quantize(

@@ -119,7 +119,11 @@ def test_straight_through_gradient_on_the_native_path():
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": REPO, **env}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
     )
 
 
@@ -222,3 +226,24 @@ def test_elementwise_rounding_matches_the_torch_cast(target):
     assert native.round_cast(y, target, top, inplace=True) is y and bits_equal(y, want)
     fmt = "bf16" if target == torch.bfloat16 else "fp16"
     assert bits_equal(quantize.round_to(x, fmt), want)
+
+
+def test_a_forked_child_quantizes_with_threads_of_its_own():
+    # The parent's pool threads do not survive fork; the child must not wait on them.
+    done = _run(
+        """
+        import os, torch
+        from mxprobe.quantize import quantize_mx
+        torch.set_num_threads(2)
+        x = torch.randn(512, 512)
+        want = quantize_mx(x, "e4m3")  # large enough to use the thread pool
+        pid = os.fork()
+        if pid == 0:
+            ok = torch.equal(quantize_mx(x, "e4m3"), want)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert "child 0" in done.stdout
