@@ -1,7 +1,7 @@
 """Training throughput of the byte-level LLM: plain fp32 vs MX emulation, side by side, one run.
 
     PYTHONPATH=. python benchmarks/llm_bench.py                 # CPU: tiny, fp32 vs mxfp8_e4m3
-    PYTHONPATH=. python benchmarks/llm_bench.py --compile both  # also the torch path, eager and compiled
+    PYTHONPATH=. python benchmarks/llm_bench.py --compile both  # + torch path eager, compiled
     PYTHONPATH=. python benchmarks/llm_bench.py --threads 1     # shared machine: see below
 
 Each row times full training steps (forward, backward, AdamW) on random byte windows after
