@@ -37,10 +37,15 @@ def _variant_name(fmt, mode, rounding, dtype):
     )
 
 
+def _torch_path(x, fmt, **kwargs):
+    # The compile cache serves the torch path; quantize_mx's default on CPU is the native kernel.
+    return quantize_mx(x, fmt, backend="torch", **kwargs)
+
+
 def _eager(x, fmt, **kwargs):
     previous = set_compile(False)
     try:
-        return quantize_mx(x, fmt, **kwargs)
+        return _torch_path(x, fmt, **kwargs)
     finally:
         set_compile(previous)
 
@@ -62,13 +67,13 @@ def test_compiled_equals_eager(compiled, fmt, mode, rounding, dtype):
     poison[0, 5], poison[1, 40] = float("nan"), -float("inf")  # NaN must survive the compiled max
     x = torch.cat([rand, adv, poison]).to(dtype)
     assert x.numel() >= compile_cache.MIN_NUMEL
-    got = quantize_mx(x, fmt, scale_mode=mode, rounding=rounding, backend="torch")
+    got = _torch_path(x, fmt, scale_mode=mode, rounding=rounding)
     assert not compile_cache.failed_variants(), "the compiled path fell back to eager"
     assert _variant_name(fmt, mode, rounding, dtype) in compile_cache.compiled_variants()
-    want = _eager(x, fmt, scale_mode=mode, rounding=rounding, backend="torch")
+    want = _eager(x, fmt, scale_mode=mode, rounding=rounding)
     assert bits_equal(got, want)
     # the transposed axis goes through the same compiled function
-    got0 = quantize_mx(x, fmt, axis=0, scale_mode=mode, rounding=rounding)
+    got0 = _torch_path(x, fmt, axis=0, scale_mode=mode, rounding=rounding)
     assert bits_equal(got0, _eager(x, fmt, axis=0, scale_mode=mode, rounding=rounding))
 
 
@@ -119,7 +124,7 @@ def test_a_failing_variant_falls_back_alone_and_warns_once(compiled, empty_cache
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for fmt, rounding in [good, bad, good, bad, later, bad]:
-            got = quantize_mx(x, fmt, rounding=rounding)
+            got = _torch_path(x, fmt, rounding=rounding)
             assert bits_equal(got, _eager(x, fmt, rounding=rounding))
     assert counter.frame_count == 2  # good and later, once each
     bad_name = _variant_name(bad[0], "floor", bad[1], torch.float32)
@@ -151,10 +156,10 @@ def test_more_than_eight_variants_all_run_compiled(compiled, empty_cache, monkey
     monkeypatch.setattr(compile_cache, "compile_model", _counting_compiler(counter))
     x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(6))
     for n, (fmt, rounding) in enumerate(TEN_VARIANTS, start=1):
-        got = quantize_mx(x, fmt, rounding=rounding)
+        got = _torch_path(x, fmt, rounding=rounding)
         assert counter.frame_count == n, f"variant {n} ({fmt}, {rounding}) ran eagerly"
         assert bits_equal(got, _eager(x, fmt, rounding=rounding))
-    quantize_mx(x, "fp8_e4m3")  # compiled once, reused
+    _torch_path(x, "fp8_e4m3")  # compiled once, reused
     assert counter.frame_count == len(TEN_VARIANTS)
     assert not compile_cache.failed_variants()
 
@@ -166,7 +171,7 @@ def test_more_than_eight_variants_compile_with_inductor(compiled, empty_cache):
     x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(7))
     for fmt, rounding in TEN_VARIANTS:
         before = frames["ok"]
-        got = quantize_mx(x, fmt, rounding=rounding)
+        got = _torch_path(x, fmt, rounding=rounding)
         assert frames["ok"] == before + 1, f"variant ({fmt}, {rounding}) ran eagerly"
         assert bits_equal(got, _eager(x, fmt, rounding=rounding))
     assert not compile_cache.failed_variants()
@@ -175,13 +180,14 @@ def test_more_than_eight_variants_compile_with_inductor(compiled, empty_cache):
 def test_the_quantizer_leaves_dynamo_config_alone(tmp_path):
     """Importing and running the compiled quantizer changes no process-wide dynamo setting."""
     code = (
-        "import torch, torch._dynamo\n"
+        "import os, torch, torch._dynamo\n"
+        "os.environ['MXPROBE_NATIVE'] = '0'  # round_to on the torch path, through the cache\n"
         "before = torch._dynamo.config.get_config_copy()\n"
         "from mxprobe.quantize import quantize_mx, round_to, set_compile\n"
         "import mxprobe.compile_cache as compile_cache\n"
         "set_compile(True)\n"
         "x = torch.randn(2048, 32)\n"
-        "quantize_mx(x, 'fp8_e4m3')\n"
+        "quantize_mx(x, 'fp8_e4m3', backend='torch')\n"
         "round_to(x, 'bf16')\n"
         "assert len(compile_cache.compiled_variants()) == 2, compile_cache.failed_variants()\n"
         "after = torch._dynamo.config.get_config_copy()\n"
