@@ -69,6 +69,27 @@ static int32_t scale_exponent(uint32_t amax_bits, const mx_args *a) {
     return s < -127 ? -127 : (s > 127 ? 127 : s);
 }
 
+/* down[j] = 2^-S and up[j] = 2^S of blocks j < m: one loop per scale mode, so that the common
+   floor mode vectorizes; a poisoned block (amax >= Inf) gets S = 0, its output is NaN anyway. */
+static void block_scales(const uint32_t *restrict amax, float *restrict down, float *restrict up,
+                         int64_t m, const mx_args *a) {
+    if (a->scale_mode == SM_FLOOR) {
+        const int32_t emax = a->emax;
+        for (int64_t j = 0; j < m; j++) {
+            int32_t s = exponent_of(amax[j]) - emax;
+            s = amax[j] >= 0x7F800000u ? 0 : (s < -127 ? -127 : (s > 127 ? 127 : s));
+            down[j] = pow2(-s);
+            up[j] = pow2(s);
+        }
+    } else {
+        for (int64_t j = 0; j < m; j++) {
+            int32_t s = amax[j] >= 0x7F800000u ? 0 : scale_exponent(amax[j], a);
+            down[j] = pow2(-s);
+            up[j] = pow2(s);
+        }
+    }
+}
+
 static inline void load(const void *restrict x, int64_t start, float *restrict buf, int64_t n,
                         int32_t dtype) {
     if (dtype == DT_F32) {
@@ -104,12 +125,16 @@ static inline uint16_t to_fp16(float v) {
 /* The saturation of mx_blocks (clamp at the dtype's largest value), then the cast: fp32 -> bf16
    rounds to nearest even as torch's cast does; no NaN reaches it (poisoned blocks are stored
    by store_nan). */
-static inline void store(void *restrict out, int64_t start, float *restrict res, int64_t n,
-                         const mx_args *a) {
+static inline void clamp_run(float *restrict res, int64_t n, const mx_args *a) {
     if (a->clamp_out) {
         float m = a->out_max;
         for (int64_t k = 0; k < n; k++) res[k] = res[k] > m ? m : (res[k] < -m ? -m : res[k]);
     }
+}
+
+static inline void store(void *restrict out, int64_t start, float *restrict res, int64_t n,
+                         const mx_args *a) {
+    clamp_run(res, n, a);
     if (a->dtype == DT_F32) {
         float *p = (float *)out + start;
         for (int64_t k = 0; k < n; k++) p[k] = res[k];
@@ -229,26 +254,31 @@ static void rows_contiguous(const void *x, void *out, const float *noise, int64_
         m = m < CHUNK / bs ? m : CHUNK / bs;
         int64_t start = o * a->length + b * bs;
         int64_t len = a->length - b * bs < m * bs ? a->length - b * bs : m * bs;
-        load(x, start, buf, len, a->dtype);
+        /* fp32 is read and written in place; the 16-bit dtypes go through buf and res */
+        int direct = a->dtype == DT_F32;
+        const float *src = direct ? (const float *)x + start : buf;
+        float *dst = direct ? (float *)out + start : res;
+        if (!direct) load(x, start, buf, len, a->dtype);
         int poisoned = 0;
         for (int64_t j = 0; j < m; j++) {
             int64_t nb = len - j * bs < bs ? len - j * bs : bs;
-            amax[j] = bs == 32 && nb == 32 ? abs_max_bits(buf + j * 32, 32)
-                                           : abs_max_bits(buf + j * bs, nb);
-            int32_t s = amax[j] >= 0x7F800000u ? 0 : scale_exponent(amax[j], a);
+            amax[j] = bs == 32 && nb == 32 ? abs_max_bits(src + j * 32, 32)
+                                           : abs_max_bits(src + j * bs, nb);
             poisoned |= amax[j] >= 0x7F800000u;
-            down[j] = pow2(-s);
-            up[j] = pow2(s);
         }
+        block_scales(amax, down, up, m, a);
         for (int64_t j = 0; j < m; j++) {
             int64_t nb = len - j * bs < bs ? len - j * bs : bs;
             const float *nz = noise ? noise + (r + j) * bs : NULL;
             if (bs == 32 && nb == 32) /* the common case, with a constant trip count */
-                quantize_run(buf + j * 32, res + j * 32, 32, down + j, up + j, 0, nz, a);
+                quantize_run(src + j * 32, dst + j * 32, 32, down + j, up + j, 0, nz, a);
             else
-                quantize_run(buf + j * bs, res + j * bs, nb, down + j, up + j, 0, nz, a);
+                quantize_run(src + j * bs, dst + j * bs, nb, down + j, up + j, 0, nz, a);
         }
-        store(out, start, res, len, a);
+        if (direct)
+            clamp_run(dst, len, a);
+        else
+            store(out, start, res, len, a);
         if (poisoned) /* an Inf or a NaN poisons its whole block */
             for (int64_t j = 0; j < m; j++)
                 if (amax[j] >= 0x7F800000u) {
@@ -280,12 +310,8 @@ static void rows_strided(const void *x, void *out, const float *noise, int64_t r
                 }
             }
             int poisoned = 0;
-            for (int64_t j = 0; j < w; j++) {
-                int32_t s = amax[j] >= 0x7F800000u ? 0 : scale_exponent(amax[j], a);
-                poisoned |= amax[j] >= 0x7F800000u;
-                down[j] = pow2(-s);
-                up[j] = pow2(s);
-            }
+            for (int64_t j = 0; j < w; j++) poisoned |= amax[j] >= 0x7F800000u;
+            block_scales(amax, down, up, w, a);
             for (int64_t k = 0; k < n; k++) {
                 int64_t row = base + k * a->inner + i0;
                 load(x, row, buf, w, a->dtype);
