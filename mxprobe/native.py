@@ -161,6 +161,10 @@ def library() -> ctypes.CDLL | None:
     """The loaded, self-checked library, or None (after one warning saying why)."""
     if _state["tried"]:
         return _state["lib"]
+    if torch.compiler.is_compiling():
+        # Dynamo tracing into the build would fail and wrongly mark the kernel unavailable;
+        # compiled code uses the torch path anyway.
+        return None
     with _lock:
         if _state["tried"]:
             return _state["lib"]

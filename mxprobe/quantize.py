@@ -210,7 +210,8 @@ def round_to_owned(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """``round_to`` for a tensor the caller owns outright (e.g. a GEMM output it just made):
     rounded in place on the native CPU path, saving an allocation and a pass over memory."""
     if fmt in ("bf16", "fp16") and x.is_contiguous() and not x.requires_grad:
-        if _native_round_applies(x) and not torch.compiler.is_compiling():
+        # is_compiling first: Dynamo must not trace into the library's build and ctypes calls.
+        if not torch.compiler.is_compiling() and _native_round_applies(x):
             target = torch.bfloat16 if fmt == "bf16" else torch.float16
             return native.round_cast(x, target, _saturation_limit(target, x.dtype), inplace=True)
     return round_to(x, fmt)

@@ -247,3 +247,21 @@ def test_a_forked_child_quantizes_with_threads_of_its_own():
     )
     assert done.returncode == 0, done.stderr
     assert "child 0" in done.stdout
+
+
+def test_a_first_call_under_torch_compile_leaves_the_kernel_available():
+    # The first quantization of a process may happen while Dynamo traces a compiled model; the
+    # build and ctypes calls must not be traced (they failed there and disabled the kernel).
+    done = _run(
+        """
+        import warnings, torch
+        warnings.simplefilter("error", RuntimeWarning)
+        import mxprobe
+        from mxprobe import native
+        layer = mxprobe.convert(torch.nn.Sequential(torch.nn.Linear(64, 64)), "mxfp8_e4m3")
+        torch.compile(layer)(torch.randn(8, 64)).sum()
+        print("native", native.available())
+        """
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "native True" in done.stdout
