@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
+from hypothesis import strategies as st
 
+from mxprobe.formats import MX_FORMAT_NAMES
+from mxprobe.quantize import SCALE_MODES
 from tests.mx_reference import reference_format
 
 DETERMINISTIC = ("even", "nearest", "floor")
@@ -106,3 +109,19 @@ def adversarial(fmt: str) -> torch.Tensor:
         row[: len(values)] = torch.tensor(values)
     full = torch.tensor(_full_rows(fmt), dtype=torch.float64).to(torch.float32)
     return torch.cat([full, filler])
+
+
+# The property tests' cases: fp32 values (specials included), any format, scale mode,
+# deterministic rounding, block size and dtype; used as ``@given(**REFERENCE_CASES)``.
+_values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=32),
+    st.sampled_from([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45]),
+)
+REFERENCE_CASES = dict(
+    values=st.lists(_values, min_size=1, max_size=80),
+    fmt=st.sampled_from(MX_FORMAT_NAMES),
+    scale_mode=st.sampled_from(SCALE_MODES),
+    rounding=st.sampled_from(DETERMINISTIC),
+    block_size=st.sampled_from([1, 2, 5, 32]),
+    dtype=st.sampled_from(DTYPES),
+)

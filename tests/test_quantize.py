@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from mxprobe.formats import MX_FORMAT_NAMES, mx_format
 from mxprobe.quantize import ROUNDINGS, SCALE_MODES, mx_decode, mx_encode, quantize_mx, round_to
-from tests.helpers_numerics import DETERMINISTIC, DTYPES, adversarial, bits_equal
+from tests.helpers_numerics import DETERMINISTIC, DTYPES, REFERENCE_CASES, adversarial, bits_equal
 from tests.mx_reference import reference_format, reference_quantize
 
 
@@ -52,19 +51,8 @@ def test_random_heavy_tailed_axes_and_tails(fmt, scale_mode, dtype):
                 assert bits_equal(got, want), (axis, bs, rounding)
 
 
-finite_f32 = st.floats(allow_nan=False, allow_infinity=False, width=32)
-special_f32 = st.sampled_from([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-45])
-
-
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(
-    values=st.lists(st.one_of(finite_f32, special_f32), min_size=1, max_size=80),
-    fmt=st.sampled_from(MX_FORMAT_NAMES),
-    scale_mode=st.sampled_from(SCALE_MODES),
-    rounding=st.sampled_from(DETERMINISTIC),
-    block_size=st.sampled_from([1, 2, 5, 32]),
-    dtype=st.sampled_from(DTYPES),
-)
+@given(**REFERENCE_CASES)
 def test_property_matches_reference(values, fmt, scale_mode, rounding, block_size, dtype):
     x = torch.tensor(values, dtype=torch.float32).to(dtype)
     got = q(x, fmt, block_size=block_size, scale_mode=scale_mode, rounding=rounding)
