@@ -289,10 +289,13 @@ static void rows_contiguous(const void *x, void *out, const float *noise, int64_
     }
 }
 
-/* Blocks along a non-last axis: a strip of up to COLS columns at a time, a scale per column. */
+/* Blocks along a non-last axis: a strip of up to COLS columns at a time, a scale per column.
+   fp32 rows are read and written in place (a strip of a block stays in L1 between the two
+   passes); the 16-bit dtypes go through buf and res. */
 static void rows_strided(const void *x, void *out, const float *noise, int64_t r_begin,
                          int64_t r_end, const mx_args *a) {
     const int64_t bs = a->block_size, nblocks = (a->length + bs - 1) / bs;
+    const int direct = a->dtype == DT_F32;
     uint32_t amax[COLS];
     float down[COLS], up[COLS], buf[COLS], res[COLS];
     for (int64_t r = r_begin; r < r_end; r++) {
@@ -303,9 +306,11 @@ static void rows_strided(const void *x, void *out, const float *noise, int64_t r
             int64_t w = a->inner - i0 < COLS ? a->inner - i0 : COLS;
             for (int64_t j = 0; j < w; j++) amax[j] = 0;
             for (int64_t k = 0; k < n; k++) {
-                load(x, base + k * a->inner + i0, buf, w, a->dtype);
+                int64_t row = base + k * a->inner + i0;
+                const float *src = direct ? (const float *)x + row : buf;
+                if (!direct) load(x, row, buf, w, a->dtype);
                 for (int64_t j = 0; j < w; j++) {
-                    uint32_t m = bits_of(buf[j]) & 0x7FFFFFFFu;
+                    uint32_t m = bits_of(src[j]) & 0x7FFFFFFFu;
                     amax[j] = m > amax[j] ? m : amax[j];
                 }
             }
@@ -314,10 +319,15 @@ static void rows_strided(const void *x, void *out, const float *noise, int64_t r
             block_scales(amax, down, up, w, a);
             for (int64_t k = 0; k < n; k++) {
                 int64_t row = base + k * a->inner + i0;
-                load(x, row, buf, w, a->dtype);
+                const float *src = direct ? (const float *)x + row : buf;
+                float *dst = direct ? (float *)out + row : res;
+                if (!direct) load(x, row, buf, w, a->dtype);
                 const float *nz = noise ? noise + (r * bs + k) * a->inner + i0 : NULL;
-                quantize_run(buf, res, w, down, up, 1, nz, a);
-                store(out, row, res, w, a);
+                quantize_run(src, dst, w, down, up, 1, nz, a);
+                if (direct)
+                    clamp_run(dst, w, a);
+                else
+                    store(out, row, res, w, a);
                 if (poisoned)
                     for (int64_t j = 0; j < w; j++)
                         if (amax[j] >= 0x7F800000u) store_nan(out, row + j, 1, a->dtype);
