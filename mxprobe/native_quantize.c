@@ -150,6 +150,27 @@ static inline void store(void *restrict out, int64_t start, float *restrict res,
     }
 }
 
+/* The fp32 values of x[start, start + n): fp32 read in place, 16-bit dtypes widened into buf. */
+static inline const float *read_run(const void *x, int64_t start, float *restrict buf, int64_t n,
+                                    const mx_args *a) {
+    if (a->dtype == DT_F32) return (const float *)x + start;
+    load(x, start, buf, n, a->dtype);
+    return buf;
+}
+
+/* Where quantized values of out[start, ...) are computed: out itself for fp32, res otherwise;
+   write_run then finishes them (saturation in place, or the narrowing store from res). */
+static inline float *result_run(void *out, int64_t start, float *res, const mx_args *a) {
+    return a->dtype == DT_F32 ? (float *)out + start : res;
+}
+
+static inline void write_run(void *out, int64_t start, float *dst, int64_t n, const mx_args *a) {
+    if (a->dtype == DT_F32)
+        clamp_run(dst, n, a);
+    else
+        store(out, start, dst, n, a);
+}
+
 static void store_nan(void *restrict out, int64_t start, int64_t n, int32_t dtype) {
     for (int64_t k = 0; k < n; k++) {
         if (dtype == DT_F32) ((uint32_t *)out)[start + k] = 0x7FC00000u;
@@ -254,11 +275,8 @@ static void rows_contiguous(const void *x, void *out, const float *noise, int64_
         m = m < CHUNK / bs ? m : CHUNK / bs;
         int64_t start = o * a->length + b * bs;
         int64_t len = a->length - b * bs < m * bs ? a->length - b * bs : m * bs;
-        /* fp32 is read and written in place; the 16-bit dtypes go through buf and res */
-        int direct = a->dtype == DT_F32;
-        const float *src = direct ? (const float *)x + start : buf;
-        float *dst = direct ? (float *)out + start : res;
-        if (!direct) load(x, start, buf, len, a->dtype);
+        const float *src = read_run(x, start, buf, len, a);
+        float *dst = result_run(out, start, res, a);
         int poisoned = 0;
         for (int64_t j = 0; j < m; j++) {
             int64_t nb = len - j * bs < bs ? len - j * bs : bs;
@@ -275,10 +293,7 @@ static void rows_contiguous(const void *x, void *out, const float *noise, int64_
             else
                 quantize_run(src + j * bs, dst + j * bs, nb, down + j, up + j, 0, nz, a);
         }
-        if (direct)
-            clamp_run(dst, len, a);
-        else
-            store(out, start, res, len, a);
+        write_run(out, start, dst, len, a);
         if (poisoned) /* an Inf or a NaN poisons its whole block */
             for (int64_t j = 0; j < m; j++)
                 if (amax[j] >= 0x7F800000u) {
@@ -295,7 +310,6 @@ static void rows_contiguous(const void *x, void *out, const float *noise, int64_
 static void rows_strided(const void *x, void *out, const float *noise, int64_t r_begin,
                          int64_t r_end, const mx_args *a) {
     const int64_t bs = a->block_size, nblocks = (a->length + bs - 1) / bs;
-    const int direct = a->dtype == DT_F32;
     uint32_t amax[COLS];
     float down[COLS], up[COLS], buf[COLS], res[COLS];
     for (int64_t r = r_begin; r < r_end; r++) {
@@ -306,9 +320,7 @@ static void rows_strided(const void *x, void *out, const float *noise, int64_t r
             int64_t w = a->inner - i0 < COLS ? a->inner - i0 : COLS;
             for (int64_t j = 0; j < w; j++) amax[j] = 0;
             for (int64_t k = 0; k < n; k++) {
-                int64_t row = base + k * a->inner + i0;
-                const float *src = direct ? (const float *)x + row : buf;
-                if (!direct) load(x, row, buf, w, a->dtype);
+                const float *src = read_run(x, base + k * a->inner + i0, buf, w, a);
                 for (int64_t j = 0; j < w; j++) {
                     uint32_t m = bits_of(src[j]) & 0x7FFFFFFFu;
                     amax[j] = m > amax[j] ? m : amax[j];
@@ -319,15 +331,11 @@ static void rows_strided(const void *x, void *out, const float *noise, int64_t r
             block_scales(amax, down, up, w, a);
             for (int64_t k = 0; k < n; k++) {
                 int64_t row = base + k * a->inner + i0;
-                const float *src = direct ? (const float *)x + row : buf;
-                float *dst = direct ? (float *)out + row : res;
-                if (!direct) load(x, row, buf, w, a->dtype);
+                const float *src = read_run(x, row, buf, w, a);
+                float *dst = result_run(out, row, res, a);
                 const float *nz = noise ? noise + (r * bs + k) * a->inner + i0 : NULL;
                 quantize_run(src, dst, w, down, up, 1, nz, a);
-                if (direct)
-                    clamp_run(dst, w, a);
-                else
-                    store(out, row, res, w, a);
+                write_run(out, row, dst, w, a);
                 if (poisoned)
                     for (int64_t j = 0; j < w; j++)
                         if (amax[j] >= 0x7F800000u) store_nan(out, row + j, 1, a->dtype);
