@@ -285,7 +285,7 @@ def _quantizer_label(device: torch.device, compile_on: bool) -> str:
     if device.type == "cuda":
         return "triton"
     if native.available():
-        return "native C kernel"
+        return native.describe()
     return f"torch path, compile {'on' if compile_on else 'off'}"
 
 

@@ -344,11 +344,8 @@ static void rows_strided(const void *x, void *out, const float *noise, int64_t r
     }
 }
 
-/* Entry point: quantize block-rows [r_begin, r_end) of x into out (same dtype and layout).
-   noise (fp32, the torch path's padded (outer, nblocks, block_size, inner) draws) is read only
-   for stochastic rounding. */
-void mx_quantize(const void *x, void *out, const float *noise, int64_t r_begin, int64_t r_end,
-                 const mx_args *args) {
+static void quantize_range(const void *x, void *out, const float *noise, int64_t r_begin,
+                           int64_t r_end, const mx_args *args) {
     const mx_args a = *args;
     if (a.inner == 1 && a.block_size <= CHUNK)
         rows_contiguous(x, out, noise, r_begin, r_end, &a);
@@ -356,10 +353,31 @@ void mx_quantize(const void *x, void *out, const float *noise, int64_t r_begin, 
         rows_strided(x, out, noise, r_begin, r_end, &a);
 }
 
+/* Entry point: quantize block-rows [begin, end) of x into out (same dtype and layout), split
+   into `threads` equal ranges. noise (fp32, the torch path's padded (outer, nblocks,
+   block_size, inner) draws) is read only for stochastic rounding.
+
+   Built with -fopenmp the ranges run on an OpenMP team: native.py builds that only when the
+   process already holds torch's libgomp, which then serves this library too (same soname), so
+   the team is the one torch's own operators use, awake right after a GEMM. Without OpenMP the
+   pragma is ignored and the caller splits the work itself (threads = 1 per call). */
+void mx_quantize(const void *x, void *out, const float *noise, int64_t begin, int64_t end,
+                 int32_t threads, const mx_args *args) {
+    const int64_t n = end - begin;
+    if (threads <= 1) { /* no OpenMP call at all: a forked child must not touch the team */
+        quantize_range(x, out, noise, begin, end, args);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int32_t t = 0; t < threads; t++)
+        quantize_range(x, out, noise, begin + n * t / threads, begin + n * (t + 1) / threads, args);
+}
+
 /* Elementwise rounding of fp32 x[begin, end) to bf16 (target 1) or fp16 (target 2) and back,
    round to nearest even, saturating at `top` (the largest value both hold); Inf and NaN pass
-   through. out may be x itself. The twin of quantize._round_cast. */
-void mx_round(const float *x, float *out, int64_t begin, int64_t end, int32_t target, float top) {
+   through. out may be x itself. The twin of quantize._round_cast. Threads as mx_quantize. */
+static void round_range(const float *x, float *out, int64_t begin, int64_t end, int32_t target,
+                        float top) {
     for (int64_t k = begin; k < end; k++) {
         float v = x[k];
         uint32_t mag = bits_of(v) & 0x7FFFFFFFu;
@@ -375,4 +393,25 @@ void mx_round(const float *x, float *out, int64_t begin, int64_t end, int32_t ta
     }
 }
 
-int mx_abi_version(void) { return 2; }
+void mx_round(const float *x, float *out, int64_t begin, int64_t end, int32_t threads,
+              int32_t target, float top) {
+    const int64_t n = end - begin;
+    if (threads <= 1) {
+        round_range(x, out, begin, end, target, top);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int32_t t = 0; t < threads; t++)
+        round_range(x, out, begin + n * t / threads, begin + n * (t + 1) / threads, target, top);
+}
+
+/* 1 when built with OpenMP: mx_quantize and mx_round then run their threads themselves. */
+int mx_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int mx_abi_version(void) { return 3; }

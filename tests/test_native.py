@@ -88,21 +88,46 @@ def test_stochastic_draws_the_torch_paths_noise(axis, dtype):
     assert bits_equal(got, want)
 
 
+@pytest.fixture(params=["openmp", "pool"])
+def thread_source(request, monkeypatch):
+    """Both ways the kernel gets threads: torch's OpenMP team (where built) and the pool."""
+    if request.param == "openmp" and not native.uses_openmp():
+        pytest.skip("the kernel was not built with OpenMP here")
+    monkeypatch.setitem(native._state, "openmp", request.param == "openmp")
+    return request.param
+
+
+@pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_threaded_large_tensors_and_non_contiguous_input(axis):
+def test_threaded_large_tensors_and_non_contiguous_input(axis, threads, thread_source):
     # Above PARALLEL_MIN_NUMEL the block-rows are split between threads mid-slice.
     x = heavy_tailed(3, 300, 170, seed=3)
-    assert x.numel() >= native.PARALLEL_MIN_NUMEL
+    assert x.numel() >= max(native.PARALLEL_MIN_NUMEL.values())
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     try:
         for t in (x, x.transpose(0, 2)):
             for fmt in ("e4m3", "int8"):
                 got = nq(t, fmt, axis=axis)
                 want = quantize_mx(t, fmt, axis=axis, backend="torch")
                 assert bits_equal(got, want)
+        y = x.reshape(-1)[:150_001]  # an odd length: uneven thread ranges
+        top = quantize._saturation_limit(torch.bfloat16, torch.float32)
+        want = quantize._round_cast(y, torch.bfloat16, top)
+        assert bits_equal(native.round_cast(y, torch.bfloat16, top, inplace=False), want)
     finally:
         torch.set_num_threads(old)
+
+
+def test_the_openmp_build_shares_torchs_runtime():
+    # One OpenMP runtime in the process: the kernel's threads are torch's team, which is awake
+    # right after torch's GEMMs (a second runtime's team would spin against it).
+    if not native._gomp_loaded():
+        pytest.skip("torch holds no plain libgomp.so.1 here (not a Linux GNU OpenMP build)")
+    assert native.available()
+    assert native.uses_openmp()
+    assert len(native._gomp_paths()) == 1
+    assert "OpenMP" in native.describe()
 
 
 def test_straight_through_gradient_on_the_native_path():
@@ -234,7 +259,9 @@ def test_a_forked_child_quantizes_with_threads_of_its_own():
         want = quantize_mx(x, "e4m3")  # large enough to use the thread pool
         pid = os.fork()
         if pid == 0:
-            ok = torch.equal(quantize_mx(x, "e4m3"), want)
+            # Compared in numpy: torch's own threaded operators hang in a child forked after
+            # the parent used its OpenMP team (GNU libgomp has no fork handler); ours must not.
+            ok = quantize_mx(x, "e4m3").numpy().tobytes() == want.numpy().tobytes()
             os._exit(0 if ok else 3)
         _, status = os.waitpid(pid, 0)
         print("child", os.waitstatus_to_exitcode(status))

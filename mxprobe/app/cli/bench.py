@@ -47,9 +47,7 @@ def _backend_label(device: str) -> str:
 
     if device.startswith("cuda"):
         return "triton"
-    if native.available():
-        return "native C kernel"
-    return f"torch path ({native.unavailable_reason()})"
+    return native.describe()
 
 
 def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
