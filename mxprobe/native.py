@@ -8,7 +8,10 @@ path per quantized tensor. ``quantize_mx(backend="auto")`` uses it for CPU tenso
 
 The build (``cc -O3 -march=native -ffp-contract=off``, ~1 s) is cached under
 ``$MXPROBE_CACHE_DIR`` (default ``~/.cache/mxprobe``), keyed by the source, the compiler and the
-CPU. Before first use the built library is checked against the torch path on adversarial
+CPU. Where torch ships GNU libgomp (its Linux wheels) the build adds ``-fopenmp`` and so
+runs its threads on torch's own OpenMP team, awake right after torch's GEMMs; elsewhere,
+and in a forked child (libgomp has no fork handler), a Python thread pool splits the work.
+Before first use the built library is checked against the torch path on adversarial
 values; a library that disagrees, a missing compiler or a failed build each warn once, naming
 the cause, and quantization falls back to the torch path. ``MXPROBE_NATIVE=0`` turns it off.
 """
