@@ -19,25 +19,31 @@ GEMM outputs and the bias are rounded by the ``elementwise`` role when set; with
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mxprobe.formats import is_mx
 from mxprobe.gemm import mx_gemm, tensor_core_exact
-from mxprobe.quantize import quantize_mx, round_to, round_to_owned
+from mxprobe.quantize import quantize_mx, quantize_operand, round_to, round_to_owned
 from mxprobe.scheme import BACKWARD_ROLES, PrecisionScheme
 
 
 def quantize_role(
-    t: torch.Tensor, scheme: PrecisionScheme, role: str, axis: int = -1
+    t: torch.Tensor, scheme: PrecisionScheme, role: str, axis: int = -1, slot: int | None = None
 ) -> torch.Tensor:
-    """``t`` in the format ``scheme`` gives ``role``: MX along ``axis``, elementwise, or as is."""
+    """``t`` in the format ``scheme`` gives ``role``: MX along ``axis``, elementwise, or as is.
+
+    ``slot`` (0 or 1: which operand of a product) marks a GEMM operand used at once and never
+    kept: an MX result may then live in that reusable scratch buffer (``quantize_operand``)."""
     fmt = getattr(scheme, role)
     if fmt == "fp32":
         return t
     if is_mx(fmt):
-        return quantize_mx(
+        quantize = quantize_mx if slot is None else functools.partial(quantize_operand, slot=slot)
+        return quantize(
             t,
             fmt,
             block_size=scheme.block_size,
@@ -76,8 +82,8 @@ class _MxLinearFunction(torch.autograd.Function):
         ctx.scheme = scheme
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, weight)
-        xq = quantize_role(x2d, scheme, "act", -1)
-        wq = quantize_role(weight, scheme, "weight", -1)
+        xq = quantize_role(x2d, scheme, "act", -1, slot=0)
+        wq = quantize_role(weight, scheme, "weight", -1, slot=1)
         if scheme.elementwise == "fp32":
             # bias fused as nn.Linear does (same fp32 rounding)
             return gemm(xq, wq.t(), scheme, ("act", "weight"), bias)
@@ -94,16 +100,16 @@ class _MxLinearFunction(torch.autograd.Function):
         if s.quantize_backprop:
             if ctx.needs_input_grad[0]:
                 dx = gemm(
-                    quantize_role(dy, s, "grad_dgrad", -1),
-                    quantize_role(weight, s, "weight_bp", 0),
+                    quantize_role(dy, s, "grad_dgrad", -1, slot=0),
+                    quantize_role(weight, s, "weight_bp", 0, slot=1),
                     s,
                     ("grad_dgrad", "weight_bp"),
                 )
                 dx = round_fresh(dx, s)
             if ctx.needs_input_grad[1]:
                 dw = gemm(
-                    quantize_role(dy, s, "grad_wgrad", 0).t(),
-                    quantize_role(x2d, s, "act_bp", 0),
+                    quantize_role(dy, s, "grad_wgrad", 0, slot=0).t(),
+                    quantize_role(x2d, s, "act_bp", 0, slot=1),
                     s,
                     ("grad_wgrad", "act_bp"),
                 )
@@ -153,7 +159,8 @@ class _MxMatmulFunction(torch.autograd.Function):
     def forward(ctx, a, b, scheme):
         ctx.scheme = scheme
         ctx.save_for_backward(a, b)
-        aq, bq = quantize_role(a, scheme, "act", -1), quantize_role(b, scheme, "act", -2)
+        aq = quantize_role(a, scheme, "act", -1, slot=0)
+        bq = quantize_role(b, scheme, "act", -2, slot=1)
         y = gemm(aq, bq, scheme, ("act", "act"))
         return round_fresh(y, scheme)
 
@@ -165,14 +172,14 @@ class _MxMatmulFunction(torch.autograd.Function):
             return dy @ b.transpose(-1, -2), a.transpose(-1, -2) @ dy, None
         # dA = dY @ B^T contracts over B's columns; dB = A^T @ dY contracts over A's rows.
         da = gemm(
-            quantize_role(dy, s, "grad_dgrad", -1),
-            quantize_role(b, s, "act_bp", -1).transpose(-1, -2),
+            quantize_role(dy, s, "grad_dgrad", -1, slot=0),
+            quantize_role(b, s, "act_bp", -1, slot=1).transpose(-1, -2),
             s,
             ("grad_dgrad", "act_bp"),
         )
         db = gemm(
-            quantize_role(a, s, "act_bp", -2).transpose(-1, -2),
-            quantize_role(dy, s, "grad_wgrad", -2),
+            quantize_role(a, s, "act_bp", -2, slot=0).transpose(-1, -2),
+            quantize_role(dy, s, "grad_wgrad", -2, slot=1),
             s,
             ("act_bp", "grad_wgrad"),
         )

@@ -146,6 +146,33 @@ def quantize_mx(
     return _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
 
 
+def quantize_operand(
+    x: torch.Tensor,
+    fmt: str,
+    *,
+    slot: int,
+    block_size: int = 32,
+    axis: int = -1,
+    scale_mode: str = "floor",
+    rounding: str = "even",
+) -> torch.Tensor:
+    """``quantize_mx`` of a GEMM operand that the caller consumes at once and never keeps
+    (an MX module's forward or backward body): on the native CPU path the result lives in
+    scratch buffer ``slot`` of this thread (``native.scratch``), reused by the next operand of
+    that slot, so the two operands of one product take different slots. Elsewhere, and when
+    autograd would keep the result, exactly ``quantize_mx``."""
+    if (
+        x.numel()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+        and _resolve_backend("auto", x) == "native"
+    ):
+        fmt, axis = check_args(x, fmt, block_size, axis, scale_mode, rounding)
+        return native.quantize(x, fmt, block_size, axis, scale_mode, rounding, None, slot=slot)
+    return quantize_mx(
+        x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode, rounding=rounding
+    )
+
+
 @functools.cache
 def _saturation_limit(target: torch.dtype, dtype: torch.dtype) -> float:
     """The largest finite value of ``target`` that ``dtype`` also holds (fp32 -> fp16: 65504;
