@@ -5,9 +5,13 @@
 Prints Melem/s for each (dtype, format) on a size x size tensor along the last axis, the ratio
 to the same-dtype ``clone()`` measured in the same run (issue 18's goals on 2 CPU threads: fp32
 e4m3 >= 0.8, every format and dtype >= 0.6), the same ratio for blocks along axis 0 (the
-weight_bp / act_bp / grad_wgrad operands), and, when torchao is installed, its eager
-``MXTensor.to_mx(...).dequantize()`` throughput. The first call of each variant (the native
-kernel's build, or torch.compile of the torch path) is timed separately as warm-up.
+weight_bp / act_bp / grad_wgrad operands), ``reused``: the same ratio with the output memory
+already mapped on both sides (``out.copy_(x)`` against the native kernel writing its scratch
+buffer, as MX layers' GEMM operands do; CPU only), and, when torchao is installed, its eager
+``MXTensor.to_mx(...).dequantize()`` throughput. ``clone`` and ``quantize_mx`` both fault in
+fresh pages for a large tensor when the allocator maps new memory, which can hide up to 3x of
+the kernel's own cost: read ``ratio`` and ``reused`` together. The first call of each variant
+(the native kernel's build, or torch.compile of the torch path) is timed separately as warm-up.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 import torch
 
 from mxprobe.formats import MX_FORMAT_NAMES
-from mxprobe.quantize import quantize_mx
+from mxprobe.quantize import quantize_mx, quantize_operand
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -40,6 +44,23 @@ def _torchao_fn(x: torch.Tensor, fmt: str):
     if fmt not in dtypes or x.dtype not in (torch.float32, torch.bfloat16):
         return None  # torchao 0.18's to_mx takes fp32 and bf16 only
     return lambda: MXTensor.to_mx(x, dtypes[fmt], 32).dequantize(x.dtype)
+
+
+def _reused_ratio(x: torch.Tensor, fmt: str, reps: int) -> str:
+    """``out.copy_(x)`` time / quantize time into memory that is already mapped (the native
+    kernel's scratch buffer), interleaved; "-" where the native kernel does not apply."""
+    from mxprobe import native
+
+    if x.is_cuda or not native.available():
+        return "-"
+    out = torch.empty_like(x)
+    quantize_operand(x, fmt, slot=0)
+    t_copy, t_q = [], []
+    for _ in range(reps):
+        t_copy.append(_median_seconds(lambda: out.copy_(x), 1))
+        t_q.append(_median_seconds(lambda: quantize_operand(x, fmt, slot=0), 1))
+    native.free_scratch()
+    return f"{statistics.median(t_copy) / statistics.median(t_q):.2f}"
 
 
 def _backend_label(device: str) -> str:
@@ -63,7 +84,8 @@ def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
         f"{args.size}x{args.size}, {args.device}, {args.threads} threads, torch {torch.__version__}"
     )
     print(f"quantizer backend for these tensors: {_backend_label(args.device)}")
-    header = ("dtype", "format", "warmup_s", "Melem/s", "clone", "ratio", "axis0", "torchao")
+    header = ("dtype", "format", "warmup_s", "Melem/s", "clone", "ratio", "axis0", "reused")
+    header += ("torchao",)
     print(f"{header[0]:9} {header[1]:9} " + " ".join(f"{h:>9}" for h in header[2:]))
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(args.size, args.size, device=args.device).to(dtype)
@@ -85,6 +107,7 @@ def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
             clone_rate = n / statistics.median(t_clone) / 1e6
             q_rate = n / statistics.median(t_q) / 1e6
             axis0_ratio = statistics.median(t_clone) / statistics.median(t_q0)
+            reused = _reused_ratio(x, fmt, args.reps)
             ao = _torchao_fn(x, fmt)
             ao_text = "-"
             if ao is not None:
@@ -93,6 +116,7 @@ def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
                 ao_text = f"{n / seconds / 1e6:9.0f}"
             print(
                 f"{str(dtype).replace('torch.', ''):9} {fmt:9} {warm:9.1f} {q_rate:9.0f} "
-                f"{clone_rate:9.0f} {q_rate / clone_rate:9.2f} {axis0_ratio:9.2f} {ao_text:>9}"
+                f"{clone_rate:9.0f} {q_rate / clone_rate:9.2f} {axis0_ratio:9.2f} {reused:>9} "
+                f"{ao_text:>9}"
             )
     return 0
