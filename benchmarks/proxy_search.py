@@ -57,8 +57,16 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="> 0: every N steps, record the layer-norm probes (gamma mean, share of 32-blocks in "
-        "E4M3's floor-saturating zone, share with max below 1) and the loss into the row "
+        "E4M3's floor-saturating zone, share with max below 1, blocks that changed binade since "
+        "the last reading) and the loss into the row "
         "(and print each reading to stderr as progress)",
+    )
+    p.add_argument(
+        "--probe-window",
+        default="",
+        metavar="START:END:EVERY",
+        help="also probe every EVERY steps in [START, END): a dense look before a known spike "
+        "(a deterministic run repeats its trajectory step for step)",
     )
     p.add_argument(
         "--device",
@@ -78,22 +86,45 @@ def _device_batch(teacher, a, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x, teacher(x) + a.noise * eps
 
 
-def _gamma_probes(student: torch.nn.Module) -> dict:
+def _gamma_probes(student: torch.nn.Module, previous: dict) -> dict:
     """Layer-norm gamma: mean, share of 32-blocks whose max is in E4M3's floor-saturating zone
-    (every gamma of such a block in [0.875, 1) * 2^k is cut to 0.875 * 2^k), share with max < 1."""
+    (every gamma of such a block in [0.875, 1) * 2^k is cut to 0.875 * 2^k), share with max < 1,
+    and ``crossed``: blocks whose max moved to another binade since the previous reading (each
+    such move rescales the whole block's E8M0 scale by a power of two). ``previous`` holds the
+    last reading's block exponents and is updated."""
     gammas = [m.weight.detach() for m in student.modules() if isinstance(m, torch.nn.LayerNorm)]
     zone, below, blocks = 0, 0, 0
+    exponents = []
     for g in gammas:
         count, n = floor_overflow_count(g, "fp8_e4m3")
         zone += int(count)
-        below += int((block_max_exponents(g) < 0).sum())
+        exponents.append(block_max_exponents(g))
+        below += int((exponents[-1] < 0).sum())
         blocks += n
+    now = torch.cat(exponents)
+    before = previous.get("exponents")
+    crossed = 0 if before is None else int((now != before).sum())
+    previous["exponents"] = now
     mean = torch.cat(gammas).mean().item()
     return {
         "gamma_mean": round(mean, 4),
         "zone": round(zone / blocks, 3),
         "below_1": round(below / blocks, 3),
+        "crossed": crossed,
     }
+
+
+def _probe_steps(a: argparse.Namespace) -> tuple[int, range]:
+    """(every, window): probe when step % every == 0 (every > 0) or step in window."""
+    if not a.probe_window:
+        return a.probe_every, range(0)
+    try:
+        start, end, every = (int(v) for v in a.probe_window.split(":"))
+    except ValueError:
+        raise SystemExit(f"--probe-window wants START:END:EVERY, got {a.probe_window!r}") from None
+    if every < 1 or end <= start:
+        raise SystemExit(f"--probe-window {a.probe_window}: need END > START and EVERY >= 1")
+    return a.probe_every, range(start, end, every)
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -109,7 +140,8 @@ def run(a: argparse.Namespace) -> dict:
     else:
         opt = torch.optim.Adam(student.parameters(), **adam)
     tracker = DivergenceTracker()
-    probes = []
+    probes, last_reading = [], {}
+    every, window = _probe_steps(a)
     start = time.perf_counter()
     for step in range(a.steps):
         if step == a.switch_at:
@@ -125,8 +157,9 @@ def run(a: argparse.Namespace) -> dict:
             torch.nn.utils.clip_grad_norm_(student.parameters(), a.clip)
         opt.step()
         tracker.update(loss.item())
-        if a.probe_every > 0 and step % a.probe_every == 0:
-            probes.append({"step": step, "loss": round(loss.item(), 6), **_gamma_probes(student)})
+        if (every > 0 and step % every == 0) or step in window:
+            reading = _gamma_probes(student, last_reading)
+            probes.append({"step": step, "loss": round(loss.item(), 6), **reading})
             print(json.dumps({"scheme": a.scheme, **probes[-1]}), file=sys.stderr, flush=True)
         if tracker.divergence_step is not None and (
             step - tracker.divergence_step >= tracker.patience or not torch.isfinite(loss)

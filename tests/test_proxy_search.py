@@ -51,3 +51,32 @@ def test_snapping_switch_leaves_the_loss_at_the_switch_unchanged(tmp_path):
     assert runs["snapped"][:4] == runs["plain"][:4]
     assert runs["switched"][3] != runs["plain"][3]
     assert runs["snapped"][4:] != runs["plain"][4:]  # later steps see bf16 gamma updates
+
+
+def test_a_probe_window_adds_dense_readings_with_binade_crossings():
+    row = _run("--scheme", "mxfp8_e4m3", "--steps", "8", "--probe-every", "4",
+               "--probe-window", "5:7:1", "--lr", "0.05")  # fmt: skip
+    assert [p["step"] for p in row["probes"]] == [0, 4, 5, 6]
+    assert row["probes"][0]["crossed"] == 0  # nothing to compare the first reading with
+    assert all(isinstance(p["crossed"], int) and p["crossed"] >= 0 for p in row["probes"])
+
+
+def test_crossings_count_blocks_whose_max_changed_binade():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "proxy_search", ROOT / "benchmarks/proxy_search.py"
+    )
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+    net = torch.nn.Sequential(torch.nn.LayerNorm(96))  # three 32-blocks of gamma
+    last = {}
+    first = search._gamma_probes(net, last)
+    assert first["crossed"] == 0 and first["zone"] == 0.0  # all ones: max 1, binade [1, 2)
+    with torch.no_grad():
+        net[0].weight[:32] = 0.9  # block 0 drops into [0.5, 1), E4M3's saturating zone
+        net[0].weight[40] = 1.5  # block 1 keeps its binade
+    second = search._gamma_probes(net, last)
+    assert second["crossed"] == 1
+    assert second["zone"] == round(1 / 3, 3) and second["below_1"] == round(1 / 3, 3)
+    assert search._gamma_probes(net, last)["crossed"] == 0
