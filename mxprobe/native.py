@@ -47,10 +47,6 @@ _FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11", "-shared",
 _ARCH_FLAGS = (["-march=native", "-mprefer-vector-width=512"], ["-march=native"], [])
 # Measured on 2 cores right after a GEMM: 2.2-3x faster than the pool on 1-16 MiB tensors.
 _OPENMP_FLAGS = ["-fopenmp"]
-# _FLOOR_FITS: a floor-scaled value is at most max_norm * 2^(floor(log2 amax) - emax), at most
-# 1.984 * 2^floor(log2 amax) (int8; the float formats 1.5-1.875): below the largest fp16
-# (65504 >= 1.984 * 2^15) and bf16 (1.992 * 2^127) for any amax they hold, and it rounds to no
-# more than that. So only the other scale modes need the saturating pass before the store.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _SCALE_CODES = {"floor": 0, "ceil": 1, "even": 2, "rceil": 3}
 _ROUNDING_CODES = {"even": 0, "nearest": 1, "floor": 2, "stochastic": 3}
@@ -268,7 +264,7 @@ def _self_check() -> None:
 
 def uses_openmp() -> bool:
     """True when the kernels run their threads on torch's OpenMP team (else a Python pool)."""
-    return library() is not None and _openmp_now(_state["lib"])
+    return library() is not None and _openmp_now()
 
 
 def describe() -> str:
@@ -279,15 +275,15 @@ def describe() -> str:
     return f"native C kernel, threads from {threads}"
 
 
-def _openmp_now(lib: ctypes.CDLL) -> bool:
+def _openmp_now() -> bool:
     return _state["openmp"] and not _state["forked"]
 
 
-def _split(lib: ctypes.CDLL, entry, n: int, numel: int) -> None:
+def _split(entry, n: int, numel: int) -> None:
     """Run ``entry(begin, end, threads)`` over [0, n) on up to ``torch.get_num_threads()``
     threads: inside the call on the OpenMP build, else over the Python pool (ctypes releases
     the GIL); one thread when ``numel`` elements is little work."""
-    kind = "openmp" if _openmp_now(lib) else "pool"
+    kind = "openmp" if _openmp_now() else "pool"
     threads = min(torch.get_num_threads(), n) if numel >= PARALLEL_MIN_NUMEL[kind] else 1
     if threads <= 1 or kind == "openmp":
         entry(0, n, max(threads, 1))
@@ -308,9 +304,7 @@ def round_cast(x: torch.Tensor, target: torch.dtype, top: float, inplace: bool) 
     out = x if inplace else torch.empty_like(x)
     code = _DTYPE_CODES[target]
     src, dst = x.data_ptr(), out.data_ptr()
-    _split(
-        lib, lambda lo, hi, t: lib.mx_round(src, dst, lo, hi, t, code, top), x.numel(), x.numel()
-    )
+    _split(lambda lo, hi, t: lib.mx_round(src, dst, lo, hi, t, code, top), x.numel(), x.numel())
     return out
 
 
@@ -379,16 +373,18 @@ def quantize(
         noise = torch.rand((outer, nblocks, block_size, inner), generator=generator)
     out = torch.empty_like(x) if slot is None else scratch(slot, x)
     out_max = torch.finfo(x.dtype).max
+    # Only the non-floor scale modes need the saturating pass (clamp_out): a floor-scaled value
+    # is at most max_norm * 2^(floor(log2 amax) - emax) <= 1.984 * 2^floor(log2 amax) (int8; the
+    # float formats 1.5-1.875), below the largest fp16 (65504 >= 1.984 * 2^15) and bf16
+    # (1.992 * 2^127) for any amax they hold, and it rounds to no more than that.
     args = _Args(
         outer, length, inner, block_size,
         _DTYPE_CODES[x.dtype], fmt.emax, fmt.mbits, fmt.emin, int(fmt.is_int),
         _SCALE_CODES[scale_mode], _ROUNDING_CODES[rounding],
-        int(scale_mode != "floor"),  # see _FLOOR_FITS
+        int(scale_mode != "floor"),
         fmt.max_norm, fp32(1.0 / fmt.max_norm), out_max,
     )  # fmt: skip
     ptrs = (x.data_ptr(), out.data_ptr(), noise.data_ptr() if noise is not None else None)
     ref = ctypes.byref(args)
-    _split(
-        lib, lambda lo, hi, t: lib.mx_quantize(*ptrs, lo, hi, t, ref), outer * nblocks, x.numel()
-    )
+    _split(lambda lo, hi, t: lib.mx_quantize(*ptrs, lo, hi, t, ref), outer * nblocks, x.numel())
     return out
