@@ -114,17 +114,17 @@ def _gamma_probes(student: torch.nn.Module, previous: dict) -> dict:
     }
 
 
-def _probe_steps(a: argparse.Namespace) -> tuple[int, range]:
-    """(every, window): probe when step % every == 0 (every > 0) or step in window."""
+def _probe_window(a: argparse.Namespace) -> range:
+    """The steps of ``--probe-window START:END:EVERY`` (empty without it)."""
     if not a.probe_window:
-        return a.probe_every, range(0)
+        return range(0)
     try:
         start, end, every = (int(v) for v in a.probe_window.split(":"))
     except ValueError:
         raise SystemExit(f"--probe-window wants START:END:EVERY, got {a.probe_window!r}") from None
     if every < 1 or end <= start:
         raise SystemExit(f"--probe-window {a.probe_window}: need END > START and EVERY >= 1")
-    return a.probe_every, range(start, end, every)
+    return range(start, end, every)
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -141,7 +141,7 @@ def run(a: argparse.Namespace) -> dict:
         opt = torch.optim.Adam(student.parameters(), **adam)
     tracker = DivergenceTracker()
     probes, last_reading = [], {}
-    every, window = _probe_steps(a)
+    window = _probe_window(a)
     start = time.perf_counter()
     for step in range(a.steps):
         if step == a.switch_at:
@@ -157,7 +157,7 @@ def run(a: argparse.Namespace) -> dict:
             torch.nn.utils.clip_grad_norm_(student.parameters(), a.clip)
         opt.step()
         tracker.update(loss.item())
-        if (every > 0 and step % every == 0) or step in window:
+        if (a.probe_every > 0 and step % a.probe_every == 0) or step in window:
             reading = _gamma_probes(student, last_reading)
             probes.append({"step": step, "loss": round(loss.item(), 6), **reading})
             print(json.dumps({"scheme": a.scheme, **probes[-1]}), file=sys.stderr, flush=True)
