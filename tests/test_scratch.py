@@ -2,6 +2,7 @@
 fresh tensors, memory really reused, and no sharing between threads."""
 
 import threading
+import types
 
 import pytest
 import torch
@@ -30,10 +31,17 @@ class Net(nn.Module):
         return (scores.softmax(-1) @ h).sum(-1)
 
 
-def _grads(seed: int) -> list[torch.Tensor]:
+def _case(seed: int) -> tuple[nn.Module, torch.Tensor]:
+    # Built from the global generator, so only ever called from the main thread: two threads
+    # drawing from it at once would interleave their draws and get other weights.
     torch.manual_seed(seed)
-    net = convert(Net(), "mxfp8_e4m3")
-    x = torch.randn(4, 24, 48, requires_grad=True)
+    return convert(Net(), "mxfp8_e4m3"), torch.randn(4, 24, 48)
+
+
+def _grads(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """One forward/backward: draws nothing from any generator, so it is safe on any thread."""
+    net.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
     net(x).pow(2).sum().backward()
     return [x.grad] + [p.grad for p in net.parameters()]
 
@@ -44,37 +52,65 @@ def _fresh(x, fmt, *, slot, **kwargs):
 
 def test_scratch_operands_give_the_fresh_tensors_results(monkeypatch):
     native.free_scratch()
-    got = _grads(0)
+    net, x = _case(0)
+    got = _grads(net, x)
     buffers = native._scratch.buffers
     assert {(0, torch.float32), (1, torch.float32)} <= set(buffers)
     ptrs = {k: b.data_ptr() for k, b in buffers.items()}
-    again = _grads(0)  # a second step reuses the same memory
+    again = _grads(net, x)  # a second step reuses the same memory
     assert {k: b.data_ptr() for k, b in native._scratch.buffers.items()} == ptrs
     monkeypatch.setattr(mx_modules, "quantize_operand", _fresh)
-    want = _grads(0)
+    want = _grads(net, x)
     for g, a, w in zip(got, again, want, strict=True):
         assert torch.equal(g, w) and torch.equal(a, w)
 
 
-def test_threads_have_buffers_of_their_own():
-    want = {seed: _grads(seed) for seed in (1, 2)}
-    got, errors = {}, []
+def _grads_on_two_threads() -> tuple[dict, dict]:
+    """Each seed's gradients computed alone on the main thread, and again (three times) on two
+    threads at once. Models and inputs are built here, before the threads start; the threads
+    only run forward/backward, each on its own model, so whatever they share is the quantizer."""
+    cases = {seed: _case(seed) for seed in (1, 2)}
+    want = {seed: _grads(*case) for seed, case in cases.items()}
+    start = threading.Barrier(len(cases))
+    got, errors = {seed: [] for seed in cases}, []
 
     def work(seed):
         try:
+            start.wait()
             for _ in range(3):
-                got[seed] = _grads(seed)
+                got[seed].append(_grads(*cases[seed]))
         except Exception as err:  # surfaced below
             errors.append(err)
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in (1, 2)]
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in cases]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors
-    for seed in (1, 2):
-        assert all(torch.equal(g, w) for g, w in zip(got[seed], want[seed], strict=True))
+    return want, got
+
+
+def _same(want: dict, got: dict) -> bool:
+    return all(
+        torch.equal(g, w)
+        for seed in want
+        for step in got[seed]
+        for g, w in zip(step, want[seed], strict=True)
+    )
+
+
+def test_threads_have_buffers_of_their_own():
+    want, got = _grads_on_two_threads()
+    assert _same(want, got)
+
+
+def test_one_buffer_shared_by_threads_is_caught(monkeypatch):
+    # The check above can fail: with one scratch store for every thread (the bug it guards
+    # against) the threads overwrite each other's operands and some gradient comes out wrong.
+    monkeypatch.setattr(native, "_scratch", types.SimpleNamespace())
+    # A race, so try until it shows: each try caught it 36 times in 40 here (2 cores).
+    assert any(not _same(*_grads_on_two_threads()) for _ in range(20))
 
 
 def test_a_result_autograd_keeps_is_never_a_scratch_buffer():
