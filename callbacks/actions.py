@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 from mxprobe.callbacks.events import scheme_strings
 from mxprobe.callbacks.kinds import Kinded, check_int, check_number, set_field
+from mxprobe.callbacks.recorder import RunRecorder
 from mxprobe.callbacks.snapshots import SnapshotStore
-from mxprobe.callbacks.spikes import LossSpikeDetector
 
 from mxprobe.convert import amend_scheme
 from mxprobe.scheme import PrecisionScheme
@@ -147,9 +147,9 @@ class RewindAction(Action):
         rewound_to = context.snapshots.rewind(
             context.pl_module, context.trainer.optimizers, context.step, self.steps
         )
-        for callback in context.trainer.callbacks if rewound_to is not None else ():
-            if isinstance(callback, LossSpikeDetector):
-                callback.rewind_to(rewound_to)  # the spike must not stay in the window it skews
+        if rewound_to is not None:
+            # The detector drops the undone steps: the spike must not stay in the window it skews.
+            RunRecorder.of(context.trainer).rewound(rewound_to)
         return {"steps": self.steps, "rewound_to": rewound_to}
 
     def followed_by(self) -> Action | None:

@@ -1,55 +1,36 @@
-"""The ``events.jsonl`` log and the helpers the mxprobe callbacks share.
+"""Helpers the mxprobe callbacks share: publishing readings and events, and DDP/FSDP2 tensors.
 
-Every event is one JSON object on one line of ``events.jsonl`` in the run's log directory
-(``trainer.log_dir``; ``trainer.default_root_dir`` when there is no logger). Keys present in
-every event:
+Events (format in docs/callbacks.md) and readings go to the run record
+(:class:`~mxprobe.callbacks.recorder.RunRecorder`). Keys present in every event
+(:data:`mxprobe.names.EVENT_FIELDS`):
 
 - ``step``: ``trainer.global_step`` the event refers to. For a spike, the index of the
   optimizer step whose loss or gradient was anomalous; for an action, the index of the first
   optimizer step trained under it.
-- ``kind``: ``spike``, ``nonfinite``, ``set_scheme``, ``rewind`` or ``scale_lr``.
+- ``kind``: one of :data:`mxprobe.names.EVENT_KINDS`.
 - ``rule``: the name of the rule that acted, ``null`` for spikes.
 - ``values``: the metric values behind the event (loss, score, metric value, ...).
 - ``scheme_before`` / ``scheme_after``: ``{module: scheme string}`` of the modules an action
   changed (``null`` when it changed no scheme).
 - ``source``: the callback that wrote it; ``time``: Unix time.
 
-Actions add their own keys (``modules``, ``rewound_to``, ``lr_before``, ...). Non-finite
-numbers are written as the strings ``"nan"``, ``"inf"`` and ``"-inf"`` so that every line is
-strict JSON. Only global rank 0 writes.
+Actions add their own keys (:data:`mxprobe.names.ACTION_FIELDS`). Only global rank 0 writes.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from mxprobe.callbacks.recorder import RunRecorder
 
-from mxprobe.events import EVENTS_FILE, event_line
 
-
-class EventLog:
-    """Appends events to ``events.jsonl``; resolve the directory with :meth:`setup` on every
-    rank (``trainer.log_dir`` is a collective under DDP)."""
-
-    def __init__(self) -> None:
-        self.path: str | None = None
-
-    def setup(self, trainer: pl.Trainer) -> None:
-        log_dir = trainer.log_dir or trainer.default_root_dir
-        self.path = os.path.join(log_dir, EVENTS_FILE)
-
-    def write(self, trainer: pl.Trainer, event: dict[str, Any]) -> None:
-        if not trainer.is_global_zero or self.path is None:
-            return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        line = event_line({**event, "time": round(time.time(), 3)})
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+def record_event(trainer: pl.Trainer, source: Callback, event: dict[str, Any]) -> None:
+    """Keep ``event`` in the run's recorder (rank 0 writes it), stamped with the time."""
+    RunRecorder.of(trainer, source).event(trainer, {**event, "time": round(time.time(), 3)})
 
 
 def is_monitored_step(step: int, every_n_steps: int) -> bool:
@@ -57,16 +38,17 @@ def is_monitored_step(step: int, every_n_steps: int) -> bool:
 
 
 class PeriodicMonitor(Callback):
-    """Base of the monitors that measure at every ``every_n_steps``-th optimizer step and log
-    under ``metric_prefix`` (how :class:`~mxprobe.callbacks.PrecisionIntervention` tells a fresh
-    measurement from a stale value in ``trainer.callback_metrics``)."""
+    """Base of the monitors that measure at every ``every_n_steps``-th optimizer step and
+    publish readings under ``mx/<monitor>/`` (:func:`mxprobe.names.monitor_prefix`)."""
 
-    metric_prefix = ""
     every_n_steps = 1
 
     def measures(self, step: int) -> bool:
         """Whether optimizer step ``step`` is measured."""
         return is_monitored_step(step, self.every_n_steps)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        RunRecorder.of(trainer, self)
 
 
 def reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
@@ -126,21 +108,22 @@ def reduce_mean(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def log_stats(
+def publish(
     trainer: pl.Trainer,
     pl_module: pl.LightningModule,
     stats: dict[str, torch.Tensor | float],
     step: int | None = None,
 ) -> None:
-    """Log readings (already identical on every rank, so no ``sync_dist``) once, at the step
-    they measured (default ``trainer.global_step``, the batch index Lightning's own on-step
-    metrics carry), whatever ``log_every_n_steps`` is.
+    """Publish readings (already identical on every rank, so no ``sync_dist``) of the step
+    they measured (default ``trainer.global_step``): to the run record, where the detector and
+    the rules read them, and once to each logger at that step, whatever
+    ``log_every_n_steps`` is.
 
     Lightning's ``log_dict(on_step=True)`` writes a value only on steps where
     ``(step + 1) % log_every_n_steps == 0`` and re-emits it on later logging rows until it is
-    logged again (a reading at step 5 appears at step 9 and a monitor's step-0 reading
-    repeats on rows 1-4), so the values go straight to the loggers at their own step, and
-    into ``trainer.callback_metrics`` (``logger=False``) for rules to read.
+    logged again (a reading at step 5 appears at step 9), so the values go straight to the
+    loggers at their own step; ``trainer.callback_metrics`` gets them too, for the user's own
+    code (``ModelCheckpoint(monitor=...)``), never read back by mxprobe.
     """
     if not stats:
         return
@@ -148,6 +131,7 @@ def log_stats(
     pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1, logger=False)
     step = trainer.global_step if step is None else step
     plain = {k: v.item() for k, v in values.items()}
+    RunRecorder.of(trainer).publish(step, plain)
     for logger in trainer.loggers:
         logger.log_metrics(plain, step=step)
 

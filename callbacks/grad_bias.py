@@ -17,7 +17,7 @@ from mxprobe.callbacks.events import (
     is_monitored_step,
     is_sharded,
     local_tensor,
-    log_stats,
+    publish,
     reduce_mean,
     reduce_sum,
 )
@@ -27,6 +27,7 @@ from torch.optim import Optimizer
 from mxprobe import full_precision
 from mxprobe.convert import named_modules
 from mxprobe.modules import MxModule
+from mxprobe.names import GRAD_BIAS, TOTAL, TOTAL_LINEARS, TOTAL_NORMS, metric
 from mxprobe.stats import gradient_comparison, gradient_sums
 
 COMPUTE_LOSS_PROTOCOL = (
@@ -38,7 +39,7 @@ COMPUTE_LOSS_PROTOCOL = (
 )
 
 
-GROUPS = ("total_norms", "total_linears")
+GROUPS = (TOTAL_NORMS, TOTAL_LINEARS)
 
 
 def _group(module: nn.Module) -> str | None:
@@ -123,8 +124,6 @@ class GradientBiasMonitor(PeriodicMonitor):
         trainer = Trainer(callbacks=[GradientBiasMonitor(every_n_steps=50)])
     """
 
-    metric_prefix = "mx/grad_bias/"
-
     def __init__(
         self, every_n_steps: int = 50, modules: str = "*", per_module: bool = True
     ) -> None:
@@ -142,6 +141,7 @@ class GradientBiasMonitor(PeriodicMonitor):
         return self._generate_state_key(every_n_steps=self.every_n_steps, modules=self.modules)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if not callable(getattr(pl_module, "compute_loss", None)):
             raise MisconfigurationException(
                 "LightningModule has no compute_loss method. "
@@ -201,7 +201,7 @@ class GradientBiasMonitor(PeriodicMonitor):
                 shadow = self._sharded_shadow_gradient(trainer, pl_module, params)
             else:
                 shadow = self._shadow_gradient(trainer, pl_module, params)
-            log_stats(trainer, pl_module, self._statistics(trainer, params, shadow, sharded))
+            publish(trainer, pl_module, self._statistics(trainer, params, shadow, sharded))
         self._batches = []
 
     def _loss_scale(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
@@ -285,14 +285,14 @@ class GradientBiasMonitor(PeriodicMonitor):
             for name, sums in per_module.items():
                 if fnmatch.fnmatchcase(name, self.modules):
                     for stat, v in gradient_comparison(sums).items():
-                        stats[f"mx/grad_bias/{name}/{stat}"] = v
+                        stats[metric(GRAD_BIAS, name, stat)] = v
         total = torch.stack(list(per_module.values())).sum(0)
         for stat, v in gradient_comparison(total).items():
-            stats[f"mx/grad_bias/total/{stat}"] = v
+            stats[metric(GRAD_BIAS, TOTAL, stat)] = v
         # The paper's contrast: the norms' affine parameters against the GEMM weights.
         for group in GROUPS:
             members = [sums for name, sums in per_module.items() if self._groups.get(name) == group]
             if members:
                 for stat, v in gradient_comparison(torch.stack(members).sum(0)).items():
-                    stats[f"mx/grad_bias/{group}/{stat}"] = v
+                    stats[metric(GRAD_BIAS, group, stat)] = v
         return stats

@@ -11,13 +11,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from mxprobe.callbacks.actions import ActionContext
-from mxprobe.callbacks.events import EventLog, PeriodicMonitor, is_sharded, reduce_sum
+from mxprobe.callbacks.events import is_sharded, record_event, reduce_sum
 from mxprobe.callbacks.precision_state import load_schemes, save_schemes
+from mxprobe.callbacks.recorder import RunRecorder
 from mxprobe.callbacks.rules import MetricTrigger, Rule, SpikeTrigger, StepTrigger, parse_rules
 from mxprobe.callbacks.snapshots import Snapshot, SnapshotStore
-from mxprobe.callbacks.spikes import LossSpikeDetector
 
 from mxprobe.convert import check_scheme_change
+from mxprobe.names import MONITOR_CALLBACKS, SPIKES, monitor_prefix
 
 
 @dataclasses.dataclass
@@ -63,14 +64,13 @@ class PrecisionIntervention(Callback):
     - ``step`` trigger ``at: g`` fires at ``g`` (before step ``g`` trains).
     - ``spike`` trigger fires at ``g`` when a ``LossSpikeDetector`` reported an
       event of the requested signal for step ``g - 1``.
-    - ``metric`` trigger compares the latest ``trainer.callback_metrics[name]`` with
-      ``value``, once per *measurement*: for a metric of an mxprobe monitor
-      (``mx/grad_bias/``, ``mx/norm_affine/``, ``mx/activations/``, ``mx/spikes/``) a
-      measurement is a step the monitor measured, so ``for_steps: 3`` with
-      ``every_n_steps=50`` means three consecutive measurements (100+ steps); any other
-      metric is read at every step. Checks start at ``global_step >= max(1, after)``.
+    - ``metric`` trigger compares the reading ``name`` of an mxprobe monitor
+      (``mx/grad_bias/``, ``mx/norm_affine/``, ``mx/activations/``, ``mx/spikes/``), as the
+      run record holds it, with ``value``, once per *measurement*: a step the monitor
+      measured, so ``for_steps: 3`` with ``every_n_steps=50`` means three consecutive
+      measurements (100+ steps). Checks start at ``global_step >= max(1, after)``.
 
-    Actions (each one appended to ``events.jsonl`` and to :attr:`timeline`): ``set_scheme``
+    Actions (each one written to the run record and appended to :attr:`timeline`): ``set_scheme``
     (``mxprobe.amend_scheme``, optionally snapped), ``scale_lr`` (every parameter group's
     ``lr`` and every scheduler's ``base_lrs``), ``rewind`` (restore the newest snapshot taken
     at ``g - steps`` or before: weights, buffers and optimizer state, not the LR schedule nor
@@ -82,10 +82,10 @@ class PrecisionIntervention(Callback):
     writes it for any LightningModule, mxprobe's modules write it themselves) and put back in
     ``on_load_checkpoint``, after the weights and before the optimizer and loops, whatever
     changed them (a rule or a manual ``mxprobe.amend_scheme``). This callback's own state is
-    the timeline, each rule's :class:`RuleState`, the current values of the watched metrics
-    (the first check after a resume sees what the uninterrupted run would) and, with
-    ``checkpoint_snapshots``, the snapshots. It is keyed by the rule names; a checkpoint whose
-    state is keyed by other names is adopted with a warning.
+    the timeline, each rule's :class:`RuleState` and, with ``checkpoint_snapshots``, the
+    snapshots; the first check after a resume reads the readings and alarms of the step
+    before from the run record, as the uninterrupted run would. It is keyed by the rule
+    names; a checkpoint whose state is keyed by other names is adopted with a warning.
 
     DDP: every rank checks the rules; their outcomes are OR-reduced across ranks in one
     all-reduce per step before any decision, so every rank acts identically at the same step
@@ -102,11 +102,11 @@ class PrecisionIntervention(Callback):
         ValueError: at construction for a malformed rule (unknown kind, key or operator, bad
             scheme string, bad number), duplicate names or a non-positive ``snapshot_every`` /
             ``keep_snapshots``; at ``setup`` for a ``modules`` glob that matches no MX module.
-        MisconfigurationException: at ``setup`` for a spike rule without a
-            ``LossSpikeDetector`` in the trainer's callbacks.
-        RuntimeError: at the first check of a metric rule whose metric was never logged (for
-            a monitor's metric: the check after its first measurement); the message lists
-            the metrics that exist.
+        MisconfigurationException: at ``on_fit_start`` for a spike rule without a
+            ``LossSpikeDetector``, or a metric rule without the monitor that publishes its
+            metric, in the trainer's callbacks.
+        RuntimeError: at the check after the monitor's first measurement, for a metric rule
+            whose metric the monitor did not publish; the message lists what it published.
 
     Attributes:
         timeline: every action taken, as its event (also in ``events.jsonl``).
@@ -139,10 +139,8 @@ class PrecisionIntervention(Callback):
         self.rule_states = {rule.name: RuleState() for rule in self.rules}
         self._store = SnapshotStore(snapshot_every, keep_snapshots)
         self._takes_snapshots = any(r.action.needs_snapshots for r in self.rules)
-        self._events = EventLog()
-        self._trainer: pl.Trainer | None = None
+        self._recorder: RunRecorder | None = None
         self._checked_step: int | None = None
-        self._restored_metrics: dict[str, float] = {}
 
     @property
     def state_key(self) -> str:
@@ -153,21 +151,26 @@ class PrecisionIntervention(Callback):
         """The in-memory snapshots, oldest first."""
         return self._store.snapshots
 
-    @staticmethod
-    def _detectors(trainer: pl.Trainer) -> list[LossSpikeDetector]:
-        return [c for c in trainer.callbacks if isinstance(c, LossSpikeDetector)]
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer
-        self._events.setup(trainer)
+        self._recorder = RunRecorder.of(trainer, self)
+
+    def _check_sources(self) -> None:
+        """Every rule's readings have a publisher (all callbacks' setup has run by now)."""
         for rule in self.rules:
-            if isinstance(rule.trigger, SpikeTrigger) and not self._detectors(trainer):
+            trigger = rule.trigger
+            monitor = SPIKES if isinstance(trigger, SpikeTrigger) else None
+            if isinstance(trigger, MetricTrigger):
+                monitor = trigger.monitor
+            needed = MONITOR_CALLBACKS.get(monitor)
+            if needed and needed not in self._recorder.sources:
+                what = "a spike trigger" if monitor == SPIKES else f"metric {trigger.name!r}"
                 raise MisconfigurationException(
-                    f"rule {rule.name!r} has a spike trigger but the Trainer has no "
-                    "LossSpikeDetector callback; add mxprobe.callbacks.LossSpikeDetector(...)"
+                    f"rule {rule.name!r} has {what} but the Trainer has no {needed} callback; "
+                    f"add mxprobe.callbacks.{needed}(...)"
                 )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_sources()
         # After configure_model: a model built and converted there exists only from here on.
         if self.checkpoint_snapshots and any(is_sharded(p) for p in pl_module.parameters()):
             raise MisconfigurationException(
@@ -208,12 +211,14 @@ class PrecisionIntervention(Callback):
         checks = self._reduce_across_ranks(trainer, pl_module, local)
         missing = [rule for rule, check in zip(self.rules, checks, strict=True) if check.missing]
         if missing:
-            metrics = ", ".join(sorted(trainer.callback_metrics)) or "none"
+            trigger = missing[0].trigger
+            prefix = monitor_prefix(trigger.monitor)
+            published = [n for n in self._recorder.reading_names() if n.startswith(prefix)]
             raise RuntimeError(
                 f"PrecisionIntervention rule {missing[0].name!r} watches metric "
-                f"{missing[0].trigger.name!r}, which has not been logged by its first check "
-                f"(global_step {step}). Metrics logged so far: {metrics}. Fix the name, log "
-                "the metric, or delay the check with `after:` in the trigger."
+                f"{trigger.name!r}, which its monitor did not publish at its first "
+                f"measurement (global_step {step - 1}); it published: "
+                f"{', '.join(published) or 'nothing'}. Fix the name or the monitor's modules."
             )
         for rule, check in zip(self.rules, checks, strict=True):
             if self._fires(rule, self.rule_states[rule.name], check, step):
@@ -224,12 +229,7 @@ class PrecisionIntervention(Callback):
         if isinstance(trigger, StepTrigger):
             return RuleCheck(held=step == trigger.at, fresh=True, values={"at": trigger.at})
         if isinstance(trigger, SpikeTrigger):
-            events = [
-                e
-                for d in self._detectors(trainer)
-                for e in d.events_at(step - 1)
-                if trigger.matches(e)
-            ]
+            events = [e for e in self._recorder.alarms_at(step - 1) if trigger.matches(e)]
             if not events:
                 return RuleCheck(held=False, fresh=True, values={})
             return RuleCheck(
@@ -240,41 +240,32 @@ class PrecisionIntervention(Callback):
     def _check_metric(
         self, trainer: pl.Trainer, trigger: MetricTrigger, state: RuleState, step: int
     ) -> RuleCheck:
-        if step < max(1, trigger.after):
+        if step < max(1, trigger.after) or not self._recorder.measured(trigger.monitor, step - 1):
             return RuleCheck(held=False, fresh=False, values={})
-        producers = [
-            c
-            for c in trainer.callbacks
-            if isinstance(c, PeriodicMonitor) and trigger.name.startswith(c.metric_prefix)
-        ]
-        if producers and not producers[0].measures(step - 1):
-            # No new measurement: skip the costly lookup.
-            return RuleCheck(held=False, fresh=False, values={})
-        # After a resume, callback_metrics starts empty; the checkpoint's values stand in, as
-        # Lightning's stale values do in the uninterrupted run.
-        metric = trainer.callback_metrics.get(trigger.name)
-        metric = self._restored_metrics.get(trigger.name) if metric is None else metric
-        if metric is None:
+        reading = self._recorder.reading(trigger.name)
+        if reading is None or reading[0] != step - 1:
             return RuleCheck(held=False, fresh=False, values={}, missing=not state.seen)
         state.seen = True
-        value = float(metric)
+        value = reading[1]
         return RuleCheck(held=trigger.holds(value), fresh=True, values={trigger.name: value})
 
     @staticmethod
     def _reduce_across_ranks(
         trainer: pl.Trainer, pl_module: pl.LightningModule, checks: list[RuleCheck]
     ) -> list[RuleCheck]:
-        """OR of every rank's flags, for all rules in one all-reduce (``reduce_boolean_decision``
-        reduces one flag per collective call); the values stay this rank's, for its event."""
+        """OR of every rank's ``held`` and ``fresh``, AND of ``missing``, for all rules in one
+        all-reduce (``reduce_boolean_decision`` reduces one flag per collective call): after a
+        resume only rank 0, which reads the record, holds the step before's readings. The
+        values stay this rank's, for its event."""
         if trainer.world_size == 1:
             return checks
         flags = torch.tensor(
             [[c.held, c.fresh, c.missing] for c in checks], device=pl_module.device
         ).float()
-        anywhere = (reduce_sum(trainer, flags) > 0).tolist()
+        counts = reduce_sum(trainer, flags).tolist()
         return [
-            c._replace(held=held, fresh=fresh, missing=missing)
-            for c, (held, fresh, missing) in zip(checks, anywhere, strict=True)
+            c._replace(held=held > 0, fresh=fresh > 0, missing=missing == trainer.world_size)
+            for c, (held, fresh, missing) in zip(checks, counts, strict=True)
         ]
 
     @staticmethod
@@ -318,7 +309,7 @@ class PrecisionIntervention(Callback):
             }
             event.update(action.apply(context))
             self.timeline.append(event)
-            self._events.write(trainer, event)
+            record_event(trainer, self, event)
             rank_zero_info(
                 f"PrecisionIntervention: rule {rule.name!r} at step {step}: {action.kind}"
             )
@@ -333,21 +324,8 @@ class PrecisionIntervention(Callback):
         return {
             "timeline": [dict(e) for e in self.timeline],
             "rules": {name: dataclasses.asdict(s) for name, s in self.rule_states.items()},
-            "metrics": self._watched_metrics(),
             "snapshots": self._store.state_dict() if self.checkpoint_snapshots else [],
         }
-
-    def _watched_metrics(self) -> dict[str, float]:
-        """The current values of the metrics that metric rules watch (for the first check
-        after a resume, which happens before anything is logged again)."""
-        values = dict(self._restored_metrics)
-        trainer = self._trainer
-        if trainer is not None:
-            for rule in self.rules:
-                trigger = rule.trigger
-                if isinstance(trigger, MetricTrigger) and trigger.name in trainer.callback_metrics:
-                    values[trigger.name] = float(trainer.callback_metrics[trigger.name])
-        return values
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Checkpoints written before precision_state also hold "schemes" here; load_schemes
@@ -357,7 +335,6 @@ class PrecisionIntervention(Callback):
             if name in self.rule_states:
                 self.rule_states[name] = RuleState(**saved)
         self._store.load_state_dict(state_dict["snapshots"])
-        self._restored_metrics = dict(state_dict.get("metrics", {}))
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]

@@ -13,7 +13,7 @@ from mxprobe.callbacks.events import (
     check_every_n_steps,
     full_tensor,
     is_monitored_step,
-    log_stats,
+    publish,
     reduce_sum,
 )
 from torch import nn
@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 from mxprobe.convert import named_modules
 from mxprobe.formats import canonical_format, is_mx
 from mxprobe.modules import MxModule
+from mxprobe.names import ACTIVATIONS, NORM_AFFINE, metric
 from mxprobe.quantize import quantize_mx
 from mxprobe.scheme import PrecisionScheme
 from mxprobe.stats import (
@@ -110,8 +111,10 @@ class NormAffineMonitor(PeriodicMonitor):
     (``fp32``, ``bf16``, ``fp16``, an unconverted module or one inside
     :func:`mxprobe.full_precision`) the statistics are those the ``reference_format`` would
     give (blocks of 32, floor scale, ties to even unless the module's scheme says otherwise),
-    logged with a ``ref_`` prefix (``ref_weight_saturation``, ...), so that a norm not in
-    force is never reported as saturated. Warns at ``on_fit_start`` when no norm matches.
+    under the same names, with ``in_force`` 0: a switch away from MX does not rename a series
+    (a rule watching it keeps its metric), and the report reads saturation only where
+    ``in_force`` is 1, so a norm not in force is never reported as saturated. Warns at
+    ``on_fit_start`` when no norm matches.
 
     Logged as ``mx/norm_affine/<module>/<stat>``:
 
@@ -125,8 +128,6 @@ class NormAffineMonitor(PeriodicMonitor):
       the same for β when the module has one.
     - ``weight_gap``: mean of ``q(γ) - γ``, the effective γ the forward uses minus the latent
       one the optimizer updates (e4m3 floor: about ``-0.06`` when γ sits in [0.875, 1)).
-    - ``ref_weight_saturation``, ..., ``ref_bias_gap``: the same under ``reference_format``,
-      for a norm whose own ``norm_affine`` is not MX now.
 
     Mechanism probes (the paper's: γ clustered near 1 drifts down through the saturating zone
     of the floor scale), whatever the format in force:
@@ -161,8 +162,6 @@ class NormAffineMonitor(PeriodicMonitor):
         trainer = Trainer(callbacks=[NormAffineMonitor(every_n_steps=50)])
     """
 
-    metric_prefix = "mx/norm_affine/"
-
     def __init__(
         self, every_n_steps: int = 50, reference_format: str | None = "e4m3", modules: str = "*"
     ) -> None:
@@ -194,12 +193,12 @@ class NormAffineMonitor(PeriodicMonitor):
         with torch.no_grad():
             for name, module in _matching(pl_module, is_norm, self.modules):
                 for stat, v in self._module_stats(module).items():
-                    stats[f"mx/norm_affine/{name}/{stat}"] = v
+                    stats[metric(NORM_AFFINE, name, stat)] = v
                 weight = _operand(module, "weight")
                 if weight is not None:
                     for stat, v in self._probes(name, module, weight).items():
-                        stats[f"mx/norm_affine/{name}/{stat}"] = v
-        log_stats(trainer, pl_module, stats)
+                        stats[metric(NORM_AFFINE, name, stat)] = v
+        publish(trainer, pl_module, stats)
 
     def _probes(self, name: str, module: nn.Module, weight: torch.Tensor) -> dict:
         """The mechanism probes of γ (see the class docstring): binade shares, crossings."""
@@ -224,8 +223,6 @@ class NormAffineMonitor(PeriodicMonitor):
         if weight is not None:
             stats["weight_mean"] = weight.mean()
             stats["weight_std"] = weight.std() if weight.numel() > 1 else weight.new_zeros(())
-        # Statistics of a format not in force carry their own names: never read as saturation.
-        prefix = "" if in_force else "ref_"
         for role, p in (("weight", weight), ("bias", _operand(module, "bias"))):
             if p is None or fmt is None:
                 continue
@@ -240,7 +237,7 @@ class NormAffineMonitor(PeriodicMonitor):
                 generator=self._generator,
             )
             kw = {"block_size": scheme.block_size}
-            key = prefix + role
+            key = role
             stats[f"{key}_saturation"] = saturation_fraction(
                 p, fmt, scale_mode=scheme.scale_mode, **kw
             )
@@ -285,8 +282,6 @@ class ActivationMonitor(PeriodicMonitor):
 
         trainer = Trainer(callbacks=[ActivationMonitor(every_n_steps=50)])
     """
-
-    metric_prefix = "mx/activations/"
 
     def __init__(
         self, every_n_steps: int = 50, modules: str = "*", reference_format: str | None = None
@@ -354,9 +349,9 @@ class ActivationMonitor(PeriodicMonitor):
         stats = {}
         for name, sums in self._sums.items():
             for stat, v in quantization_stats(sums).items():
-                stats[f"mx/activations/{name}/{stat}"] = v
+                stats[metric(ACTIVATIONS, name, stat)] = v
         self._sums = {}
-        log_stats(trainer, pl_module, stats)
+        publish(trainer, pl_module, stats)
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

@@ -35,6 +35,8 @@ from mxprobe.callbacks.kinds import (
     set_field,
 )
 
+from mxprobe.names import MONITORS, monitor_of
+
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
     ">=": operator.ge,
@@ -118,6 +120,16 @@ class MetricTrigger(Trigger):
         set_field(self, "value", check_number(self.value, "value"))
         check_int(self.for_steps, "for_steps", minimum=1)
         check_int(self.after, "after", minimum=0)
+        if monitor_of(self.name) not in MONITORS:
+            raise ValueError(
+                f"metric {self.name!r} is not an mxprobe reading; metric triggers watch "
+                f"mx/<monitor>/<module>/<stat> with <monitor> one of {', '.join(MONITORS)}"
+            )
+
+    @property
+    def monitor(self) -> str:
+        """The monitor whose readings this trigger watches (``grad_bias``, ...)."""
+        return monitor_of(self.name)
 
     def holds(self, value: float) -> bool:
         return OPERATORS[self.op](value, self.value)

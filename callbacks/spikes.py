@@ -5,33 +5,27 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from mxprobe.callbacks.events import (
-    EventLog,
     PeriodicMonitor,
     is_sharded,
     local_tensor,
-    log_stats,
+    publish,
+    record_event,
     reduce_sum,
 )
+from mxprobe.callbacks.recorder import RunRecorder, loss_of
 from torch.optim import Optimizer
+
+from mxprobe.names import NONFINITE, SCALER_SKIP, SPIKE, SPIKES, TOTAL, metric
 
 METHODS = ("zscore", "ema_ratio", "derivative")
 DEFAULT_THRESHOLDS = {"zscore": 6.0, "ema_ratio": 2.0, "derivative": 0.01}
 SIGNALS = ("loss", "grad_norm", "nonfinite", "scaler_skip")
 _KEPT_EVENTS = 100
-
-
-def _loss_of(outputs: Any) -> torch.Tensor | None:
-    if isinstance(outputs, torch.Tensor):
-        return outputs.detach()
-    if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
-        return outputs["loss"].detach()
-    return None
 
 
 class LossSpikeDetector(PeriodicMonitor):
@@ -70,10 +64,10 @@ class LossSpikeDetector(PeriodicMonitor):
     rewind warms up again). The EMAs (``ema_ratio``, gradient norm) are kept as they are.
 
     A *spike* is the first step of an anomalous episode (the episode ends at the first normal
-    step), so a diverging run writes one event, not one per step. Each event is appended to
-    ``events.jsonl`` and to :attr:`spikes` (the last 100 events); :meth:`events_at` gives the
-    events of one step; :class:`~mxprobe.callbacks.PrecisionIntervention` reads them. All of it,
-    history included, is in ``state_dict``, so a resumed run detects exactly as the
+    step), so a diverging run writes one event, not one per step. Each event goes to the run
+    record, where :class:`~mxprobe.callbacks.PrecisionIntervention` reads it, and is kept in
+    :attr:`spikes` (the last 100 events; :meth:`events_at` gives those of one step). All of
+    it, history included, is in ``state_dict``, so a resumed run detects exactly as the
     uninterrupted one.
 
     Logged every ``trainer.log_every_n_steps`` steps (Lightning's ``self.log`` costs ~0.2 ms
@@ -131,13 +125,10 @@ class LossSpikeDetector(PeriodicMonitor):
         self._grad_count = 0
         self._in_spike = False
         self._in_nonfinite = False
-        self._events = EventLog()
         self._losses: list[torch.Tensor] = []
         self._grad_sq: list[torch.Tensor] = []
         self._step = 0
         self._scaler = False
-
-    metric_prefix = "mx/spikes/"
 
     @property
     def state_key(self) -> str:
@@ -155,7 +146,8 @@ class LossSpikeDetector(PeriodicMonitor):
         return [e for e in self.spikes[-2:] if e["step"] == step]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._events.setup(trainer)
+        super().setup(trainer, pl_module, stage)
+        RunRecorder.of(trainer).on_rewind(self.rewind_to)
         self.every_n_steps = trainer.log_every_n_steps
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler is not None and scaler.is_enabled()
@@ -195,7 +187,7 @@ class LossSpikeDetector(PeriodicMonitor):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = _loss_of(outputs)
+        loss = loss_of(outputs)
         if loss is not None:
             self._losses.append(loss.float().reshape(()))
         if trainer.global_step == self._step:
@@ -207,10 +199,10 @@ class LossSpikeDetector(PeriodicMonitor):
         if not self.measures(step):
             return
         metrics = {"score": score, "loss": loss_value, "grad_norm": grad_norm}
-        log_stats(
+        publish(
             trainer,
             pl_module,
-            {f"mx/spikes/total/{k}": v for k, v in metrics.items() if v is not None},
+            {metric(SPIKES, TOTAL, k): v for k, v in metrics.items() if v is not None},
             step=step,
         )
 
@@ -254,10 +246,10 @@ class LossSpikeDetector(PeriodicMonitor):
             self._grad_count += 1
         values["score"] = score
         if signals and not self._in_spike:
-            self._emit(trainer, step, "spike", signals, values)
+            self._emit(trainer, step, SPIKE, signals, values)
         skipped = self._scaler and nonfinite and loss is not None and math.isfinite(loss)
         if nonfinite and not self._in_nonfinite:
-            kind = "scaler_skip" if skipped else "nonfinite"
+            kind = SCALER_SKIP if skipped else NONFINITE
             self._emit(trainer, step, kind, [kind], values)
         self._in_spike, self._in_nonfinite = bool(signals), nonfinite
         return score
@@ -304,7 +296,7 @@ class LossSpikeDetector(PeriodicMonitor):
             "source": type(self).__name__,
         }
         self.spikes = [*self.spikes[-(_KEPT_EVENTS - 1) :], event]
-        self._events.write(trainer, event)
+        record_event(trainer, self, event)
 
     def state_dict(self) -> dict[str, Any]:
         return {

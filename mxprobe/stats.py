@@ -44,6 +44,7 @@ from mxprobe.mx_blocks import (
     stochastic_noise,
     to_blocks,
 )
+from mxprobe.names import GRAD_BIAS_STATS
 
 
 def _fp32_blocks(x: torch.Tensor, block_size: int, axis: int) -> torch.Tensor:
@@ -224,7 +225,7 @@ def quantization_stats(sums: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-GRADIENT_STATS = ("cosine", "zeta", "bias", "mean_diff", "norm_ratio")
+GRADIENT_STATS = GRAD_BIAS_STATS
 
 
 def gradient_sums(g_q: torch.Tensor, g_fp: torch.Tensor) -> torch.Tensor:

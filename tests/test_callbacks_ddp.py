@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from mxprobe.record import read_events
 from tests.helpers_lightning import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_ddp_ranks_switch_together(tmp_path):
     assert ranks[0]["zetas"] == ranks[1]["zetas"] and len(ranks[0]["zetas"]) == 5
     # Step 6 is the injected spike, which compute_loss (the shadow) does not reproduce.
     assert all(0 < z < 1 for step, z in ranks[0]["zetas"].items() if step != "6")
-    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = read_events(tmp_path)
     assert [(e["step"], e["kind"]) for e in events] == [(6, "spike"), (7, "set_scheme")]
 
 

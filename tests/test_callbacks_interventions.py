@@ -7,10 +7,12 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from mxprobe.callbacks import (
+    RECORD_FILE,
     GradientBiasMonitor,
     LossSpikeDetector,
     PrecisionIntervention,
     read_events,
+    read_record,
 )
 
 import mxprobe
@@ -46,7 +48,7 @@ def test_step_rule_switches_norm_affine(tmp_path):
     assert rows["model.1.norm"]["norm_affine"] == "bf16"
     assert rows["model.0.fc1"]["weight"] == "fp8_e4m3"
     assert "bf16" in str(mxprobe.describe(module)).splitlines()[1]
-    (event,) = read_events(tmp_path / "events.jsonl")
+    (event,) = read_events(tmp_path)
     assert event["step"] == 2 and event["kind"] == "set_scheme"
     assert event["rule"] == "norms-to-bf16" and event["values"] == {"at": 2}
     assert event["scheme_before"] == {"model.0.norm": "mxfp8_e4m3", "model.1.norm": "mxfp8_e4m3"}
@@ -74,7 +76,7 @@ def test_snapping_rule_sets_switched_weights_to_their_mx_values(tmp_path, snap):
     final = [p for norm in norms for p in (norm.weight, norm.bias)]
     want = mx_values if snap else initial
     assert all(torch.equal(a, b) for a, b in zip(final, want, strict=True))
-    (event,) = read_events(tmp_path / "events.jsonl")
+    (event,) = read_events(tmp_path)
     assert event["snap"] is snap
 
 
@@ -88,7 +90,7 @@ def test_spike_rule_acts_at_the_next_step(tmp_path):
     )
     callbacks = [PrecisionIntervention(rules=[rule]), LossSpikeDetector(window=4)]
     trainer(tmp_path, 8, callbacks).fit(module)
-    events = read_events(tmp_path / "events.jsonl")
+    events = read_events(tmp_path)
     assert [(e["step"], e["kind"]) for e in events] == [(6, "spike"), (7, "set_scheme")]
     assert events[1]["values"]["spike_step"] == 6
     assert events[1]["values"]["loss"] == events[0]["values"]["loss"]
@@ -215,8 +217,18 @@ def test_resume_after_interventions_is_bitwise_identical(tmp_path):
     assert _without_time(again[2].timeline) == timeline
     assert mxprobe.schemes_of(resumed) == mxprobe.schemes_of(full)
     assert again[1].spikes == callbacks[1].spikes
-    resumed_events = read_events(tmp_path / "resumed" / "events.jsonl")
-    assert [e["step"] for e in resumed_events] == [5, 5, 7, 7, 8, 9, 9]
+    # Resumed into another directory, the record carries on the checkpoint's: one history,
+    # equal to the uninterrupted run's, and the old record points to the new one.
+    whole, carried_on = read_record(tmp_path / "full"), read_record(tmp_path / "resumed")
+    assert [(e["step"], e["kind"]) for e in carried_on.events][:4] == [
+        (3, "set_scheme"),  # from before the checkpoint, carried over
+        (5, "rewind"),
+        (5, "set_scheme"),
+        (7, "scale_lr"),
+    ]
+    assert _without_time(carried_on.events) == _without_time(whole.events)
+    assert carried_on.losses == whole.losses and carried_on.readings == whole.readings
+    assert whole.meta["continued_in"] == str(tmp_path / "resumed" / RECORD_FILE)
 
 
 def test_schemes_are_restored_before_training_resumes(tmp_path):
@@ -268,16 +280,29 @@ def test_setup_rejects_unknown_modules_and_missing_detector(tmp_path):
         trainer(tmp_path, 1, [PrecisionIntervention(rules=[spike])]).fit(TinyMx())
 
 
-def test_metric_never_logged_stops_training(tmp_path):
+def test_metric_without_its_monitor_is_refused_before_training(tmp_path):
+    rule = _rule(
+        "z",
+        {"kind": "metric", "name": "mx/grad_bias/total/zeta", "op": ">", "value": 1},
+        {"kind": "scale_lr", "factor": 0.5},
+    )
+    module = TinyMx()
+    with pytest.raises(MisconfigurationException, match="no GradientBiasMonitor callback"):
+        trainer(tmp_path, 5, [PrecisionIntervention(rules=[rule])]).fit(module)
+    assert module.trainer.global_step == 0
+
+
+def test_metric_never_published_stops_training(tmp_path):
     rule = _rule(
         "z",
         {"kind": "metric", "name": "mx/grad_bias/total/zetaa", "op": ">", "value": 1},
         {"kind": "scale_lr", "factor": 0.5},
     )
     module = TinyMx()
-    with pytest.raises(RuntimeError, match="'mx/grad_bias/total/zetaa'.*train/loss"):
-        trainer(tmp_path, 5, [PrecisionIntervention(rules=[rule])]).fit(module)
-    assert module.trainer.global_step == 1  # stopped at its first check
+    callbacks = [GradientBiasMonitor(every_n_steps=2), PrecisionIntervention(rules=[rule])]
+    with pytest.raises(RuntimeError, match="'mx/grad_bias/total/zetaa'.*mx/grad_bias/total/zeta"):
+        trainer(tmp_path, 5, callbacks).fit(module)
+    assert module.trainer.global_step == 1  # stopped at the check after the first reading
 
 
 def test_callbacks_parse_from_yaml():

@@ -1,7 +1,6 @@
 """LossSpikeDetector: the three rules, the non-finite guard, episodes, exact state round trip."""
 
 import math
-import types
 
 import pytest
 import torch
@@ -13,8 +12,18 @@ from tests.helpers_lightning import TinyMx, trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
-# A run of the detector without Lightning: rank 0, no events file.
-_TRAINER = types.SimpleNamespace(is_global_zero=True)
+
+class _Trainer:
+    """A run of the detector without Lightning: rank 0, no callbacks; its events stay in the
+    recorder added to ``callbacks`` (nothing is written: the recorder's setup never runs)."""
+
+    is_global_zero = True
+
+    def __init__(self):
+        self.callbacks = []
+
+
+_TRAINER = _Trainer()
 
 
 def _feed(detector, losses, grad_norms=None, start=0):
@@ -110,7 +119,7 @@ def test_spike_and_nan_in_a_run(tmp_path, return_dict):
     module = TinyMx(spike_at=8, nan_at=11, return_dict=return_dict, lr=1e-3)
     detector = LossSpikeDetector(window=5, threshold=6.0)
     trainer(tmp_path, 13, [detector]).fit(module)
-    events = read_events(tmp_path / "events.jsonl")
+    events = read_events(tmp_path)
     assert [(e["step"], e["kind"]) for e in events] == [(8, "spike"), (11, "nonfinite")]
     assert events[0]["values"]["loss"] > 100 and events[0]["values"]["score"] > 6.0
     assert events[1]["values"]["loss"] == "nan"

@@ -1,8 +1,7 @@
 """`mxprobe llm`: sizes, fit through LightningCLI with the shipped tiny config (monitors,
-intervention, events.jsonl), and the same config on two CPU processes under DDP."""
+intervention, run record), and the same config on two CPU processes under DDP."""
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import torch
 import yaml
 
 from mxprobe.app.cli import main
+from mxprobe.record import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "llm_tiny_cpu.yaml"
@@ -76,7 +76,7 @@ def test_fit_with_the_tiny_config_logs_monitors_and_writes_events(tmp_path):
     for prefix in ("mx/grad_bias/", "mx/norm_affine/", "mx/activations/", "mx/spikes/"):
         assert any(c.startswith(prefix) for c in columns), prefix
     assert [r["step"] for r in rows if r["val/loss"]] == ["1", "3"]
-    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    events = read_events(run_dir)
     assert [(e["step"], e["kind"], e["rule"]) for e in events] == [
         (2, "set_scheme", "norms-to-bf16-at-150")
     ]
@@ -129,5 +129,5 @@ def test_the_same_config_trains_on_two_cpu_processes_with_ddp(tmp_path):
     rows = _rows(run_dir)
     assert [r["step"] for r in rows if r["val/loss"]] == ["1", "3"]
     assert any(r.get("mx/grad_bias/total/cosine") for r in rows)
-    events = (run_dir / "events.jsonl").read_text().splitlines()
+    events = read_events(run_dir)
     assert len(events) == 1  # written by rank 0 only

@@ -26,7 +26,7 @@ def test_attach_to_existing_run_trains_with_monitors_and_intervention(
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "mx/grad_bias/total/cosine" in out and "event at step 40: set_scheme" in out
-    events = read_events(tmp_path / "version_0" / "events.jsonl")
+    events = read_events(tmp_path / "version_0")
     assert [(e["step"], e["rule"]) for e in events] == [(40, "norms-to-bf16")]
     header = (tmp_path / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "mx/norm_affine/" in header and "mx/activations/" in header and "val/loss" in header

@@ -64,6 +64,10 @@ HALVE = ScaleLrAction(factor=0.5)
         ),
         (lambda: MetricTrigger(name="m", op=">", value="big"), "value must be a number"),
         (
+            lambda: MetricTrigger(name="val_loss", op=">", value=1),
+            "metric 'val_loss' is not an mxprobe reading",
+        ),
+        (
             lambda: MetricTrigger(name="m", op=">", value=1, for_steps=0),
             "for_steps must be an integer >= 1, got 0",
         ),
@@ -106,7 +110,7 @@ def test_dataclasses_validate_themselves(build, match):
 
 
 def test_numbers_are_normalised_to_float():
-    assert MetricTrigger(name="m", op=">", value=1).value == 1.0
+    assert MetricTrigger(name="mx/grad_bias/total/zeta", op=">", value=1).value == 1.0
     assert isinstance(ScaleLrAction(factor=2).factor, float)
 
 
@@ -282,6 +286,6 @@ def test_a_new_action_is_one_class(tmp_path, note_action):
     intervention = PrecisionIntervention(rules=[rule])
     assert intervention.rules[0].action.then == note_action(text="hello")
     trainer(tmp_path, 2, [intervention]).fit(TinyMx())
-    rewind, note = read_events(tmp_path / "events.jsonl")
+    rewind, note = read_events(tmp_path)
     assert (rewind["kind"], note["kind"]) == ("rewind", "note")
     assert (note["text"], note["at_step"], note["rule"]) == ("hello", 1, "n")
