@@ -16,6 +16,7 @@ from torch import nn
 
 import mxprobe
 from mxprobe.modules import MxModule
+from mxprobe.record import read_record
 from tests.helpers_hf import move_norm_weights_off_grid, pair, tokens
 from tests.helpers_lightning import trainer
 
@@ -71,15 +72,19 @@ def test_monitors_report_every_norm_and_every_gemm(tmp_path, name):
     assert len(norms) >= 5 and len(gemms) >= 9
 
 
-def test_a_norm_not_in_force_is_reported_only_under_ref_names(tmp_path):
+def test_a_norm_not_in_force_is_marked_so(tmp_path):
     model, _ = pair("qwen3")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mxprobe.convert(model, "mxfp8_e4m3,norm=bf16")
-    columns = _fit(tmp_path, CausalLM(model), [NormAffineMonitor(1)], steps=1)
-    norm = "model.model.norm"
-    assert f"mx/norm_affine/{norm}/ref_weight_saturation" in columns
-    assert not [c for c in columns if c.endswith("/weight_saturation")]
+    _fit(tmp_path, CausalLM(model), [NormAffineMonitor(1)], steps=1)
+    readings = read_record(tmp_path).readings
+    norms = {n.rsplit("/", 2)[1] for n in readings if n.endswith("/in_force")}
+    assert "model.model.norm" in norms
+    # Reference statistics under the same names, every one of them marked not in force.
+    for norm in norms:
+        assert readings[f"mx/norm_affine/{norm}/in_force"][1] == [0.0]
+        assert f"mx/norm_affine/{norm}/weight_saturation" in readings
 
 
 def test_monitors_with_nothing_to_watch_warn_at_setup(tmp_path):

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from mxprobe.app.headlines import RunOutcome
+from mxprobe.names import AGGREGATES, GRAD_BIAS, NORM_AFFINE, TOTAL, TOTAL_LINEARS, TOTAL_NORMS
 
 # Readings in this many steps before the divergence count as "before it".
 WINDOW = 100
@@ -89,15 +90,25 @@ class Mechanism:
 
 
 def _in_force(o: RunOutcome, stat: str) -> Series:
-    """``mx/norm_affine/<norm>/<stat>`` (the ``ref_`` statistics of a format not in force are
-    other columns, never read here)."""
-    return {m: s for m, s in o.run.mx_metrics("norm_affine", stat).items() if m != "total"}
+    """``mx/norm_affine/<norm>/<stat>`` at the readings where the norm's own MX format was in
+    force (``in_force`` 1): a reference format's statistics never read as saturation."""
+    flags = o.run.mx_metrics(NORM_AFFINE, "in_force")
+    out = {}
+    for module, (steps, values) in o.run.mx_metrics(NORM_AFFINE, stat).items():
+        if module == TOTAL:
+            continue
+        # 0.1.0 records have no in_force where their stats were in force.
+        force = dict(zip(*flags.get(module, ([], [])), strict=True))
+        kept = [(s, v) for s, v in zip(steps, values, strict=True) if force.get(s, 1.0) == 1.0]
+        if kept:
+            out[module] = ([s for s, _ in kept], [v for _, v in kept])
+    return out
 
 
 def _below_one(o: RunOutcome) -> Series:
     """Share of γ blocks whose max is below 1 (the two lower binades of the probes)."""
-    low = o.run.mx_metrics("norm_affine", "weight_blocks_amax_lt_half")
-    mid = o.run.mx_metrics("norm_affine", "weight_blocks_amax_half_to_1")
+    low = o.run.mx_metrics(NORM_AFFINE, "weight_blocks_amax_lt_half")
+    mid = o.run.mx_metrics(NORM_AFFINE, "weight_blocks_amax_half_to_1")
     out = {}
     for module, (steps, values) in mid.items():
         below = dict(zip(*low.get(module, ([], [])), strict=True))
@@ -106,9 +117,7 @@ def _below_one(o: RunOutcome) -> Series:
 
 
 def _zeta(o: RunOutcome) -> Series:
-    series = {
-        m: s for m, s in o.run.mx_metrics("grad_bias", "zeta").items() if not m.startswith("total")
-    }
+    series = {m: s for m, s in o.run.mx_metrics(GRAD_BIAS, "zeta").items() if m not in AGGREGATES}
     return series if any(v != 0 for _, vals in series.values() for v in vals) else {}
 
 
@@ -120,18 +129,18 @@ def find_mechanism(outcomes: list[RunOutcome]) -> Mechanism | None:
     o = (plain or [o for o in measured if o.diverged] or measured)[0]
     saturation, zeta = _in_force(o, "weight_saturation"), _zeta(o)
     if o.diverged:
-        # Batch = step until the first rewind; for a run with rewinds, rank before the first one.
-        end = o.divergence_batch if not o.actions else o.actions[0]["batch"]
-        hi = o.global_step(end)
+        # For a run with rewinds, rank before the first action: later readings are of weights
+        # the rules changed.
+        hi = o.divergence_step if not o.actions else min(o.divergence_step, o.actions[0]["step"])
         window = (max(0, hi - WINDOW), hi)
     else:
         last = max((s[-1] for s, _ in (*saturation.values(), *zeta.values()) if s), default=0)
         window = (0, last)
-    crossed = o.run.mx_metrics("norm_affine", "weight_blocks_crossed")
-    divergence = o.divergence_batch if o.diverged else None
+    crossed = o.run.mx_metrics(NORM_AFFINE, "weight_blocks_crossed")
+    divergence = o.divergence_step if o.diverged else None
     groups = {
         m: series
-        for m, series in o.run.mx_metrics("grad_bias", "zeta").items()
-        if m in ("total_norms", "total_linears")
+        for m, series in o.run.mx_metrics(GRAD_BIAS, "zeta").items()
+        if m in (TOTAL_NORMS, TOTAL_LINEARS)
     }
     return Mechanism(o.name, divergence, window, saturation, zeta, crossed, _below_one(o), groups)

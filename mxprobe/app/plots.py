@@ -17,15 +17,26 @@ from mxprobe.app.headlines import RunOutcome  # noqa: E402
 from mxprobe.app.mechanism import Mechanism  # noqa: E402
 from mxprobe.app.runs import Run, finite  # noqa: E402
 from mxprobe.formats import mx_format  # noqa: E402
+from mxprobe.names import (  # noqa: E402
+    NONFINITE,
+    REWIND,
+    SCALE_LR,
+    SCALER_SKIP,
+    SET_SCHEME,
+    SPIKE,
+    TOTAL,
+)
+from mxprobe.outcome import DIVERGED, RECOVERED, STABLE  # noqa: E402
 
 Figure = tuple[Path | None, int]
 
 _EVENT_STYLE = {
-    "spike": ("v", "C3"),
-    "nonfinite": ("x", "black"),
-    "set_scheme": ("*", "C2"),
-    "scale_lr": ("s", "C4"),
-    "rewind": ("<", "C1"),
+    SPIKE: ("v", "C3"),
+    NONFINITE: ("x", "black"),
+    SCALER_SKIP: (".", "grey"),
+    SET_SCHEME: ("*", "C2"),
+    SCALE_LR: ("s", "C4"),
+    REWIND: ("<", "C1"),
 }
 
 
@@ -37,7 +48,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def loss_curves(outcomes: list[RunOutcome], path: Path) -> Figure:
-    """Training loss against the training batch for every run (log scale), with its events and
+    """Training loss against the optimizer step for every run (log scale), with its events and
     where its divergence begins."""
     if not outcomes:
         return None, 0
@@ -45,18 +56,18 @@ def loss_curves(outcomes: list[RunOutcome], path: Path) -> Figure:
     points = 0
     for i, o in enumerate(outcomes):
         color = f"C{i}"
-        pos = [(b, v) for b, v in enumerate(o.losses) if math.isfinite(v) and v > 0]
+        pos = [(s, v) for s, v in zip(o.steps, o.losses, strict=True) if math.isfinite(v) and v > 0]
         points += len(pos)
         if pos:
-            ax.plot([b for b, _ in pos], [v for _, v in pos], lw=0.9, color=color, label=o.name)
+            ax.plot([s for s, _ in pos], [v for _, v in pos], lw=0.9, color=color, label=o.name)
         for ev in o.events:
             marker, ev_color = _EVENT_STYLE.get(ev.get("kind"), ("o", "grey"))
-            y = _value_at(o.losses, ev["batch"])
-            if ev.get("kind") == "rewind":
-                ax.axvline(ev["batch"], color=color, ls="--", lw=0.8, alpha=0.7)
+            y = _value_at(o, ev["step"])
+            if ev.get("kind") == REWIND:
+                ax.axvline(ev["step"], color=color, ls="--", lw=0.8, alpha=0.7)
                 ax.annotate(
                     f"{o.name}: rewind to step {ev.get('rewound_to')}",
-                    (ev["batch"], 1.0),
+                    (ev["step"], 1.0),
                     xycoords=("data", "axes fraction"),
                     textcoords="offset points",
                     xytext=(3, -12 - 10 * (i % 3)),
@@ -64,13 +75,13 @@ def loss_curves(outcomes: list[RunOutcome], path: Path) -> Figure:
                     color=color,
                 )
             elif y is not None:
-                ax.plot([ev["batch"]], [y], marker=marker, color=ev_color, ms=7, ls="none")
+                ax.plot([ev["step"]], [y], marker=marker, color=ev_color, ms=7, ls="none")
         if o.diverged:
-            y = _value_at(o.losses, o.divergence_batch)
+            y = _value_at(o, o.divergence_step)
             if y is not None:
-                ax.plot([o.divergence_batch], [y], marker="X", color=color, ms=11, mec="black")
+                ax.plot([o.divergence_step], [y], marker="X", color=color, ms=11, mec="black")
     ax.set_yscale("log")
-    ax.set_xlabel("training batch (= optimizer step until a rewind)")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (log scale)")
     ax.set_title("Loss per run (▼ detector alarm, ★ precision change, ■ lr change, X divergence)")
     ax.grid(True, which="both", alpha=0.3)
@@ -78,10 +89,10 @@ def loss_curves(outcomes: list[RunOutcome], path: Path) -> Figure:
     return _save(fig, path), points
 
 
-def _value_at(values: list[float], index: int) -> float | None:
-    """The last finite positive value at or before ``index``."""
-    for v in reversed(values[: index + 1]):
-        if math.isfinite(v) and v > 0:
+def _value_at(o: RunOutcome, step: int) -> float | None:
+    """The last finite positive loss at or before ``step``."""
+    for s, v in zip(reversed(o.steps), reversed(o.losses), strict=True):
+        if s <= step and math.isfinite(v) and v > 0:
             return v
     return None
 
@@ -172,7 +183,7 @@ def per_module_lines(
 
 
 def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: str) -> Figure:
-    series = [(r, r.mx_metrics(monitor, stat).get("total")) for r in runs]
+    series = [(r, r.mx_metrics(monitor, stat).get(TOTAL)) for r in runs]
     series = [(r, s) for r, s in series if s]
     if not series:
         return None, 0
@@ -189,7 +200,8 @@ def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: st
     return _save(fig, path), sum(len(finite(values)) for _, (_, values) in series)
 
 
-OUTCOMES = ("stable", "recovered spike", "diverged")
+# Worst last: a cell shows the worst outcome over its seeds.
+OUTCOMES = (STABLE, RECOVERED, DIVERGED)
 
 
 def stability_map(rows: list[dict], x: str, y: str, path: Path) -> Figure:

@@ -1,45 +1,40 @@
-"""``report.md`` and a self-contained ``report.html`` (images embedded) from run directories.
+"""``report.md``, a self-contained ``report.html`` (images embedded) and ``report.json`` from
+the runs below some directories (each run's record; :mod:`mxprobe.app.runs`).
 
-The first screen is the answer: one headline per run (stable / diverged at step N / rescued:
-what fired when, rewound to where), the detector's lead time, the loss of every run with its
-events, then the mechanism before the divergence (γ block saturation per norm over time, ζ per
-layer in the steps before it, the top layers named). Details follow. A panel with nothing to
-show is left out or said in one line, so a partial or killed run still gets a report of what is
-there.
+The first screen is the answer: one headline per run (what happened and nothing more), a table
+naming each run's model, scheme, steps and losses, the detector's lead time, the loss of every
+run with its events, then the mechanism (γ block saturation per norm, ζ per layer; "before the
+divergence" only for a run that diverged). Details follow. A panel with nothing to show is left
+out or said in one line, so a partial or killed run still gets a report of what is there. One
+page model (:mod:`mxprobe.app.page`) is rendered to both formats, in the same order.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mxprobe.app import plots
 from mxprobe.app.headlines import RunOutcome, headline, lead_time_line, outcome
 from mxprobe.app.mechanism import Mechanism, find_mechanism
+from mxprobe.app.page import Block, Bullets, Figure, Heading, Paragraph, Table, html_page, markdown
 from mxprobe.app.runs import Run, find_runs
+from mxprobe.events import plain
+from mxprobe.names import GRAD_BIAS, NONFINITE, REWIND, SCALE_LR, SET_SCHEME, SPIKE
+from mxprobe.record import RECORD_FILE
 
 _TABLE_NAMES = ("summary.csv", "results.csv")
 
 
 class NoRunsError(ValueError):
-    """No run (no metrics.csv) under the given directories."""
+    """No run (no run record, no metrics.csv) under the given directories."""
 
 
-@dataclass
-class Section:
-    """A figure (``image``) with what it shows, or the sentence saying why it is not drawn.
-    ``points`` counts the finite values the figure draws."""
-
-    title: str
-    image: Path | None
-    caption: str
-    missing: str = ""
-    points: int = 0
-    details: bool = False  # below the first screen
+Section = Figure
 
 
 @dataclass
@@ -51,7 +46,7 @@ class Report:
     lead_times: list[str] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
     mechanism: Mechanism | None = None
-    sections: list[Section] = field(default_factory=list)
+    sections: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -129,32 +124,36 @@ def _saved_framing(roots: list[Path]) -> list[str]:
 def build_report(
     run_dirs: list[str | Path], out: str | Path, framing: list[str] | None = None
 ) -> Report:
-    """Write the figures, report.md and report.html for ``run_dirs`` into ``out``.
+    """Write the figures, report.md, report.html and report.json for ``run_dirs`` into ``out``.
 
     ``framing``: lines saying what the runs are (the demo: its seed and the base rates at its
     configuration); by default those a demo saved in a ``summary.json`` next to the runs.
 
     Raises:
-        NoRunsError: when no directory holds a metrics.csv.
+        NoRunsError: when no directory holds a run.
     """
     roots = [Path(p) for p in run_dirs]
     missing = [str(p) for p in roots if not p.exists()]
     if missing:
         raise NoRunsError(f"no such directory: {', '.join(missing)}")
-    runs = find_runs(roots)
+    notes: list[str] = []
+    runs = find_runs(roots, notes)
     if not runs:
         raise NoRunsError(
-            f"no runs found under {', '.join(map(str, roots))}: expected a metrics.csv "
-            "(Lightning CSVLogger) in each run directory"
+            f"no runs found under {', '.join(map(str, roots))}: expected a run record "
+            f"({RECORD_FILE}, written by mxprobe's callbacks) or a metrics.csv"
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(runs, framing=list(framing) if framing is not None else _saved_framing(roots))
+    report.notes += notes
     for run in runs:
         report.notes += [f"{run.name}: {n}" for n in run.notes]
         o = outcome(run)
         if o is None:
-            report.notes.append(f"{run.name}: no training loss logged (empty or just-started run)")
+            report.notes.append(
+                f"{run.name}: no training loss recorded (empty or just-started run)"
+            )
         else:
             report.outcomes.append(o)
     for o in report.outcomes:
@@ -165,23 +164,57 @@ def build_report(
         report.events += [{"run": o.name, **e} for e in o.events]
     _first_screen(report, out)
     _details(report, roots, out)
-    _write_markdown(report, out / "report.md")
-    _write_html(report, out / "report.html")
+    blocks = _page(report)
+    _write(out / "report.md", markdown(blocks))
+    _write(out / "report.html", html_page(blocks))
+    _write(out / "report.json", json.dumps(report_json(report), indent=1, allow_nan=False) + "\n")
     return report
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def report_json(report: Report) -> dict:
+    """``{"runs": [{"name", "last_step", "outcome", "divergence_step", "events", ...}]}``;
+    steps are optimizer steps; a run with no loss has outcome ``null``."""
+    by_name = {o.name: o for o in report.outcomes}
+    runs = []
+    for run in report.runs:
+        o = by_name.get(run.name)
+        runs.append(
+            {
+                "name": run.name,
+                "path": str(run.path),
+                "model": run.meta.get("model"),
+                "scheme": run.meta.get("scheme"),
+                "last_step": run.last_step,
+                "outcome": o.outcome if o else None,
+                "divergence_step": o.divergence_step if o else None,
+                "rule": o.rule if o else None,
+                "headline": report.headlines.get(run.name),
+                "final_loss": plain(o.summary["final_loss"]) if o else None,
+                "min_loss": plain(o.summary["min_loss"]) if o else None,
+                "events": plain(o.events if o else run.events),
+            }
+        )
+    return {"runs": runs}
 
 
 def _first_screen(report: Report, out: Path) -> None:
     add = report.sections.append
     image, points = plots.loss_curves(report.outcomes, out / "loss.png")
     add(
-        Section(
+        Figure(
             "Loss",
             image,
-            "Training loss per run on a log scale against the training batch (= optimizer "
-            "step until a rewind; a rewind sends the step back, the batches go on). Detector "
-            "alarms, rewinds and precision changes from events.jsonl are marked; × marks "
+            "Training loss per run on a log scale against the optimizer step. Detector "
+            "alarms, rewinds and precision changes from the run record are marked; × marks "
             "where a run's divergence begins.",
-            "no run logged a training loss",
+            "no run recorded a training loss",
             points,
         )
     )
@@ -192,26 +225,29 @@ def _first_screen(report: Report, out: Path) -> None:
             "in any run: no mechanism panels"
         )
         return
+    diverged = mech.divergence is not None
     image, points = plots.norm_saturation(mech, out / "norm_saturation.png")
     add(
-        Section(
+        Figure(
             f"γ block saturation per norm — {mech.run}",
             image,
             "Fraction of layer-norm γ elements clipped in their E4M3 block (NormAffineMonitor, "
-            "format in force) over training; the dashed line is where the run's divergence "
-            "begins.",
+            "at readings where the norm's MX format is in force) over training"
+            + ("; the dashed line is where the run's divergence begins." if diverged else "."),
             "NormAffineMonitor logged no in-force saturation for this run",
             points,
         )
     )
     image, points = plots.zeta_heatmap(mech, out / "zeta_before.png")
+    lo, hi = mech.window
     add(
-        Section(
-            f"Gradient bias ζ per layer before the divergence — {mech.run}",
+        Figure(
+            f"Gradient bias ζ per layer {'before the divergence' if diverged else 'over the run'}"
+            f" — {mech.run}",
             image,
             "ζ = ‖g_q − g_fp‖² / ‖g_fp‖² per module (GradientBiasMonitor: the MX gradient "
             "against the full-precision gradient at the same weights and batch) at the readings "
-            f"of steps {mech.window[0]}–{mech.window[1]}.",
+            f"of steps {lo}–{hi}.",
             "GradientBiasMonitor logged no non-zero ζ for this run",
             points,
         )
@@ -220,13 +256,13 @@ def _first_screen(report: Report, out: Path) -> None:
 
 def _details(report: Report, roots: list[Path], out: Path) -> None:
     add = report.sections.append
-    quantized = [o.run for o in report.outcomes if _has_nonzero(o.run, "grad_bias", "zeta")]
+    quantized = [o.run for o in report.outcomes if _has_nonzero(o.run, GRAD_BIAS, "zeta")]
     image, points = plots.total_curve(
         quantized, "grad_bias", "zeta", out / "grad_bias_total.png", "total ζ"
     )
     if image:
         add(
-            Section(
+            Figure(
                 "Total gradient bias", image, "ζ over all monitored parameters.", "", points, True
             )
         )
@@ -242,7 +278,7 @@ def _details(report: Report, roots: list[Path], out: Path) -> None:
     )
     if image:
         add(
-            Section(
+            Figure(
                 "Layer-norm affine weights",
                 image,
                 "Mean signed relative error of quantized γ (negative: γ shrinks, the "
@@ -262,7 +298,7 @@ def _details(report: Report, roots: list[Path], out: Path) -> None:
     )
     if image:
         add(
-            Section(
+            Figure(
                 "Activations",
                 image,
                 "Fraction of GEMM-input elements clipped at the element max, and SQNR.",
@@ -278,7 +314,7 @@ def _details(report: Report, roots: list[Path], out: Path) -> None:
     if axes:
         image, points = plots.stability_map(rows, *axes, out / "stability_map.png")
         add(
-            Section(
+            Figure(
                 "Stability map",
                 image,
                 "Outcome per configuration from the sweep/compare table: green stable, amber "
@@ -290,7 +326,7 @@ def _details(report: Report, roots: list[Path], out: Path) -> None:
         )
     image, points = plots.e4m3_code_gaps(out / "e4m3_code_gaps.png")
     add(
-        Section(
+        Figure(
             "Why E4M3 blocks saturate",
             image,
             "Relative gap between consecutive E4M3 codes; under the OCP floor scale a block "
@@ -310,179 +346,84 @@ def _has_nonzero(run: Run, monitor: str, stat: str) -> bool:
 def _event_words(e: dict) -> str:
     values = e.get("values") or {}
     kind = e.get("kind")
-    if kind in ("spike", "nonfinite"):
+    if kind in (SPIKE, NONFINITE):
         parts = [f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float)]
         return ", ".join(parts)
-    if kind == "rewind":
+    if kind == REWIND:
         return f"to step {e.get('rewound_to')}"
-    if kind == "set_scheme":
+    if kind == SET_SCHEME:
         return f"{e.get('scheme')} on {e.get('modules') or '*'}" + (
             " (snapped)" if e.get("snap") else ""
         )
-    if kind == "scale_lr":
+    if kind == SCALE_LR:
         return f"lr x{e.get('factor')}"
     return ""
 
 
-def _event_rows(report: Report) -> list[tuple[str, ...]]:
-    return [
-        (
-            e["run"],
-            str(e["batch"]),
-            str(e.get("step")),
-            str(e.get("kind")),
-            str(e.get("rule") or ""),
-            _event_words(e),
+_EVENT_HEADER = ("run", "step", "kind", "rule", "detail")
+_RUN_HEADER = ("run", "model", "scheme", "steps", "final loss", "min loss", "outcome")
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value)
+
+
+def _run_rows(report: Report) -> list[tuple[str, ...]]:
+    rows = []
+    for o in report.outcomes:
+        meta = o.run.meta
+        rows.append(
+            (
+                o.name,
+                str(meta.get("model") or "?"),
+                str(meta.get("scheme") or "?"),
+                f"{o.steps[0]}–{o.steps[-1]}",
+                _number(o.summary["final_loss"]),
+                _number(o.summary["min_loss"]),
+                f"{o.outcome} ({o.rule})",
+            )
         )
-        for e in report.events
+    return rows
+
+
+def _page(report: Report) -> list[Block]:
+    """The report as blocks, first screen first; both renderings follow this order."""
+    blocks: list[Block] = [Heading("mxprobe report", 1), Heading("What happened")]
+    blocks.append(Bullets([f"{n}: {h}" for n, h in report.headlines.items()], strong_prefix=True))
+    blocks += [Heading("Runs"), Table(_RUN_HEADER, _run_rows(report))]
+    if report.framing:
+        blocks += [Heading("What these runs are"), Bullets(report.framing)]
+    lead = report.lead_times or [
+        "no run both diverged and had a detector alarm: no lead time to report"
     ]
-
-
-_EVENT_HEADER = ("run", "batch", "step", "kind", "rule", "detail")
-
-
-def _first_screen_text(report: Report) -> dict[str, list[str]]:
-    """The first screen's words, shared by the two formats."""
+    blocks += [Heading("Detector lead time"), Bullets(lead)]
+    first = [s for s in report.sections if not s.details]
+    blocks += first[:1]
+    blocks.append(Heading("Events"))
+    if report.events:
+        rows = [
+            (e["run"], str(e.get("step")), str(e.get("kind")), str(e.get("rule") or ""),
+             _event_words(e))
+            for e in report.events
+        ]  # fmt: skip
+        blocks.append(Table(_EVENT_HEADER, rows))
+    else:
+        blocks.append(
+            Paragraph(
+                "No run recorded an event (no detector alarm, no rewind, no precision change)."
+            )
+        )
     mech = report.mechanism
-    lines = {
-        "framing": report.framing,
-        "lead": report.lead_times
-        or ["no run both diverged and had a detector alarm: no lead time to report"],
-        "mechanism": mech.summary() if mech else [],
-    }
-    return lines
-
-
-def _mechanism_title(report: Report) -> str:
-    diverged = report.mechanism and report.mechanism.divergence is not None
-    return "Before the divergence" if diverged else "What the monitors saw"
-
-
-def _write_markdown(report: Report, path: Path) -> None:
-    text = _first_screen_text(report)
-    lines = ["# mxprobe report", "", "## What happened", ""]
-    lines += [f"- **{name}**: {h}" for name, h in report.headlines.items()]
-    if text["framing"]:
-        lines += ["", "## What these runs are", ""] + [f"- {f}" for f in text["framing"]]
-    lines += ["", "## Detector lead time", ""] + [f"- {x}" for x in text["lead"]]
-    first, rest = _split(report)
-    for section in first:
-        lines += _md_section(section)
-    lines += ["", "## Events", ""]
-    if report.events:
-        lines += ["| " + " | ".join(_EVENT_HEADER) + " |", "|" + "---|" * len(_EVENT_HEADER)]
-        lines += ["| " + " | ".join(row) + " |" for row in _event_rows(report)]
-    else:
-        lines.append("No run logged an event (no detector alarm, no rewind, no precision change).")
-    if text["mechanism"]:
-        lines += ["", f"## {_mechanism_title(report)}", ""] + [f"- {m}" for m in text["mechanism"]]
-    lines += ["", "# Details"]
-    for section in rest:
-        lines += _md_section(section)
-    lines += ["", "## Run directories", ""] + [f"- `{r.name}`: {r.path}" for r in report.runs]
+    if mech and mech.summary():
+        title = "Before the divergence" if mech.divergence is not None else "What the monitors saw"
+        blocks += [Heading(title), Bullets(mech.summary())]
+    blocks += first[1:]
+    blocks.append(Heading("Details", 1))
+    blocks += [s for s in report.sections if s.details]
+    blocks += [
+        Heading("Run directories"),
+        Bullets([f"`{r.name}`: {r.path}" for r in report.runs]),
+    ]
     if report.notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _split(report: Report) -> tuple[list[Section], list[Section]]:
-    return [s for s in report.sections if not s.details], [s for s in report.sections if s.details]
-
-
-def _md_section(section: Section) -> list[str]:
-    lines = ["", f"## {section.title}", ""]
-    if section.image is None:
-        return lines + [f"_Not drawn: {section.missing}._"]
-    return lines + [f"![{section.title}]({section.image.name})", "", section.caption]
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:auto;padding:0 1em;"
-    "line-height:1.4}img{max-width:100%}h2{margin-top:1.4em;border-bottom:1px solid #ddd}"
-    ".headlines{font-size:1.1em}.headlines li{margin:.3em 0}.run{font-family:monospace;"
-    "font-weight:bold}.framing{color:#444;font-size:.9em}.caption{color:#555;font-size:.9em}"
-    "table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}"
-    "code{font-size:.85em}"
-)
-
-
-def _esc(text: str) -> str:
-    """HTML-escaped, with `backquoted` spans as code."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _html_section(section: Section) -> list[str]:
-    parts = [f"<section data-title='{html.escape(section.title)}' data-points='{section.points}'>"]
-    parts.append(f"<h2>{html.escape(section.title)}</h2>")
-    if section.image is None:
-        parts.append(f"<p><em>Not drawn: {html.escape(section.missing)}.</em></p>")
-    else:
-        data = base64.b64encode(section.image.read_bytes()).decode()
-        parts.append(f"<img alt='{html.escape(section.title)}' src='data:image/png;base64,{data}'>")
-        parts.append(f"<p class='caption'>{html.escape(section.caption)}</p>")
-    parts.append("</section>")
-    return parts
-
-
-def _write_html(report: Report, path: Path) -> None:
-    text = _first_screen_text(report)
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>mxprobe report</title>",
-        f"<style>{_CSS}</style></head><body><h1>mxprobe report</h1>",
-        "<h2>What happened</h2><ul class='headlines'>",
-    ]
-    parts += [
-        f"<li class='headline' data-run='{html.escape(name)}'><span class='run'>"
-        f"{html.escape(name)}</span>: {html.escape(h)}</li>"
-        for name, h in report.headlines.items()
-    ]
-    parts.append("</ul>")
-    parts.append("<p><b>Detector lead time.</b> " + "; ".join(map(_esc, text["lead"])) + "</p>")
-    if text["framing"]:
-        # The case in one line; the rates with their commands folded (long command lines).
-        parts.append(
-            f"<p class='framing'><b>What these runs are.</b> {_esc(text['framing'][0])}</p>"
-        )
-        if len(text["framing"]) > 1:
-            parts.append("<details class='framing'><summary>Base rates at this configuration")
-            parts.append(" and the commands that measured them</summary><ul>")
-            parts += [f"<li>{_esc(f)}</li>" for f in text["framing"][1:]]
-            parts.append("</ul></details>")
-    first, rest = _split(report)
-    for section in first[:1]:
-        parts += _html_section(section)
-    parts.append("<section data-title='Events'><h2>Events</h2>")
-    if report.events:
-        parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in _EVENT_HEADER) + "</tr>")
-        parts += [
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-            for row in _event_rows(report)
-        ]
-        parts.append("</table>")
-    else:
-        parts.append(
-            "<p>No run logged an event (no detector alarm, no rewind, no precision change).</p>"
-        )
-    parts.append("</section>")
-    if text["mechanism"]:
-        parts.append(f"<h2>{_mechanism_title(report)}</h2><ul>")
-        parts += [f"<li>{_esc(m)}</li>" for m in text["mechanism"]]
-        parts.append("</ul>")
-    for section in first[1:]:
-        parts += _html_section(section)
-    parts.append("<h1>Details</h1>")
-    for section in rest:
-        parts += _html_section(section)
-    parts.append("<h2>Run directories</h2><ul>")
-    parts += [
-        f"<li><code>{html.escape(r.name)}</code>: {html.escape(str(r.path))}</li>"
-        for r in report.runs
-    ]
-    parts.append("</ul>")
-    if report.notes:
-        parts.append("<h2>Notes</h2><ul>")
-        parts += [f"<li>{html.escape(n)}</li>" for n in report.notes]
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    path.write_text("\n".join(parts))
+        blocks += [Heading("Notes"), Bullets(report.notes)]
+    return blocks

@@ -1,60 +1,58 @@
-"""Reading run directories: Lightning ``CSVLogger`` metrics and mxprobe's ``events.jsonl``.
+"""Finding and reading runs: the run record (``mxprobe_record.sqlite``) of each run below a
+directory, whatever the run's loggers were.
 
-A run is any directory holding a ``metrics.csv`` (searched recursively, so a CSVLogger's
-``name/version_N`` layout works). Reading is forgiving: a run killed halfway has a truncated last
-line, metrics are sparse (each logging call fills only its columns), and events may be missing.
+A directory tree with no record at all is read in the 0.1.0 layout (a Lightning CSVLogger's
+``metrics.csv`` with mxprobe's ``events.jsonl`` beside it or above), with a note: its steps are
+those the loggers wrote, which may skip steps and repeat history after a resume.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mxprobe.events import EVENTS_FILE, read_events
+from mxprobe.names import parse_metric
+from mxprobe.record import RecordError, find_records, read_record
 
-# mx/<monitor>/<module>/<stat>; module names contain dots, never slashes.
-_MX_METRIC = re.compile(r"^mx/(?P<monitor>[^/]+)/(?P<module>.+)/(?P<stat>[^/]+)$")
+Series = tuple[list[int], list[float]]
+LEGACY_LOSS_COLUMNS = ("train/loss_step", "train/loss", "train_loss", "loss")
 
 
 @dataclass
 class Run:
-    """One run's metrics ({name: (steps, values)}), events, and what went wrong reading it."""
+    """One run: its training losses and readings by optimizer step, its events, what the
+    record says of it (``meta``: model, scheme, ...) and what went wrong reading it."""
 
     name: str
     path: Path
-    metrics: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    losses: Series = field(default_factory=lambda: ([], []))
+    metrics: dict[str, Series] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def series(self, name: str) -> tuple[list[int], list[float]]:
+    def series(self, name: str) -> Series:
         return self.metrics.get(name, ([], []))
 
-    def loss_name(self) -> str | None:
-        """The per-step training loss column (first match among the usual names)."""
-        for candidate in ("train/loss_step", "train/loss", "train_loss", "loss"):
-            if self.metrics.get(candidate, ([], []))[0]:
-                return candidate
-        return None
-
-    def mx_metrics(self, monitor: str, stat: str) -> dict[str, tuple[list[int], list[float]]]:
-        """{module: series} of the ``mx/<monitor>/<module>/<stat>`` metrics."""
+    def mx_metrics(self, monitor: str, stat: str) -> dict[str, Series]:
+        """{module: series} of the ``mx/<monitor>/<module>/<stat>`` readings."""
         out = {}
         for name, series in self.metrics.items():
-            m = _MX_METRIC.match(name)
-            if m and m["monitor"] == monitor and m["stat"] == stat and series[0]:
-                out[m["module"]] = series
+            parsed = parse_metric(name)
+            if parsed and parsed[0] == monitor and parsed[2] == stat and series[0]:
+                out[parsed[1]] = series
         return out
 
     @property
     def last_step(self) -> int | None:
-        steps = [s[-1] for s, _ in self.metrics.values() if s]
+        steps = [s[-1] for s, _ in (self.losses, *self.metrics.values()) if s]
         return max(steps) if steps else None
 
 
-def _to_float(text: str) -> float | None:
+def _to_float(text: str | None) -> float | None:
     if text is None or text == "":
         return None
     try:
@@ -63,10 +61,11 @@ def _to_float(text: str) -> float | None:
         return None
 
 
-def read_metrics(path: Path) -> tuple[dict[str, tuple[list[int], list[float]]], list[str]]:
+def read_metrics(path: Path) -> tuple[dict[str, Series], list[str]]:
+    """The columns of a CSVLogger ``metrics.csv`` as series by step (0.1.0 layout)."""
     notes: list[str] = []
-    metrics: dict[str, tuple[list[int], list[float]]] = {}
-    with open(path, newline="") as fh:
+    metrics: dict[str, Series] = {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
         lines = fh.read().splitlines()
     if not lines:
         return metrics, [f"{path} is empty"]
@@ -94,19 +93,64 @@ def read_metrics(path: Path) -> tuple[dict[str, tuple[list[int], list[float]]], 
     return metrics, notes
 
 
-def find_runs(paths: list[str | Path]) -> list[Run]:
-    """Every run under ``paths`` (a directory with metrics.csv, searched recursively)."""
+def _name(run_dir: Path, root: Path) -> str:
+    return str(run_dir.relative_to(root.parent)) if run_dir != root else root.name
+
+
+def _recorded_runs(root: Path, notes: list[str]) -> list[Run]:
+    runs = []
+    for path in find_records(root):
+        run = Run(name=_name(path.parent, root), path=path.parent)
+        try:
+            record = read_record(path)
+        except RecordError as err:
+            notes.append(str(err))
+            continue
+        continued = record.meta.get("continued_in")
+        if continued and Path(continued).exists():
+            notes.append(f"{run.name}: resumed into {continued}, reported there")
+            continue
+        run.losses, run.metrics, run.events, run.meta = (
+            record.losses,
+            record.readings,
+            record.events,
+            record.meta,
+        )
+        if record.meta.get("continued_from"):
+            run.notes.append(f"resumed from a checkpoint of {record.meta['continued_from']}")
+        runs.append(run)
+    return runs
+
+
+def _legacy_runs(root: Path) -> list[Run]:
+    runs = []
+    for metrics_path in sorted(root.rglob("metrics.csv")):
+        run = Run(name=_name(metrics_path.parent, root), path=metrics_path.parent)
+        run.metrics, run.notes = read_metrics(metrics_path)
+        run.notes.insert(
+            0,
+            "no run record: read in the 0.1.0 layout (metrics.csv + events.jsonl), so steps are "
+            "those the loggers wrote",
+        )
+        loss = next((c for c in LEGACY_LOSS_COLUMNS if run.metrics.get(c, ([], []))[0]), None)
+        if loss is not None:
+            run.losses = run.metrics.pop(loss)
+        events_path = _find_events(metrics_path.parent, root)
+        if events_path is not None:
+            run.events = read_events(events_path, run.notes)
+        runs.append(run)
+    return runs
+
+
+def find_runs(paths: list[str | Path], notes: list[str] | None = None) -> list[Run]:
+    """Every run under ``paths``: each run record below them; where a path holds no record,
+    each ``metrics.csv`` (0.1.0 layout). Records that cannot be read are skipped and said in
+    ``notes``."""
+    notes = [] if notes is None else notes
     runs = []
     for root in map(Path, paths):
-        for metrics_path in sorted(root.rglob("metrics.csv")):
-            run_dir = metrics_path.parent
-            name = str(run_dir.relative_to(root.parent)) if run_dir != root else root.name
-            run = Run(name=name, path=run_dir)
-            run.metrics, run.notes = read_metrics(metrics_path)
-            events_path = _find_events(run_dir, root)
-            if events_path is not None:
-                run.events = read_events(events_path, run.notes)
-            runs.append(run)
+        found = _recorded_runs(root, notes)
+        runs += found if found or find_records(root) else _legacy_runs(root)
     return runs
 
 

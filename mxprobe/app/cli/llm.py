@@ -19,6 +19,7 @@ import warnings
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from mxprobe.callbacks import RunRecorder
 from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
@@ -32,6 +33,12 @@ class LLMCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
+    def instantiate_trainer(self, **kwargs):
+        # Every LLM run keeps its record, whatever callbacks its YAML lists.
+        trainer = super().instantiate_trainer(**kwargs)
+        RunRecorder.of(trainer)
+        return trainer
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(

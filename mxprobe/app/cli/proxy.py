@@ -53,10 +53,18 @@ def _divergence_callback(tracker: DivergenceTracker, stop: bool):
 def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
+    from mxprobe.callbacks import RunRecorder
+
     class ProxyCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
             for key in ("width", "depth", "activation"):
                 parser.link_arguments(f"model.{key}", f"data.{key}")
+
+        def instantiate_trainer(self, **kwargs):
+            # Every proxy run keeps its record, whatever callbacks its YAML lists.
+            trainer = super().instantiate_trainer(**kwargs)
+            RunRecorder.of(trainer)
+            return trainer
 
     return ProxyCLI
 
