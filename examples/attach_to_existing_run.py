@@ -12,7 +12,8 @@ detector and an intervention rule:
 Only ``GradientBiasMonitor`` asks something of the module: a ``compute_loss(batch)`` method (the
 loss ``training_step`` returns, with no logging) to recompute the batch in full precision; this
 module, like many, already has one. Trains 60 steps on CPU in seconds; prints the loss, the
-monitor readings and the intervention from ``events.jsonl``.
+monitor readings and the intervention from the run record (``mxprobe_record.sqlite`` in the
+run's directory); ``mxprobe report DIR`` then reads it.
 
     python examples/attach_to_existing_run.py [--out DIR] [--steps N]
 
@@ -23,7 +24,6 @@ tensors this small, a second OpenMP thread mostly spin-waits for a busy core.)
 from __future__ import annotations
 
 import argparse
-import os
 
 import lightning.pytorch as pl
 import mxprobe.callbacks as mxcb  # mxprobe (1/3)
@@ -123,15 +123,16 @@ def main() -> None:
     )
     trainer.fit(model, train, val)
 
-    metrics = trainer.callback_metrics
-    print()
-    for name in ("val/loss", "train/loss", "mx/grad_bias/total/cosine", "mx/grad_bias/total/zeta"):
-        print(f"{name} {metrics[name].item():.4f}")
-    events_path = os.path.join(trainer.log_dir, mxcb.EVENTS_FILE)
-    for event in mxcb.read_events(events_path):
+    record = mxcb.read_record(trainer.log_dir)
+    steps, losses = record.losses
+    print(f"\ntrain loss at step {steps[-1]}: {losses[-1]:.4f}")
+    for name in ("mx/grad_bias/total/cosine", "mx/grad_bias/total/zeta"):
+        at, values = record.readings[name]
+        print(f"{name} at step {at[-1]}: {values[-1]:.4f}")
+    for event in record.events:
         after = sorted(set(event["scheme_after"].values()))
         print(f"event at step {event['step']}: {event['kind']} by {event['rule']!r} -> {after}")
-    print(f"metrics: {os.path.join(trainer.log_dir, 'metrics.csv')}\nevents: {events_path}")
+    print(f"run record: {record.path}")
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ def read_record(path: str | os.PathLike) -> Record:
         finally:
             db.close()
     except (sqlite3.Error, ValueError) as err:
-        raise RecordError(f"run record {path}: unreadable ({err})") from None
+        raise RecordError(f"run record {path}: unreadable, not a run record ({err})") from None
     if meta.get("format") != FORMAT:
         raise RecordError(f"run record {path}: format {meta.get('format')!r}, expected {FORMAT}")
     return Record(

@@ -4,7 +4,7 @@ tables, figures) written to Markdown and to self-contained HTML in the same orde
 Text comes partly from runs (directory and module names, rule names, event values), so both
 renderings escape it: HTML entities in HTML; in Markdown, HTML-significant characters as
 entities and Markdown's own punctuation backslash-escaped. A `backquoted` span is code in
-both.
+both (in Markdown only when it holds nothing HTML could read).
 """
 
 from __future__ import annotations
@@ -53,16 +53,22 @@ class Figure:
 
 Block = Heading | Bullets | Paragraph | Table | Figure
 
-_MD_SPECIAL = re.compile(r"([\\*_\[\]()#+!|{}~^$])")
+_MD_SPECIAL = re.compile(r"([\\*_\[\]#|])")
 
 
 def _md_plain(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
 
 
+def _md_code(text: str) -> str:
+    # A code span is literal in CommonMark, but not every renderer agrees, and a | ends a
+    # table cell even inside one: such text is written escaped instead.
+    return _md_plain(text) if any(c in text for c in "<>&|") else f"`{text}`"
+
+
 def _md_text(text: str) -> str:
     parts = text.split("`")
-    return "".join(f"`{p}`" if i % 2 else _md_plain(p) for i, p in enumerate(parts))
+    return "".join(_md_code(p) if i % 2 else _md_plain(p) for i, p in enumerate(parts))
 
 
 def _html_text(text: str) -> str:
