@@ -4,9 +4,15 @@ read from it: one run, every step once, outcomes that are true of the losses."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from mxprobe.callbacks import (
@@ -21,6 +27,9 @@ from mxprobe.callbacks import (
 from mxprobe.app.report import build_report
 from mxprobe.record import RECORD_FILE, RecordError, RecordWriter, find_records
 from tests.helpers_lightning import TinyMx, trainer
+from tests.proxy_tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -172,3 +181,69 @@ def test_report_escapes_run_supplied_text(tmp_path):
         text = (tmp_path / "report" / page).read_text()
         assert "<script>" not in text and "<img src=x" not in text
         assert "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+def _proxy_config(tmp_path, name: str, kill_at: int | None) -> Path:
+    """A tiny monitored proxy run with a step rule at 70 and checkpoints every 50 steps."""
+    callbacks = [
+        {"class_path": "mxprobe.callbacks.GradientBiasMonitor", "init_args": {"every_n_steps": 10}},
+        {"class_path": "mxprobe.callbacks.NormAffineMonitor", "init_args": {"every_n_steps": 10}},
+        {"class_path": "mxprobe.callbacks.LossSpikeDetector", "init_args": {"window": 10}},
+        {
+            "class_path": "mxprobe.callbacks.PrecisionIntervention",
+            "init_args": {"rules": [_rule(70)]},
+        },
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {
+                "dirpath": str(tmp_path / name / "ckpt"),
+                "every_n_train_steps": 50,
+                "save_top_k": -1,
+            },
+        },
+    ]
+    if kill_at is not None:
+        callbacks.append(
+            {"class_path": "tests.helpers_kill.KillAt", "init_args": {"step": kill_at}}
+        )
+    config = tiny_config(max_steps=160, batch_size=16)
+    config["model"]["scheme"] = "mxfp8_e4m3"
+    config["trainer"].update(
+        callbacks=callbacks, logger=False, enable_checkpointing=True,
+        default_root_dir=str(tmp_path / name),
+    )  # fmt: skip
+    path = tmp_path / f"{name}-{kill_at}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _proxy_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "mxprobe.app.cli", "proxy", "fit", f"--config={config}"]
+    return subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _history(path) -> tuple:
+    record = read_record(path)
+    events = [{k: v for k, v in e.items() if k != "time"} for e in record.events]
+    return record.losses, record.readings, events
+
+
+def test_kill_9_and_resume_gives_the_uninterrupted_record(tmp_path):
+    whole = _proxy_fit(_proxy_config(tmp_path, "whole", None))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _proxy_fit(_proxy_config(tmp_path, "killed", kill_at=120))
+    assert killed.returncode == -signal.SIGKILL
+    before = read_record(tmp_path / "killed")
+    assert before.losses[0][-1] == 119  # what the record held when the process died
+    resumed = _proxy_fit(
+        _proxy_config(tmp_path, "killed", None),
+        f"--ckpt_path={tmp_path / 'killed' / 'ckpt' / 'epoch=0-step=100.ckpt'}",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    losses, readings, events = _history(tmp_path / "killed")
+    assert losses[0] == list(range(160))
+    assert [(e["step"], e["kind"]) for e in events if e["kind"] == "set_scheme"] == [
+        (70, "set_scheme")
+    ]
+    assert (losses, readings, events) == _history(tmp_path / "whole")  # bit for bit
