@@ -109,7 +109,7 @@ class PrecisionIntervention(Callback):
             whose metric the monitor did not publish; the message lists what it published.
 
     Attributes:
-        timeline: every action taken, as its event (also in ``events.jsonl``).
+        timeline: every action taken, as its event (also in the run record).
         rule_states: each rule's :class:`RuleState`, by rule name.
         snapshots: the snapshots kept for rewinds, oldest first.
 

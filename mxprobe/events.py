@@ -1,8 +1,6 @@
-"""The ``events.jsonl`` format: one strict-JSON object per line (docs/callbacks.md lists the keys).
-
-Core layer, so that reading a run (the report, the demo) needs no Lightning. The callbacks write
-it through :class:`mxprobe.callbacks.events.EventLog`; everything reads it with
-:func:`read_events`.
+"""Events as strict JSON (:func:`plain`), and the ``events.jsonl`` file of mxprobe 0.1.0 runs,
+one object per line, which the report still reads (:func:`read_events`). Runs now keep their
+events in the run record (:mod:`mxprobe.record`); docs/callbacks.md lists the keys.
 """
 
 from __future__ import annotations
@@ -29,11 +27,6 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
-
-
-def event_line(event: dict[str, Any]) -> str:
-    """One line of ``events.jsonl`` (no trailing newline)."""
-    return json.dumps(plain(event), allow_nan=False)
 
 
 def read_events(path: str | os.PathLike, notes: list[str] | None = None) -> list[dict[str, Any]]:

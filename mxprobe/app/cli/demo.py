@@ -152,7 +152,7 @@ def summarize(
     report, rows: dict[str, dict], seed: int, steps: int, wall_s: float, out: Path
 ) -> tuple[dict, list[str]]:
     """summary.json's content and the lines printed, from the runs (``rows``: each run's own
-    divergence tracker) and the report built from their metrics.csv."""
+    divergence tracker) and the report built from their run records."""
     names = {o.name: o for o in report.outcomes}
     width = max(map(len, LABELS.values())) + 1
     lines = [f"{LABELS[n] + ':':<{width}} {report.headlines[n]}" for n in RUNS]

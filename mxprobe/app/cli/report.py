@@ -10,7 +10,11 @@ from mxprobe.app.report import NoRunsError, build_report
 
 def run(argv: list[str], prog: str = "mxprobe report") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (searched for metrics.csv)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        help="directories searched for run records (a trainer's default_root_dir, or above)",
+    )
     parser.add_argument("--out", default="report", help="output directory (default: report)")
     args = parser.parse_args(argv)
     try:
