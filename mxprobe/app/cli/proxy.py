@@ -94,9 +94,8 @@ def train_run(
     threads: int | None = None,
 ) -> dict:
     """Train one proxy run into ``run_dir`` (its run record and a CSVLogger ``metrics.csv``
-    there) and return its
-    divergence summary plus ``steps``, ``wall_s`` and ``cpu_s``; ``args`` are extra LightningCLI
-    arguments such as ``--model.scheme=mxfp8_e4m3``."""
+    there) and return its divergence summary plus ``steps``, ``wall_s`` and ``cpu_s``;
+    ``args`` are extra LightningCLI arguments such as ``--model.scheme=mxfp8_e4m3``."""
     import torch
 
     if threads:
