@@ -161,12 +161,27 @@ class RunRecorder(Callback):
         if trainer.global_step == self._step:
             return  # accumulating: the optimizer has not stepped yet
         step, self._step = self._step, trainer.global_step
+        loss_value = self._step_loss(trainer, pl_module)
+        self._losses = []
         if self._writer is not None:
-            if self._losses:
-                self._writer.loss(step, sum(v.item() for v in self._losses) / len(self._losses))
+            if loss_value is not None:
+                self._writer.loss(step, loss_value)
             self._writer.meta(last_step=step)
             self._writer.commit()
-        self._losses = []
+
+    def _step_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """The step's loss averaged over micro-batches and, under DDP, ranks (every rank
+        takes part in the one all-reduce)."""
+        if trainer.world_size == 1:
+            count = len(self._losses)
+            return sum(v.item() for v in self._losses) / count if count else None
+        device = pl_module.device
+        total = torch.stack(self._losses).sum().to(device) if self._losses else None
+        total = torch.zeros((), device=device) if total is None else total
+        count = torch.tensor(float(len(self._losses)), device=device)
+        reduced = trainer.strategy.reduce(torch.stack([total, count]), reduce_op="sum")
+        total, count = reduced.tolist()
+        return total / count if count else None
 
     def publish(self, step: int, values: Mapping[str, float], record: bool = True) -> None:
         """Keep readings of optimizer step ``step`` (every rank) and record them (rank 0)."""

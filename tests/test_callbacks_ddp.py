@@ -9,7 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from mxprobe.record import read_events
+import pytest
+
+from mxprobe.record import read_events, read_record
 from tests.helpers_lightning import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +81,12 @@ def test_ddp_ranks_switch_together(tmp_path):
     assert all(0 < z < 1 for step, z in ranks[0]["zetas"].items() if step != "6")
     events = read_events(tmp_path)
     assert [(e["step"], e["kind"]) for e in events] == [(6, "spike"), (7, "set_scheme")]
+    # The record's loss is the mean over both ranks, each step once.
+    steps, losses = read_record(tmp_path).losses
+    assert steps == list(range(9))
+    for step, loss in zip(steps, losses, strict=True):
+        both = [r["local_losses"][str(step)] for r in ranks]
+        assert loss == pytest.approx(sum(both) / 2, rel=1e-6)
 
 
 if __name__ == "__main__":
