@@ -146,7 +146,8 @@ def headline(o: RunOutcome, others: list[RunOutcome] = ()) -> str:
     fired = interventions(o)
     state = _state(o)
     if o.diverged:
-        return state + (" despite " + "; ".join(fired) if fired else "")
+        # What the rules did, not that they tried to prevent it: a scheduled switch did not.
+        return state + ("; rules acted: " + "; ".join(fired) if fired else "")
     if not fired:
         return f"{state}: {_loss_words(o)}"
     start = o.actions[0]["step"]
