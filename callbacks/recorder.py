@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from mxprobe.modules import MxModule
 from mxprobe.names import ALARM_KINDS, monitor_of
-from mxprobe.record import RECORD_FILE, RecordWriter
+from mxprobe.record import RECORD_FILE, RecordError, RecordWriter
 
 _RECORDERS: weakref.WeakKeyDictionary[pl.Trainer, RunRecorder] = weakref.WeakKeyDictionary()
 
@@ -100,6 +100,8 @@ class RunRecorder(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if RunRecorder.of(trainer) is not self:
             raise ValueError("a Trainer takes one RunRecorder; remove the second one")
+        if stage != "fit":
+            return  # validate/test/predict train nothing: no record
         # trainer.log_dir is a collective under DDP: every rank asks.
         log_dir = trainer.log_dir or trainer.default_root_dir
         self.path = os.path.join(log_dir, RECORD_FILE)
@@ -217,9 +219,9 @@ class RunRecorder(Callback):
             listener(step)
 
     def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
@@ -227,4 +229,7 @@ class RunRecorder(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._close()
+        try:
+            self._close()
+        except RecordError:
+            pass  # the exception being raised says more (often this very write failing)

@@ -182,8 +182,10 @@ class RecordWriter:
         return {n: _float(v) for n, v in readings}, [json.loads(b) for (b,) in bodies]
 
     def close(self) -> None:
-        self.commit()
-        self._db.close()
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
 
 _TABLES = ("losses", "readings", "events")

@@ -247,3 +247,29 @@ def test_kill_9_and_resume_gives_the_uninterrupted_record(tmp_path):
         (70, "set_scheme")
     ]
     assert (losses, readings, events) == _history(tmp_path / "whole")  # bit for bit
+
+
+def test_a_full_disk_mid_run_stops_it_with_the_path(tmp_path, monkeypatch):
+    connect = RecordWriter._connect
+
+    def small_disk(self):
+        db = connect(self)
+        db.execute("PRAGMA max_page_count = 24")  # SQLITE_FULL, as a full disk gives
+        return db
+
+    monkeypatch.setattr(RecordWriter, "_connect", small_disk)
+    callbacks = [GradientBiasMonitor(every_n_steps=1), NormAffineMonitor(every_n_steps=1)]
+    with pytest.raises(RecordError) as failed:
+        trainer(tmp_path, 200, callbacks).fit(TinyMx())
+    assert str(tmp_path / RECORD_FILE) in str(failed.value) and "full" in str(failed.value)
+    monkeypatch.undo()
+    steps = read_record(tmp_path).losses[0]
+    assert steps and steps == list(range(len(steps)))  # every complete step, nothing after
+
+
+def test_validate_alone_writes_no_record(tmp_path):
+    module = TinyMx()
+    module.val_dataloader = module.train_dataloader
+    module.validation_step = lambda batch, batch_idx: None
+    trainer(tmp_path, 1, [RunRecorder()], limit_val_batches=1).validate(module)
+    assert find_records(tmp_path) == []
