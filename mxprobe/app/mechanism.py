@@ -13,7 +13,15 @@ import math
 from dataclasses import dataclass
 
 from mxprobe.app.headlines import RunOutcome
-from mxprobe.names import AGGREGATES, GRAD_BIAS, NORM_AFFINE, TOTAL, TOTAL_LINEARS, TOTAL_NORMS
+from mxprobe.names import (
+    AGGREGATES,
+    GRAD_BIAS,
+    NORM_AFFINE,
+    SET_SCHEME,
+    TOTAL,
+    TOTAL_LINEARS,
+    TOTAL_NORMS,
+)
 
 # Readings in this many steps before the divergence count as "before it".
 WINDOW = 100
@@ -35,6 +43,7 @@ class Mechanism:
     crossed: Series = dataclasses.field(default_factory=dict)
     below_one: Series = dataclasses.field(default_factory=dict)
     groups: Series = dataclasses.field(default_factory=dict)  # total_norms / total_linears ζ
+    switches: list[int] = dataclasses.field(default_factory=list)  # steps of set_scheme events
 
     def _ranked(self, series: Series, total: bool = False) -> list[tuple[str, float]]:
         lo, hi = self.window
@@ -143,4 +152,7 @@ def find_mechanism(outcomes: list[RunOutcome]) -> Mechanism | None:
         for m, series in o.run.mx_metrics(GRAD_BIAS, "zeta").items()
         if m in (TOTAL_NORMS, TOTAL_LINEARS)
     }
-    return Mechanism(o.name, divergence, window, saturation, zeta, crossed, _below_one(o), groups)
+    switches = sorted({e["step"] for e in o.actions if e["kind"] == SET_SCHEME})
+    return Mechanism(
+        o.name, divergence, window, saturation, zeta, crossed, _below_one(o), groups, switches
+    )

@@ -121,6 +121,18 @@ def norm_saturation(mech: Mechanism, path: Path) -> Figure:
         ax.plot(steps, [100 * v for v in values], lw=1.2, marker=".", ms=3, label=module)
         points += len(finite(values))
     _mark_divergence(ax, mech)
+    for step in mech.switches:
+        # A norm switched away from MX has no in-force saturation: its line ends here.
+        ax.axvline(step, color="C2", ls=":", lw=1.2)
+        ax.annotate(
+            f"precision switch (step {step})",
+            (step, 0.85),
+            xycoords=("data", "axes fraction"),
+            textcoords="offset points",
+            xytext=(4, 0),
+            fontsize=8,
+            color="C2",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("γ elements saturated (%)")
     ax.set_title(f"{mech.run}: layer-norm γ block saturation (E4M3, in force)")

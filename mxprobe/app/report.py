@@ -232,7 +232,8 @@ def _first_screen(report: Report, out: Path) -> None:
             f"γ block saturation per norm — {mech.run}",
             image,
             "Fraction of layer-norm γ elements clipped in their E4M3 block (NormAffineMonitor, "
-            "at readings where the norm's MX format is in force) over training"
+            "at readings where the norm's MX format is in force; a dotted line marks a precision "
+            "switch, after which a norm moved off MX has no line) over training"
             + ("; the dashed line is where the run's divergence begins." if diverged else "."),
             "NormAffineMonitor logged no in-force saturation for this run",
             points,
