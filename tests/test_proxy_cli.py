@@ -49,6 +49,15 @@ def test_compare_writes_run_dirs_and_summary(tmp_path, tiny_config):
     assert tuple(rows[0])[:7] == proxy.SUMMARY_COLUMNS
     assert [(r["scheme"], r["seed"]) for r in rows] == [("fp32", "0"), ("mxfp8_e4m3", "0")]
     assert all(r["diverged"] in ("true", "false") and int(r["steps"]) == 3 for r in rows)
+    with open(out / "rates.csv") as f:
+        rates = list(csv.DictReader(f))
+    assert [(r["arm"], r["n"]) for r in rates] == [("fp32", "1"), ("mxfp8_e4m3", "1")]
+    with open(out / "tests.csv") as f:
+        (pair,) = list(csv.DictReader(f))
+    assert pair["test"].startswith("exact McNemar") and (pair["arm_a"], pair["arm_b"]) == (
+        "fp32",
+        "mxfp8_e4m3",
+    )
     for run_dir in ("fp32-seed0", "mxfp8_e4m3-seed0"):
         with open(out / run_dir / "metrics.csv") as f:
             losses = [r["train/loss"] for r in csv.DictReader(f) if r["train/loss"]]

@@ -82,6 +82,8 @@ def test_stability_map_from_summary(tmp_path):
     report = build_report([tmp_path / "sweep"], tmp_path / "out")
     section = next(s for s in report.sections if s.title == "Stability map")
     assert section.image is not None and section.image.exists()
+    assert report.rates == ["scheme=fp32: 0/1 (0.0–97.5 %)", "scheme=mxfp8_e4m3: 1/1 (2.5–100.0 %)"]
+    assert "scheme=mxfp8\\_e4m3: 1/1 (2.5–100.0 %)" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_single_run_headline_and_lead_time(tmp_path):

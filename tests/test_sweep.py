@@ -64,6 +64,13 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     assert {r["model.scheme"] for r in rows} == {"fp32", "mxfp8_e4m3"}
     result = json.loads((spec.run_dir(spec.runs[3]) / sweep.RESULT_FILE).read_text())
     assert result["diverged"] == "false"
+    # One arm per scheme, its two seeds paired with the other arm's.
+    with open(spec.out / "rates.csv") as f:
+        rates = [(r["arm"], r["n"], r["diverged"]) for r in csv.DictReader(f)]
+    assert rates == [("model.scheme=fp32", "2", "0"), ("model.scheme=mxfp8_e4m3", "2", "0")]
+    with open(spec.out / "tests.csv") as f:
+        (pair,) = list(csv.DictReader(f))
+    assert pair["test"].startswith("exact McNemar") and pair["n"] == "2"
 
     # Everything finished: a rerun runs nothing and the table keeps one row per run.
     assert sweep.run([str(path)], "mxprobe sweep") == 0

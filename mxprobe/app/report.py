@@ -22,6 +22,7 @@ from mxprobe.app import plots
 from mxprobe.app.headlines import RunOutcome, headline, lead_time_line, outcome
 from mxprobe.app.mechanism import Mechanism, find_mechanism
 from mxprobe.app.page import Block, Bullets, Figure, Heading, Paragraph, Table, html_page, markdown
+from mxprobe.app.rates import by_arm, rates
 from mxprobe.app.runs import Run, find_runs
 from mxprobe.events import plain
 from mxprobe.names import GRAD_BIAS, NONFINITE, REWIND, SCALE_LR, SET_SCHEME, SPIKE
@@ -48,6 +49,18 @@ class Report:
     mechanism: Mechanism | None = None
     sections: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    rates: list[str] = field(default_factory=list)
+
+
+def _rates(rows: list[dict]) -> list[str]:
+    """Each arm's divergence rate in a summary/results table: ``arm: k/n (low–high %)``; an
+    arm is a configuration less its seed."""
+    if not rows:
+        return []
+    config = [k for k in rows[0] if k not in _RESULT_COLUMNS and k not in ("run", "finished")]
+    varying = [k for k in config if len({r.get(k) for r in rows}) > 1] or config[:1]
+    arms = by_arm(rows, lambda r: ",".join(f"{k}={r.get(k)}" for k in varying) or "all")
+    return [f"{r.arm}: {r.words()}" for r in rates(arms)]
 
 
 def _outcome_label(row: dict) -> str:
@@ -311,6 +324,7 @@ def _details(report: Report, roots: list[Path], out: Path) -> None:
     else:
         report.notes.append("ActivationMonitor logged nothing: no activation panel")
     rows = read_outcome_table(roots)
+    report.rates = _rates(rows)
     axes = _map_axes(rows)
     if axes:
         image, points = plots.stability_map(rows, *axes, out / "stability_map.png")
@@ -392,6 +406,11 @@ def _page(report: Report) -> list[Block]:
     blocks: list[Block] = [Heading("mxprobe report", 1), Heading("What happened")]
     blocks.append(Bullets([f"{n}: {h}" for n, h in report.headlines.items()], strong_prefix=True))
     blocks += [Heading("Runs"), Table(_RUN_HEADER, _run_rows(report))]
+    if report.rates:
+        blocks += [
+            Heading("Divergence rates (summary/results table, 95 % exact interval)"),
+            Bullets(report.rates),
+        ]
     if report.framing:
         blocks += [Heading("What these runs are"), Bullets(report.framing)]
     lead = report.lead_times or [

@@ -6,7 +6,9 @@
 - ``mxprobe proxy compare --config FILE.yaml --schemes fp32,mxfp8_e4m3 [--seeds 0,1,2]
   [--out DIR] [--jobs N]`` — trains every (scheme, seed) from the same initial weights on the same
   batches (seed = model seed = data seed), one run directory each with its CSVLogger
-  ``metrics.csv``, and writes ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`).
+  ``metrics.csv``, and writes ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`), ``rates.csv``
+  (each scheme's divergence rate with its exact interval) and ``tests.csv`` (each pair of
+  schemes: exact McNemar over the seeds; :mod:`mxprobe.app.rates`).
 
 Divergence is defined once, in :mod:`mxprobe.outcome` (docs/proxy.md).
 """
@@ -23,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from mxprobe.app.rates import by_arm, write_tables
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE, DivergenceTracker
 
 SUMMARY_COLUMNS = (
@@ -197,7 +200,11 @@ def compare(argv: list[str], prog: str) -> int:
             f"{str(r['divergence_step']):<5}  {r['final_loss']:<10.4g}  {r['min_loss']:<10.4g}  "
             f"{r['wall_s']:<6}  {r['cpu_s']}"
         )
-    print(f"summary: {out / 'summary.csv'}")
+    arms = by_arm(rows, lambda r: r["scheme"])
+    print("divergence rate (95 % exact interval):")
+    for found in write_tables(out, arms, write_csv):
+        print(f"  {found.arm:<{width}}  {found.words()}")
+    print(f"summary: {out / 'summary.csv'}; rates: {out / 'rates.csv'}; tests: {out / 'tests.csv'}")
     return 0
 
 

@@ -16,7 +16,9 @@ grid's values is one run::
 - ``mxprobe sweep SPEC.yaml [--jobs N]`` runs the pending runs in N parallel processes. A run is
   finished when its ``result.json`` exists (written atomically at its end), so rerunning a
   killed sweep redoes only the unfinished runs; ``results.csv`` (one row per run) is rebuilt
-  from the ``result.json`` files after every run.
+  from the ``result.json`` files after every run, with ``rates.csv`` (each arm's divergence rate
+  and its exact 95 % interval; an arm is a grid point less its seeds) and ``tests.csv`` (each
+  pair of arms: exact McNemar over shared seeds, else Fisher's exact test).
 - ``--emit-commands`` prints one command line per pending run (``mxprobe sweep SPEC.yaml
   --run-index K``) for a cluster scheduler, e.g. a SLURM array with ``K=$SLURM_ARRAY_TASK_ID``;
   ``--collect`` then rebuilds ``results.csv``.
@@ -41,9 +43,11 @@ from pathlib import Path
 import yaml
 
 from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, write_csv
+from mxprobe.app.rates import by_arm, write_tables
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
 
 RESULT_FILE = "result.json"
+SEED_KEYS = ("seed", "model.seed", "data.seed")
 RESULT_COLUMNS = ("run", "finished") + SUMMARY_COLUMNS[2:] + ("steps", "wall_s", "cpu_s")
 
 
@@ -164,6 +168,15 @@ def collect(spec: Spec) -> Path:
     spec.out.mkdir(parents=True, exist_ok=True)
     path = spec.out / "results.csv"
     write_csv(path, rows, (RESULT_COLUMNS[0], *spec.grid, *RESULT_COLUMNS[1:]))
+    # An arm is a grid point less its seeds: the arms' seeds pair up for the tests.
+    seed_keys = [k for k in spec.grid if k in SEED_KEYS]
+    arm_keys = [k for k in spec.grid if k not in SEED_KEYS]
+    arms = by_arm(
+        rows,
+        lambda r: ",".join(f"{k}={r[k]}" for k in arm_keys) or "all",
+        lambda r: ",".join(str(r[k]) for k in seed_keys),
+    )
+    write_tables(spec.out, arms, write_csv)
     return path
 
 
