@@ -135,11 +135,33 @@ def trainer(root, max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
+# Launcher variables a shell or CI may export (MASTER_PORT=29500 is common). Passed on, they would
+# give every two-process run the same rendezvous port: two test sessions at once (or a leftover
+# process) and the second's rank 0 fails with EADDRINUSE while its rank 1 waits out the timeout;
+# LOCAL_RANK would make Lightning think the ranks were started for it. Without them, Lightning's
+# launcher asks the OS for a free port (bind to port 0) for each run and hands it to the other rank.
+LAUNCHER_VARS = (
+    "MASTER_ADDR", "MASTER_PORT", "STANDALONE_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK",
+    "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+)  # fmt: skip
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This process's environment without :data:`LAUNCHER_VARS`, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, **extra}
+
+
 def run_ranks(script: str, out_dir, timeout: int = 240) -> list[dict]:
     """Run ``script`` (a test module that writes ``rank{r}.json`` into ``out_dir`` from two
-    Lightning processes) in a fresh interpreter; the two ranks' results."""
+    Lightning processes) in a fresh interpreter; the two ranks' results.
+
+    What the two ranks share is safe: the rendezvous port is a free one picked for this run
+    (see :data:`LAUNCHER_VARS`), each rank writes only its own ``rank{r}.json`` and every other
+    file under ``out_dir`` is written by rank 0 alone or by Lightning's coordinated checkpoint
+    code, and each rank seeds its own generators."""
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     done = subprocess.run(
         [sys.executable, script, str(out_dir)], env=env, capture_output=True, text=True,
         timeout=timeout,

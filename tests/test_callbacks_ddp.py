@@ -37,7 +37,8 @@ def main(out_dir: str) -> None:
     detector = LossSpikeDetector(window=4)
 
     class Record(GradientBiasMonitor):
-        """Also keeps the per-step local loss and the grad-bias metrics of this rank."""
+        """Also keeps the per-step local loss and the grad-bias metrics of this rank (in class
+        attributes: safe, as each rank is its own process with one instance)."""
 
         local_losses, zetas = {}, {}
 
@@ -67,6 +68,7 @@ def main(out_dir: str) -> None:
 
 
 def test_ddp_ranks_switch_together(tmp_path):
+    # Two processes: what they share (port, tmp_path, seeds) is safe, see run_ranks.
     ranks = run_ranks(__file__, tmp_path)
     for r in ranks:
         assert r["spikes"] == [[6, "spike"]]

@@ -131,6 +131,9 @@ def main(out_dir: str) -> None:
 
 
 def _run(tmp_path) -> list[dict]:
+    # Two processes: what they share (port, tmp_path, seeds) is safe, see run_ranks; the
+    # checkpoint under tmp_path/ckpt is Lightning's distributed one, each rank its own shard
+    # files between barriers, and the resumed fit saves nothing (its steps 8, 9 are not 7k).
     return run_ranks(__file__, tmp_path)
 
 
@@ -193,6 +196,7 @@ dist.destroy_process_group()
 
 
 def test_sharding_other_than_fsdp2_is_refused_by_name():
+    # One process (world size 1) on a FileStore in a fresh temporary directory: no port.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-c", _TENSOR_PARALLEL],

@@ -13,6 +13,7 @@ import yaml
 
 from mxprobe.app.cli import main
 from mxprobe.record import read_events
+from tests.helpers_lightning import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "configs" / "llm_tiny_cpu.yaml"
@@ -98,12 +99,11 @@ def test_validate_subcommand_runs(tmp_path, capsys):
 
 
 def test_the_same_config_trains_on_two_cpu_processes_with_ddp(tmp_path):
-    # Lightning's DDP launcher starts the other rank by re-running this very command line.
+    # Lightning's DDP launcher starts the other rank by re-running this very command line. The
+    # two ranks share a rendezvous port picked free for this run (no MASTER_PORT passed on: see
+    # helpers_lightning.LAUNCHER_VARS), and the run directory, where rank 0 alone writes.
     config = _tiny_config(tmp_path, step_rule_at=2)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     command = [
         sys.executable,
         "-m",

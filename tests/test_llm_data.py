@@ -144,6 +144,8 @@ def test_ranks_share_one_global_batch_and_resume_continues_the_stream():
 
 
 def test_dataloader_workers_keep_the_batch_order():
+    # Two worker processes: batch i comes from its own numpy generator seeded (seed, i), not from
+    # any global generator, so which worker draws it does not matter.
     stream = TrainWindows(_tokens(), 16, 2, seed=0)
     loader = DataLoader(stream, batch_size=None, num_workers=2)
     got = [x for (x, _), _ in zip(loader, range(5), strict=False)]

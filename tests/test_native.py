@@ -100,7 +100,9 @@ def thread_source(request, monkeypatch):
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_threaded_large_tensors_and_non_contiguous_input(axis, threads, thread_source):
-    # Above PARALLEL_MIN_NUMEL the block-rows are split between threads mid-slice.
+    # Above PARALLEL_MIN_NUMEL the block-rows are split between threads mid-slice. The kernel's
+    # threads write disjoint ranges of one output; the process-wide settings changed here (torch's
+    # thread count, native._state) are put back, and no other test runs meanwhile.
     x = heavy_tailed(3, 300, 170, seed=3)
     assert x.numel() >= max(native.PARALLEL_MIN_NUMEL.values())
     old = torch.get_num_threads()

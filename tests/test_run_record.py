@@ -4,7 +4,6 @@ read from it: one run, every step once, outcomes that are true of the losses."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -26,7 +25,7 @@ from mxprobe.callbacks import (
 
 from mxprobe.app.report import build_report
 from mxprobe.record import RECORD_FILE, RecordError, RecordWriter, find_records
-from tests.helpers_lightning import TinyMx, trainer
+from tests.helpers_lightning import TinyMx, subprocess_env, trainer
 from tests.proxy_tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +217,7 @@ def _proxy_config(tmp_path, name: str, kill_at: int | None) -> Path:
 
 
 def _proxy_fit(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "mxprobe.app.cli", "proxy", "fit", f"--config={config}"]
     return subprocess.run([*command, *extra], env=env, capture_output=True, text=True, timeout=300)
 
