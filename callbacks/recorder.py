@@ -36,7 +36,9 @@ def loss_of(outputs: Any) -> torch.Tensor | None:
 
 
 def _schemes(pl_module: pl.LightningModule) -> str:
-    found = sorted({str(m.active_scheme()) for m in pl_module.modules() if isinstance(m, MxModule)})
+    """The distinct schemes of the MX modules (a module with none computes in full precision)."""
+    schemes = {m.active_scheme() for m in pl_module.modules() if isinstance(m, MxModule)}
+    found = sorted("full precision" if s is None else str(s) for s in schemes)
     return " | ".join(found) if found else "no MX module (full precision)"
 
 
