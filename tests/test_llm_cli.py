@@ -101,7 +101,8 @@ def test_validate_subcommand_runs(tmp_path, capsys):
 def test_the_same_config_trains_on_two_cpu_processes_with_ddp(tmp_path):
     # Lightning's DDP launcher starts the other rank by re-running this very command line. The
     # two ranks share a rendezvous port picked free for this run (no MASTER_PORT passed on: see
-    # helpers_lightning.LAUNCHER_VARS), and the run directory, where rank 0 alone writes.
+    # helpers_lightning.LAUNCHER_VARS), the run directory, where rank 0 alone writes, and the
+    # data cache, built by rank 0's prepare_data under a temporary name and renamed into place.
     config = _tiny_config(tmp_path, step_rule_at=2)
     env = subprocess_env(PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     command = [

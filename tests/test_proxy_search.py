@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args: str) -> dict:
     cmd = [sys.executable, "benchmarks/proxy_search.py", "--depth", "1", "--width", "32"]
     cmd += ["--batch-size", "16", "--eager", *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    # A bounded wait: a hung child fails this test instead of stalling the whole suite.
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
+    out = done.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
