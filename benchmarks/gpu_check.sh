@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one script, for a session that is lent a CUDA machine (DESIGN.md §8).
+# Every GPU check in one script, for a session that is lent a CUDA machine.
 # Installs nothing: it uses the machine's own python with torch + triton, and this checkout on
 # PYTHONPATH. Results go to $OUT (default ./gpu_out); the whole script stays under ~8 minutes.
 #   bash benchmarks/gpu_check.sh

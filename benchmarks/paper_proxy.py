@@ -1,7 +1,7 @@
 """The paper's proxy at the paper's scale, for one GPU: 5 seeds x (FP32, MX e4m3) and the two
 ablations that test its mechanism, in one table.
 
-Configuration (arXiv 2506.20752, DESIGN.md §7): L=4, d=512, batch 2048, Adam lr 6e-4 constant,
+Configuration (arXiv 2506.20752, docs/proxy.md): L=4, d=512, batch 2048, Adam lr 6e-4 constant,
 9000 steps; the paper reports FP32 stable and MX (e4m3 everywhere) diverging near step 5090.
 Ablations: MX with the layer-norm affine weights in fp32 (``mxfp8_e4m3,norm=fp32``: if the
 mechanism is the γ quantization, this should not diverge) and norm-only MX (``norm=e4m3``, all

@@ -2,7 +2,7 @@
 
 A module is converted by what it computes, not by its exact class:
 
-- ``linear``: a GEMM ``y = x W^T + b`` (all six operands of DESIGN.md §4). ``weight_layout``
+- ``linear``: a GEMM ``y = x W^T + b`` (all six operands of docs/numerics.md). ``weight_layout``
   says how ``W`` is stored: ``"out_in"`` (``nn.Linear``) or ``"in_out"`` (transformers'
   ``Conv1D``, which computes ``x @ W + b``).
 - ``norm``: a normalization times an affine weight γ, optionally plus a bias β. The library's

@@ -1,4 +1,4 @@
-"""Products of MX-quantized operands, on TF32 tensor cores where that is exact (DESIGN.md §3).
+"""Products of MX-quantized operands, on TF32 tensor cores where that is exact (docs/numerics.md).
 
 An MX value is an element with at most 8 significant bits (int8 7; e4m3 and e2m3 4; e5m2 and
 e3m2 3; e2m1 2) times an E8M0 scale 2^S, S in [-127, 127], stored in fp32. bf16 is the top half

@@ -8,7 +8,7 @@ switches the model to the implementation ``mxprobe_<base>`` (``base`` = the mode
 precision (``mx_scheme`` None, or inside ``full_precision``) it calls ``base``'s own function,
 so the model computes exactly what it did unconverted. Otherwise it computes
 ``softmax(Q Kᵀ · scaling + mask) V`` with both products MX-emulated (operands blocked along the
-contraction axis, DESIGN.md §4: Q along head_dim, Kᵀ along head_dim, P along keys, V along
+contraction axis, docs/numerics.md: Q along head_dim, Kᵀ along head_dim, P along keys, V along
 keys), the softmax in fp32 and cast back to the query dtype, as transformers' eager path does.
 transformers is imported only here, and only for a transformers model.
 """

@@ -6,7 +6,7 @@ The modules are the torch classes themselves with a different ``forward``: ``con
 ``state_dict`` keys are the very same objects. A precision switch is an attribute change
 (``module.mx_scheme = ...``); ``mx_scheme = None`` or ``mx_enabled = False`` means full precision.
 
-``MxLinear`` quantizes exactly the six GEMM operands of DESIGN.md §4 (X flattened to 2-D with
+``MxLinear`` quantizes exactly the six GEMM operands of docs/numerics.md (X flattened to 2-D with
 tokens on axis 0):
 
 - forward      ``Y  = Q_act(X, -1) @ Q_weight(W, -1)^T``

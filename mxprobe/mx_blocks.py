@@ -1,4 +1,4 @@
-"""The exact MX block numerics (DESIGN.md §3): the one internal block API of mxprobe.
+"""The exact MX block numerics (docs/numerics.md): the one internal block API of mxprobe.
 
 A tensor is viewed as blocks of ``block_size`` elements along ``axis`` (``to_blocks``, shaped
 (outer, nblocks, block_size, inner)); ``block_scale_exponent`` gives each block its E8M0 scale

@@ -1,6 +1,6 @@
 """The MX quantizer: one exact function that every part of mxprobe calls.
 
-``quantize_mx`` fake-quantizes a tensor (same shape and dtype out) following DESIGN.md §3:
+``quantize_mx`` fake-quantizes a tensor (same shape and dtype out) following docs/numerics.md:
 blocks of ``block_size`` elements along ``axis`` share an E8M0 power-of-two scale, elements are
 rounded to the element format, saturating. This module checks the arguments, picks the backend
 (the torch block numerics of ``mx_blocks``, compiled for large CPU tensors by

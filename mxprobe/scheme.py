@@ -1,6 +1,6 @@
 """Precision schemes: which format every tensor role of a module uses.
 
-A :class:`PrecisionScheme` gives one format per role (see DESIGN.md section 4): an MX element
+A :class:`PrecisionScheme` gives one format per role (docs/numerics.md): an MX element
 format (``fp8_e4m3`` ... ``int8``), ``bf16``/``fp16`` (elementwise rounding) or ``fp32``
 (untouched), plus the block size, scale mode, rounding and whether backprop is quantized.
 

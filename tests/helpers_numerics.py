@@ -102,7 +102,7 @@ def _short_blocks(fmt: str) -> list[list[float]]:
 
 
 def adversarial(fmt: str) -> torch.Tensor:
-    """fp32 rows of 32 (one block each) built around the traps of DESIGN.md §3."""
+    """fp32 rows of 32 (one block each) built around the traps of docs/numerics.md."""
     short = _short_blocks(fmt)
     filler = heavy_tailed(len(short), 32, seed=1) * 1e-3
     for row, values in zip(filler, short, strict=True):

@@ -1,7 +1,7 @@
 """An independent float64 reference of the MX quantizer, written only for the tests.
 
 It shares no code with ``mxprobe``: the element formats are its own table, copied from the OCP
-MX v1.0 values (DESIGN.md §3); each format's representable magnitudes are listed by decoding
+MX v1.0 values (docs/numerics.md); each format's representable magnitudes are listed by decoding
 every bit pattern; scale exponents come from ``math.frexp``; elements are rounded by searching
 that list (no step formula, no bit tricks).
 """
@@ -48,7 +48,7 @@ class ReferenceFormat:
         return values
 
 
-# OCP MX v1.0, section 5.3 (DESIGN.md §3): ebits, mbits, emax, max_norm, emin.
+# OCP MX v1.0, section 5.3 (docs/numerics.md): ebits, mbits, emax, max_norm, emin.
 REFERENCE_FORMATS = {
     "fp8_e4m3": ReferenceFormat(4, 3, 8, 448.0, -6),
     "fp8_e5m2": ReferenceFormat(5, 2, 15, 57344.0, -14),

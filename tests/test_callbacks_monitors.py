@@ -156,7 +156,7 @@ def test_activation_monitor_hooks_only_on_monitored_steps(tmp_path):
 
 def e4m3_sums_from_the_definition(x: torch.Tensor) -> torch.Tensor:
     """[elements, saturated, nonzero, underflowed, sum x^2, sum (x - q)^2] of x's e4m3 blocks
-    of 32 along the last axis (floor scale), from DESIGN.md §3 in float64."""
+    of 32 along the last axis (floor scale), from docs/numerics.md in float64."""
     f = reference_format("e4m3")
     blocks = x.double().reshape(-1, 32)
     _, e = torch.frexp(blocks.abs().amax(dim=1, keepdim=True))  # amax = m 2^e, m in [0.5, 1)

@@ -80,7 +80,7 @@ def test_literal_magnitudes():
     assert e5m2[-4:] == [32768.0, 40960.0, 49152.0, 57344.0]
     int8 = mx_format("int8").magnitudes()
     assert int8 == [k / 64 for k in range(128)] and int8[-1] == 1.984375
-    # Every element has at most mbits + 1 significant bits (DESIGN.md §3, exact in bf16).
+    # Every element has at most mbits + 1 significant bits (docs/numerics.md, exact in bf16).
     for name in PINNED:
         f = mx_format(name)
         for v in f.magnitudes()[1:]:

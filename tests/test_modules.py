@@ -1,4 +1,4 @@
-"""MX modules against the formulas of DESIGN.md §4, written out with explicit quantizer calls.
+"""MX modules against the formulas of docs/numerics.md, written out with explicit quantizer calls.
 
 Every comparison is exact (``torch.equal``): the modules promise to compute precisely these
 GEMMs on precisely these quantized operands, so any difference is a wrong role, axis or order.
@@ -52,7 +52,7 @@ def mx_linear_module(bias: bool, scheme: str) -> MxLinear:
 
 
 def linear_formulas(x2d, w, b, dy, s: PrecisionScheme):
-    """(Y, dX, dW, dB) of DESIGN.md §4 for 2-D ``x2d`` and ``dy``."""
+    """(Y, dX, dW, dB) of docs/numerics.md for 2-D ``x2d`` and ``dy``."""
     e = s.elementwise
     y = round_to(q(x2d, s.act, -1, s) @ q(w, s.weight, -1, s).t(), e)
     if b is not None:

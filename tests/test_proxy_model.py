@@ -1,4 +1,4 @@
-"""The proxy model, its data and its LightningModule against the paper (DESIGN.md §7)."""
+"""The proxy model, its data and its LightningModule against the paper (docs/proxy.md)."""
 
 import lightning.pytorch as pl
 import pytest

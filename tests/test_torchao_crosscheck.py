@@ -3,7 +3,7 @@
 torchao 0.18 dequantizes blocks whose E8M0 scale is below 2^-126 wrongly (byte 0 is the fp32
 subnormal 2^-127, which its ``byte << 23`` turns into 0), so those blocks are left out here
 rather than copying the bug. Where a value rounds past the dtype's range torchao returns Inf and
-mxprobe saturates at the largest finite value (DESIGN.md §3: never Inf).
+mxprobe saturates at the largest finite value (docs/numerics.md: never Inf).
 """
 
 import pytest
