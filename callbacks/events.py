@@ -28,9 +28,9 @@ from lightning.pytorch.callbacks import Callback
 from mxprobe.callbacks.recorder import RunRecorder
 
 
-def record_event(trainer: pl.Trainer, source: Callback, event: dict[str, Any]) -> None:
+def record_event(trainer: pl.Trainer, event: dict[str, Any]) -> None:
     """Keep ``event`` in the run's recorder (rank 0 writes it), stamped with the time."""
-    RunRecorder.of(trainer, source).event(trainer, {**event, "time": round(time.time(), 3)})
+    RunRecorder.of(trainer).event(trainer, {**event, "time": round(time.time(), 3)})
 
 
 def is_monitored_step(step: int, every_n_steps: int) -> bool:
@@ -39,8 +39,10 @@ def is_monitored_step(step: int, every_n_steps: int) -> bool:
 
 class PeriodicMonitor(Callback):
     """Base of the monitors that measure at every ``every_n_steps``-th optimizer step and
-    publish readings under ``mx/<monitor>/`` (:func:`mxprobe.names.monitor_prefix`)."""
+    publish readings under ``mx/<monitor>/`` (:func:`mxprobe.names.monitor_prefix`), with
+    ``monitor`` one of :data:`mxprobe.names.MONITORS`."""
 
+    monitor = ""
     every_n_steps = 1
 
     def measures(self, step: int) -> bool:
@@ -48,7 +50,8 @@ class PeriodicMonitor(Callback):
         return is_monitored_step(step, self.every_n_steps)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        RunRecorder.of(trainer, self)
+        # Rules check at on_fit_start that their monitor is here, subclasses included.
+        RunRecorder.of(trainer).monitors.add(self.monitor)
 
 
 def reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,8 @@ class GradientBiasMonitor(PeriodicMonitor):
         trainer = Trainer(callbacks=[GradientBiasMonitor(every_n_steps=50)])
     """
 
+    monitor = GRAD_BIAS
+
     def __init__(
         self, every_n_steps: int = 50, modules: str = "*", per_module: bool = True
     ) -> None:

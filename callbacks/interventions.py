@@ -152,7 +152,7 @@ class PrecisionIntervention(Callback):
         return self._store.snapshots
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._recorder = RunRecorder.of(trainer, self)
+        self._recorder = RunRecorder.of(trainer)
 
     def _check_sources(self) -> None:
         """Every rule's readings have a publisher (all callbacks' setup has run by now)."""
@@ -162,7 +162,7 @@ class PrecisionIntervention(Callback):
             if isinstance(trigger, MetricTrigger):
                 monitor = trigger.monitor
             needed = MONITOR_CALLBACKS.get(monitor)
-            if needed and needed not in self._recorder.sources:
+            if needed and monitor not in self._recorder.monitors:
                 what = "a spike trigger" if monitor == SPIKES else f"metric {trigger.name!r}"
                 raise MisconfigurationException(
                     f"rule {rule.name!r} has {what} but the Trainer has no {needed} callback; "
@@ -309,7 +309,7 @@ class PrecisionIntervention(Callback):
             }
             event.update(action.apply(context))
             self.timeline.append(event)
-            record_event(trainer, self, event)
+            record_event(trainer, event)
             rank_zero_info(
                 f"PrecisionIntervention: rule {rule.name!r} at step {step}: {action.kind}"
             )

@@ -162,6 +162,8 @@ class NormAffineMonitor(PeriodicMonitor):
         trainer = Trainer(callbacks=[NormAffineMonitor(every_n_steps=50)])
     """
 
+    monitor = NORM_AFFINE
+
     def __init__(
         self, every_n_steps: int = 50, reference_format: str | None = "e4m3", modules: str = "*"
     ) -> None:
@@ -282,6 +284,8 @@ class ActivationMonitor(PeriodicMonitor):
 
         trainer = Trainer(callbacks=[ActivationMonitor(every_n_steps=50)])
     """
+
+    monitor = ACTIVATIONS
 
     def __init__(
         self, every_n_steps: int = 50, modules: str = "*", reference_format: str | None = None

@@ -1,10 +1,10 @@
 """The run record's writer in a run: :class:`RunRecorder`, and the one place where the
 callbacks publish readings and events and read them back.
 
-Readings flow one way: a monitor publishes (:func:`publish`), the recorder keeps the newest
-readings and events in memory and writes them to the record (:mod:`mxprobe.record`) and to the
-user's loggers; the detector and the rules read from the recorder, never from
-``trainer.callback_metrics``.
+Readings flow one way: a monitor publishes (:func:`mxprobe.callbacks.events.publish`, which
+also sends them to the user's loggers); the recorder keeps the newest readings and events in
+memory and writes them to the record (:mod:`mxprobe.record`); the detector and the rules read
+from the recorder, never from ``trainer.callback_metrics``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,20 @@ def loss_of(outputs: Any) -> torch.Tensor | None:
     if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
         return outputs["loss"].detach()
     return None
+
+
+def mean_loss(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, losses: list[torch.Tensor]
+) -> float | None:
+    """The mean of one optimizer step's micro-batch losses over micro-batches and, under DDP,
+    ranks (one all-reduce; every rank must call it); ``None`` when there is none."""
+    if trainer.world_size == 1:
+        return sum(v.item() for v in losses) / len(losses) if losses else None
+    device = pl_module.device
+    total = torch.stack(losses).to(device).sum() if losses else torch.zeros((), device=device)
+    count = torch.tensor(float(len(losses)), device=device)
+    total, count = trainer.strategy.reduce(torch.stack([total, count]), reduce_op="sum").tolist()
+    return total / count if count else None
 
 
 def _schemes(pl_module: pl.LightningModule) -> str:
@@ -76,16 +90,17 @@ class RunRecorder(Callback):
         self._losses: list[torch.Tensor] = []
         self._step = 0
         self._rewind_listeners: list[Callable[[int], None]] = []
-        self.sources: set[str] = set()
+        self._warned_no_loss = False
+        self.monitors: set[str] = set()
+        """The monitors (``grad_bias``, ``spikes``, ...) whose callbacks publish here."""
 
     @property
     def state_key(self) -> str:
         return type(self).__qualname__
 
     @classmethod
-    def of(cls, trainer: pl.Trainer, source: Callback | None = None) -> RunRecorder:
-        """The trainer's recorder: the one in its callbacks, else a new one added to them.
-        ``source`` (an mxprobe callback) is noted as publishing to it."""
+    def of(cls, trainer: pl.Trainer) -> RunRecorder:
+        """The trainer's recorder: the one in its callbacks, else a new one added to them."""
         recorder = _RECORDERS.get(trainer)
         if recorder is None:
             found = [c for c in trainer.callbacks if isinstance(c, cls)]
@@ -95,8 +110,6 @@ class RunRecorder(Callback):
                 # and every later hook run as for one the user passed.
                 trainer.callbacks.append(recorder)
             _RECORDERS[trainer] = recorder
-        if source is not None:
-            recorder.sources.add(type(source).__name__)
         return recorder
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -111,8 +124,10 @@ class RunRecorder(Callback):
             self._writer = RecordWriter(self.path)
 
     def on_rewind(self, listener: Callable[[int], None]) -> None:
-        """Call ``listener(step)`` whenever a rewind restores the weights of ``step``."""
-        self._rewind_listeners.append(listener)
+        """Call ``listener(step)`` whenever a rewind restores the weights of ``step`` (once,
+        however many fits register it)."""
+        if listener not in self._rewind_listeners:
+            self._rewind_listeners.append(listener)
 
     def state_dict(self) -> dict[str, Any]:
         if self._writer is not None:
@@ -165,27 +180,20 @@ class RunRecorder(Callback):
         if trainer.global_step == self._step:
             return  # accumulating: the optimizer has not stepped yet
         step, self._step = self._step, trainer.global_step
-        loss_value = self._step_loss(trainer, pl_module)
+        loss_value = mean_loss(trainer, pl_module, self._losses)
         self._losses = []
+        if loss_value is None and not self._warned_no_loss:
+            self._warned_no_loss = True
+            rank_zero_warn(
+                f"RunRecorder: training_step returned no loss tensor at step {step} (neither a "
+                "tensor nor a mapping with 'loss', e.g. manual optimization): the run record "
+                "holds no training loss and the report cannot tell whether the run diverged"
+            )
         if self._writer is not None:
             if loss_value is not None:
                 self._writer.loss(step, loss_value)
             self._writer.meta(last_step=step)
             self._writer.commit()
-
-    def _step_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
-        """The step's loss averaged over micro-batches and, under DDP, ranks (every rank
-        takes part in the one all-reduce)."""
-        if trainer.world_size == 1:
-            count = len(self._losses)
-            return sum(v.item() for v in self._losses) / count if count else None
-        device = pl_module.device
-        total = torch.stack(self._losses).sum().to(device) if self._losses else None
-        total = torch.zeros((), device=device) if total is None else total
-        count = torch.tensor(float(len(self._losses)), device=device)
-        reduced = trainer.strategy.reduce(torch.stack([total, count]), reduce_op="sum")
-        total, count = reduced.tolist()
-        return total / count if count else None
 
     def publish(self, step: int, values: Mapping[str, float], record: bool = True) -> None:
         """Keep readings of optimizer step ``step`` (every rank) and record them (rank 0)."""

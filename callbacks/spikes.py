@@ -17,7 +17,7 @@ from mxprobe.callbacks.events import (
     record_event,
     reduce_sum,
 )
-from mxprobe.callbacks.recorder import RunRecorder, loss_of
+from mxprobe.callbacks.recorder import RunRecorder, loss_of, mean_loss
 from torch.optim import Optimizer
 
 from mxprobe.names import NONFINITE, SCALER_SKIP, SPIKE, SPIKES, TOTAL, metric
@@ -90,6 +90,8 @@ class LossSpikeDetector(PeriodicMonitor):
 
         trainer = Trainer(callbacks=[LossSpikeDetector(method="zscore", window=100)])
     """
+
+    monitor = SPIKES
 
     def __init__(
         self,
@@ -214,15 +216,7 @@ class LossSpikeDetector(PeriodicMonitor):
         Few torch ops: this runs every step, and each small op costs ~10 us there."""
         # Gradients are identical on every rank after DDP's all-reduce: no reduction needed.
         grad_norm = math.sqrt(sum(g.item() for g in self._grad_sq)) if self._grad_sq else None
-        if trainer.world_size == 1:
-            count = len(self._losses)
-            return (sum(v.item() for v in self._losses) / count if count else None), grad_norm
-        device = pl_module.device
-        losses = torch.stack(self._losses).to(device) if self._losses else None
-        loss_sum = losses.sum() if losses is not None else torch.zeros((), device=device)
-        count = torch.tensor(float(len(self._losses)), device=device)
-        loss_sum, count = reduce_sum(trainer, torch.stack([loss_sum, count])).tolist()
-        return (loss_sum / count if count else None), grad_norm
+        return mean_loss(trainer, pl_module, self._losses), grad_norm
 
     def _check(
         self, trainer: pl.Trainer, step: int, loss: float | None, grad_norm: float | None
@@ -296,7 +290,7 @@ class LossSpikeDetector(PeriodicMonitor):
             "source": type(self).__name__,
         }
         self.spikes = [*self.spikes[-(_KEPT_EVENTS - 1) :], event]
-        record_event(trainer, self, event)
+        record_event(trainer, event)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -272,3 +272,35 @@ def test_validate_alone_writes_no_record(tmp_path):
     module.validation_step = lambda batch, batch_idx: None
     trainer(tmp_path, 1, [RunRecorder()], limit_val_batches=1).validate(module)
     assert find_records(tmp_path) == []
+
+
+class ManualNoLoss(TinyMx):
+    """Manual optimization whose training_step steps the optimizer and returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(self.mse(batch))
+        optimizer.step()
+
+
+def test_a_run_whose_step_returns_no_loss_is_told_so(tmp_path):
+    module = ManualNoLoss()
+    with pytest.warns(UserWarning, match="returned no loss tensor at step 0"):
+        trainer(tmp_path, 3, [RunRecorder()]).fit(module)
+    assert read_record(tmp_path).losses == ([], [])
+
+
+def test_a_subclassed_monitor_serves_a_metric_rule(tmp_path):
+    class MyMonitor(GradientBiasMonitor):
+        pass
+
+    rule = {**_rule(99), "trigger": {"kind": "metric", "name": "mx/grad_bias/total/zeta",
+                                     "op": "<", "value": -1.0}}  # fmt: skip
+    callbacks = [MyMonitor(every_n_steps=2), PrecisionIntervention(rules=[rule])]
+    trainer(tmp_path, 4, callbacks).fit(TinyMx())  # not refused: its monitor is there
+    assert read_record(tmp_path).readings["mx/grad_bias/total/zeta"][0] == [0, 2]
