@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "sweep": ("sweep", "run an ablation grid of proxy runs (local processes or emitted commands)"),
     "llm": ("llm", "train / validate the OLMo-style byte-level LLM (LightningCLI)"),
     "report": ("report", "plots and report.md/report.html from run directories"),
+    "study": ("study", "the spike rule against rewind-only and placebo controls over many seeds"),
     "demo": ("demo", "the end-to-end demo: FP32 vs MX vs MX with automatic intervention"),
     "bench": ("bench", "quantizer throughput benchmark"),
 }

@@ -1,0 +1,116 @@
+"""``mxprobe study --config BASE.yaml --seeds 1-40 --out DIR [--jobs 2]``: the spike rule
+against its controls, five arms per seed from the same weights and batches
+(:mod:`mxprobe.app.study`); ``outcomes.csv``, ``rates.csv``, ``tests.csv`` and ``study.md``
+(:mod:`mxprobe.app.study_report`) are rebuilt after every cell. Rerunning the same command
+resumes: finished cells are skipped. ``--collect`` only rebuilds the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from mxprobe.app import study as st
+from mxprobe.app import study_report
+from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
+
+
+def _machine() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {model or 'cpu ?'}, {os.cpu_count()} cores"
+
+
+def run(argv: list[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="base LightningCLI YAML (the fp32/mx arms)")
+    parser.add_argument("--seeds", default="1-40", help="e.g. 1-40 or 1,2,5 (default 1-40)")
+    parser.add_argument("--arms", default=",".join(st.ARMS), help="comma-separated arms")
+    parser.add_argument(
+        "--rule",
+        action="append",
+        default=[],
+        metavar="ARM=FILE",
+        help="rule config of a rule arm (default: <base>_intervention.yaml, ... beside the base)",
+    )
+    parser.add_argument("--out", default="runs/study", help="output folder")
+    parser.add_argument("--jobs", type=int, default=2, help="cells trained at once (default 2)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra LightningCLI argument for every cell, e.g. trainer.max_steps=100",
+    )
+    parser.add_argument("--collect", action="store_true", help="only rebuild the tables")
+    parser.add_argument("--factor", type=float, default=DIVERGENCE_FACTOR)
+    parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
+    ns = parser.parse_args(argv)
+    try:
+        seeds = st.parse_seeds(ns.seeds)
+        arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
+        given = dict(item.split("=", 1) for item in ns.rule)
+        base = Path(ns.config)
+        configs = st.arm_configs(base, arms, st.rule_paths(base, arms, given))
+    except (ValueError, OSError) as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    out = Path(ns.out)
+    st.prepare(out, configs)
+    extra = [f"--{item}" for item in ns.set]
+    command = shlex.join(["mxprobe", "study", *argv])
+    machine = _machine()
+
+    def finished(cell: st.Cell) -> bool:
+        return st.is_finished(cell, extra)
+
+    def rebuild() -> None:
+        study_report.write(
+            out, study_report.load(out, arms, seeds, finished), command, machine, _write_csv
+        )
+
+    cells = [st.Cell(out, a, s) for s in seeds for a in arms]
+    pending = [c for c in cells if not finished(c)]
+    if ns.collect:
+        rebuild()
+        print(out / "study.md")
+        return 0
+    print(
+        f"{len(cells)} cells, {len(cells) - len(pending)} finished, {len(pending)} to run "
+        f"with {ns.jobs} job(s) -> {out}",
+        flush=True,
+    )
+    start = time.perf_counter()
+
+    def on_done(cell: st.Cell, result: dict | None, error: str | None) -> None:
+        if error:
+            print(
+                f"FAILED {cell.arm} seed {cell.seed}: {error} (log: {cell.run_dir}/stdout.log)",
+                flush=True,
+            )
+        else:
+            state = f"diverged at {result['divergence_step']}" if result["diverged"] else "ok"
+            print(f"done {cell.arm} seed {cell.seed}: {state} ({result['wall_s']} s)", flush=True)
+        rebuild()
+
+    rebuild()
+    failures = st.execute(pending, extra, ns.jobs, ns.factor, ns.patience, on_done)
+    print(f"{out / 'study.md'} ({time.perf_counter() - start:.0f} s, {failures} failed)")
+    return 1 if failures else 0
+
+
+def _write_csv(path, rows, columns):
+    from mxprobe.app.cli.proxy import write_csv
+
+    write_csv(path, rows, columns)

@@ -1,0 +1,283 @@
+"""A controlled study of the spike rule: five arms per seed, from the same initial weights on the
+same batches (model seed = data seed = ``seed_everything`` = the seed).
+
+- ``fp32``: full precision; ``mx``: ``mxfp8_e4m3``; both carry the rule configs' loss-spike
+  detector (it only watches), so their alarms are scored like the others'.
+- ``mx_intervention``: the rule (spike -> rewind -> layer-norm affine to bf16), from
+  ``<base>_intervention.yaml``; ``mx_rewind_only``: the same detector, rewind and counters, no
+  precision change (``<base>_rewind_only.yaml``); ``mx_placebo``: the same trigger and rewind
+  and a precision change of comparable size that leaves the norm-affine path in E4M3
+  (``<base>_placebo.yaml``; docs/study_placebo.md says why it is comparable).
+
+Each arm's full config is written to ``configs/<arm>.yaml`` under the output folder; a rule
+config must equal the base config apart from its callbacks (checked). A *cell* is one
+(arm, seed): it trains into ``runs/<arm>/seed<S>`` with :func:`mxprobe.app.cli.proxy.train_run`
+and writes ``cells/<arm>/seed<S>.json`` atomically when it ends. A cell is finished when that
+file exists and names the arm config's current hash, so a rerun skips finished cells and redoes
+cells whose arm config changed. Cells run ``jobs`` at a time, each in a fresh process with one
+thread: a fresh process compiles the student the way ``mxprobe proxy compare`` and ``mxprobe
+demo`` do, so a cell reproduces their runs step for step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+
+MX_SCHEME = "mxfp8_e4m3"
+# arm -> (model scheme, suffix of its rule config beside the base config; None: no rule)
+ARMS: dict[str, tuple[str, str | None]] = {
+    "fp32": ("fp32", None),
+    "mx": (MX_SCHEME, None),
+    "mx_intervention": (MX_SCHEME, "intervention"),
+    "mx_rewind_only": (MX_SCHEME, "rewind_only"),
+    "mx_placebo": (MX_SCHEME, "placebo"),
+}
+DETECTOR_CLASS = "mxprobe.callbacks.LossSpikeDetector"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"1-40"``, ``"1,2,5"`` or a mix (``"1-3,7"``) -> sorted distinct seeds."""
+    seeds: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                low, high = part.split("-", 1)
+                seeds.update(range(int(low), int(high) + 1))
+            elif part:
+                seeds.add(int(part))
+        except ValueError:
+            raise ValueError(f"bad seed list {text!r}; expected e.g. 1-40 or 1,2,5") from None
+    if not seeds:
+        raise ValueError(f"bad seed list {text!r}; it names no seed")
+    return sorted(seeds)
+
+
+def rule_paths(base: Path, arms: list[str], given: dict[str, Path] | None = None) -> dict:
+    """Each rule arm's config: ``given[arm]`` or ``<base stem>_<suffix>.yaml`` beside ``base``."""
+    paths = {}
+    for arm in arms:
+        suffix = ARMS[arm][1]
+        if suffix is not None:
+            paths[arm] = Path(
+                (given or {}).get(arm) or base.with_name(f"{base.stem}_{suffix}.yaml")
+            )
+    return paths
+
+
+def _without_callbacks(config: dict) -> dict:
+    config = copy.deepcopy(config)
+    config.get("trainer", {}).pop("callbacks", None)
+    config.pop("seed_everything", None)
+    return config
+
+
+def arm_configs(base: Path, arms: list[str], rules: dict[str, Path]) -> dict[str, dict]:
+    """The full LightningCLI config of every arm (seeds are set per cell).
+
+    Raises:
+        ValueError: an unknown arm, a missing rule config, a rule config that differs from the
+            base config outside its callbacks, or rule configs whose spike detectors differ.
+    """
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
+    base_config = yaml.safe_load(Path(base).read_text())
+    rule_callbacks, detectors = {}, {}
+    for arm, path in rules.items():
+        if not path.is_file():
+            raise ValueError(f"arm {arm}: rule config {path} not found")
+        config = yaml.safe_load(path.read_text())
+        if _without_callbacks(config) != _without_callbacks(base_config):
+            raise ValueError(
+                f"arm {arm}: {path} differs from {base} outside trainer.callbacks; a rule config "
+                "must be the base config plus its callbacks"
+            )
+        rule_callbacks[arm] = config["trainer"].get("callbacks") or []
+        detectors[arm] = [c for c in rule_callbacks[arm] if c.get("class_path") == DETECTOR_CLASS]
+    distinct = {json.dumps(d, sort_keys=True) for d in detectors.values()}
+    if len(distinct) > 1 or any(len(d) != 1 for d in detectors.values()):
+        raise ValueError(f"the rule configs must share one {DETECTOR_CLASS}; found {detectors}")
+    detector = next(iter(detectors.values()), None)
+    if detector is None and any(ARMS[a][1] is None for a in arms):
+        raise ValueError("the fp32/mx arms take their spike detector from a rule arm; name one")
+    out = {}
+    for arm in arms:
+        config = copy.deepcopy(base_config)
+        config["trainer"]["callbacks"] = copy.deepcopy(rule_callbacks.get(arm, detector))
+        config["model"]["scheme"] = ARMS[arm][0]
+        out[arm] = config
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (arm, seed) of a study whose output folder is ``out``."""
+
+    out: Path
+    arm: str
+    seed: int
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "runs" / self.arm / f"seed{self.seed}"
+
+    @property
+    def result_path(self) -> Path:
+        return self.out / "cells" / self.arm / f"seed{self.seed}.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.out / "configs" / f"{self.arm}.yaml"
+
+    def args(self, extra: list[str]) -> list[str]:
+        s = self.seed
+        return [f"--seed_everything={s}", f"--model.seed={s}", f"--data.seed={s}", *extra]
+
+    def result(self) -> dict | None:
+        try:
+            return json.loads(self.result_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def config_hash(path: Path, extra: list[str]) -> str:
+    text = path.read_bytes() + json.dumps(extra).encode()
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def is_finished(cell: Cell, extra: list[str]) -> bool:
+    result = cell.result()
+    return bool(result) and result.get("config_hash") == config_hash(cell.config_path, extra)
+
+
+def _code_version() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head
+
+
+def alarm_steps(run_dir: Path) -> tuple[list[int], int]:
+    """The steps of the detector's alarms in the run record, and the count of rule actions."""
+    from mxprobe.names import ACTION_KINDS, ALARM_KINDS, SCALER_SKIP
+    from mxprobe.record import find_records, read_events
+
+    records = find_records(run_dir)
+    events = read_events(records[0]) if records else []
+    alarms = [
+        int(e["step"])
+        for e in events
+        if e.get("kind") in ALARM_KINDS and e.get("kind") != SCALER_SKIP
+    ]
+    return alarms, sum(e.get("kind") in ACTION_KINDS for e in events)
+
+
+def train_cell(job: tuple) -> dict:
+    """Train one cell in this (fresh) process and write its result file atomically."""
+    import logging
+    import warnings
+
+    from mxprobe.app.cli.proxy import train_run  # Lightning from here
+
+    out, arm, seed, extra, factor, patience = job
+    cell = Cell(Path(out), arm, seed)
+    shutil.rmtree(cell.run_dir, ignore_errors=True)  # a killed cell's partial record goes
+    cell.run_dir.mkdir(parents=True)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module="lightning")
+    with (
+        open(cell.run_dir / "stdout.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        row = train_run(
+            str(cell.config_path),
+            str(cell.run_dir),
+            cell.args(extra),
+            True,
+            factor,
+            patience,
+            threads=1,
+        )
+    alarms, actions = alarm_steps(cell.run_dir)
+    result = {
+        "seed": seed,
+        "arm": arm,
+        **row,
+        "diverged": row["diverged"] == "true",
+        "divergence_step": row["divergence_step"] if row["divergence_step"] != "" else None,
+        "first_alarm_step": alarms[0] if alarms else None,
+        "alarm_steps": alarms,
+        "actions": actions,
+        "config_hash": config_hash(cell.config_path, extra),
+        "code": _code_version(),
+    }
+    cell.result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cell.result_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, cell.result_path)
+    return result
+
+
+def prepare(out: Path, configs: dict[str, dict]) -> None:
+    """Write each arm's config to ``configs/<arm>.yaml``, leaving unchanged files untouched."""
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for arm, config in configs.items():
+        path = out / "configs" / f"{arm}.yaml"
+        text = yaml.safe_dump(config, sort_keys=False)
+        if not path.is_file() or path.read_text() != text:
+            path.write_text(text)
+
+
+def execute(
+    cells: list[Cell],
+    extra: list[str],
+    jobs: int,
+    factor: float,
+    patience: int,
+    on_done: Callable[[Cell, dict | None, str | None], None],
+) -> int:
+    """Train the cells ``jobs`` at a time, each in a fresh process (one thread); ``on_done``
+    after each with its result or error. Returns the number of failed cells."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
+    failures = 0
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
+        futures = {
+            pool.submit(train_cell, (str(c.out), c.arm, c.seed, extra, factor, patience)): c
+            for c in cells
+        }
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = futures[future]
+                try:
+                    on_done(cell, future.result(), None)
+                except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
+                    failures += 1
+                    on_done(cell, None, f"{type(err).__name__}: {err}")
+    return failures

@@ -1,0 +1,292 @@
+"""A study's tables and ``study.md``, rebuilt from its cell results after every cell.
+
+- ``outcomes.csv``: one row per finished cell (:data:`OUTCOME_COLUMNS`).
+- ``rates.csv``: each arm's divergence rate over its finished seeds, 95 % Clopper–Pearson.
+- ``tests.csv``: each pair of arms, exact McNemar over the seeds both finished (paired: same
+  initial weights and batches).
+- ``study.md``: how far the study got, the rates, the rule's rescue rate among the seeds where
+  MX diverged against both controls, the tests, and the detector scored (lead time, false
+  alarms per 1000 steps on runs that never diverged).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from mxprobe.app.rates import TEST_COLUMNS, arm_tests, rate, rates
+
+OUTCOME_COLUMNS = (
+    "seed",
+    "arm",
+    "diverged",
+    "divergence_step",
+    "final_loss",
+    "min_loss",
+    "first_alarm_step",
+    "alarms",
+    "steps",
+    "actions",
+    "code",
+)
+RULE_ARM = "mx_intervention"
+CONTROLS = ("mx_rewind_only", "mx_placebo")
+SIGNIFICANCE = 0.05
+
+
+@dataclass
+class Study:
+    """The finished cells of a study: ``results[arm][seed]`` is a cell's result dict."""
+
+    arms: list[str]
+    seeds: list[int]
+    results: dict[str, dict[int, dict]]
+
+    def done(self, arm: str) -> list[int]:
+        return sorted(self.results.get(arm, {}))
+
+    @property
+    def complete_seeds(self) -> list[int]:
+        return [s for s in self.seeds if all(s in self.results.get(a, {}) for a in self.arms)]
+
+    def diverged(self, arm: str, seeds: list[int] | None = None) -> dict[str, bool]:
+        cells = self.results.get(arm, {})
+        return {str(s): bool(cells[s]["diverged"]) for s in (seeds or self.done(arm)) if s in cells}
+
+    def outcome_rows(self) -> list[dict]:
+        rows = []
+        for seed in self.seeds:
+            for arm in self.arms:
+                r = self.results.get(arm, {}).get(seed)
+                if r is not None:
+                    rows.append(
+                        {
+                            **{k: r.get(k) for k in OUTCOME_COLUMNS},
+                            "diverged": str(bool(r["diverged"])).lower(),
+                            "alarms": len(r.get("alarm_steps") or []),
+                        }
+                    )
+        return rows
+
+
+def paired_tests(study: Study, seeds: list[int] | None = None) -> list[dict]:
+    """Exact McNemar for every pair of arms over the seeds (of ``seeds``) both finished."""
+    rows = []
+    for i, a in enumerate(study.arms):
+        for b in study.arms[i + 1 :]:
+            common = [
+                s
+                for s in (seeds or study.seeds)
+                if s in study.results.get(a, {}) and s in study.results.get(b, {})
+            ]
+            if common:
+                rows += arm_tests({a: study.diverged(a, common), b: study.diverged(b, common)})
+    return rows
+
+
+def rescue(study: Study) -> tuple[list[int], list[tuple[str, object]], list[dict]]:
+    """The seeds where MX diverged and every rule arm finished; each rule arm's *averted* rate
+    there (did not diverge); the paired tests of the rule against each control on them."""
+    rule_arms = [a for a in (RULE_ARM, *CONTROLS) if a in study.arms]
+    seeds = [s for s, d in study.diverged("mx").items() if d]
+    seeds = [int(s) for s in seeds if all(int(s) in study.results.get(a, {}) for a in rule_arms)]
+    averted = []
+    for arm in rule_arms:
+        kept = sum(not d for d in study.diverged(arm, seeds).values())
+        averted.append((arm, rate(arm, kept, len(seeds))))
+    tests = [
+        t
+        for t in paired_tests(study, seeds)
+        if t["arm_a"] in rule_arms
+        and t["arm_b"] in rule_arms
+        and RULE_ARM in (t["arm_a"], t["arm_b"])
+    ]
+    return seeds, averted, tests
+
+
+def lead_times(study: Study, arm: str) -> tuple[list[int], int]:
+    """Lead times (divergence step minus first alarm step; positive: the alarm came first) of
+    the arm's diverged runs that alarmed, and how many diverged runs never alarmed."""
+    leads, silent = [], 0
+    for r in study.results.get(arm, {}).values():
+        if r["diverged"]:
+            if r.get("first_alarm_step") is None:
+                silent += 1
+            else:
+                leads.append(int(r["divergence_step"]) - int(r["first_alarm_step"]))
+    return sorted(leads), silent
+
+
+def false_alarms(study: Study, arm: str) -> tuple[int, int, int, int]:
+    """On the arm's runs that never diverged: runs, runs with an alarm, alarms, steps."""
+    clean = [r for r in study.results.get(arm, {}).values() if not r["diverged"]]
+    alarms = [len(r.get("alarm_steps") or []) for r in clean]
+    return len(clean), sum(a > 0 for a in alarms), sum(alarms), sum(int(r["steps"]) for r in clean)
+
+
+def _distribution(values: list[int]) -> str:
+    if not values:
+        return "none"
+    if len(values) < 4:
+        return ", ".join(map(str, values))
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (
+        f"median {q2:g}, quartiles {q1:g}–{q3:g}, range {values[0]}–{values[-1]}; "
+        f"all: {', '.join(map(str, values))}"
+    )
+
+
+def _cell_words(r: dict | None) -> str:
+    if r is None:
+        return "…"
+    if r["diverged"]:
+        return f"**div {r['divergence_step']}**"
+    return f"{r['final_loss']:.3g}"
+
+
+def render(study: Study, command: str, machine: str) -> str:
+    """``study.md``: every number computed from the cells."""
+    complete = study.complete_seeds
+    n = len(study.seeds)
+    done = ", ".join(f"{a} {len(study.done(a))}/{n}" for a in study.arms)
+    status = "complete" if len(complete) == n else "PARTIAL — still running or interrupted"
+    lines = [
+        "# Spike-rule study: MX divergence, the rule and its controls",
+        "",
+        f"**Status: {status}.** {len(complete)} of {n} seeds finished in all {len(study.arms)} "
+        f"arms; cells finished per arm: {done}. Rates below are over each arm's finished seeds; "
+        "tests and the rescue table over seeds finished in the arms compared.",
+        "",
+        f"- Command (rerun it to resume; finished cells are skipped): `{command}`",
+        f"- Machine: {machine}",
+        f"- Code: {_codes(study)} (git commit of each finished cell)",
+        "- Arms (configs/*.yaml here): `fp32`, `mx` (mxfp8_e4m3) carry the rules' spike detector "
+        "only; `mx_intervention` spike → rewind → norm affine to bf16; `mx_rewind_only` the same "
+        "without the precision change; `mx_placebo` the same trigger and rewind with the placebo "
+        "precision change (docs/study_placebo.md).",
+        "- Divergence: mxprobe.outcome (loss above 10× its running minimum for 500 consecutive "
+        "steps, or non-finite); a run stops at its divergence.",
+        "",
+        "## Divergence rates (95 % Clopper–Pearson)",
+        "",
+        "| arm | diverged / finished (95 % CI) |",
+        "|---|---|",
+    ]
+    arms = {a: study.diverged(a) for a in study.arms}
+    lines += [f"| {r.arm} | {r.words()} |" for r in rates(arms)]
+    seeds, averted, tests = rescue(study)
+    lines += ["", "## Rescue: seeds where MX diverged", ""]
+    if seeds:
+        lines.append(
+            f"Seeds where `mx` diverged and the rule arms finished: {len(seeds)} "
+            f"({', '.join(map(str, seeds))}). Share that did **not** diverge:"
+        )
+        lines += [""] + [f"- {arm}: {r.words()}" for arm, r in averted]
+        lines += ["", "Rule against each control on these seeds (exact McNemar):"]
+        lines += [""] + [_test_words(t) for t in tests]
+    else:
+        lines.append("No seed yet where `mx` diverged with every rule arm finished.")
+    lines += ["", "## Paired tests over all seeds (exact McNemar; tests.csv)", ""]
+    lines += [_test_words(t) for t in paired_tests(study)] or ["none yet"]
+    lines += _detector_lines(study)
+    lines += _verdict(study, averted, tests)
+    lines += ["", "## Per seed", "", "final loss, or the divergence step", ""]
+    lines += ["| seed | " + " | ".join(study.arms) + " |", "|---" * (len(study.arms) + 1) + "|"]
+    for s in study.seeds:
+        cells = [_cell_words(study.results.get(a, {}).get(s)) for a in study.arms]
+        if any(c != "…" for c in cells):
+            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _codes(study: Study) -> str:
+    codes = {str(r.get("code")) for cells in study.results.values() for r in cells.values()}
+    return ", ".join(sorted(codes)) or "none yet"
+
+
+def _test_words(t: dict) -> str:
+    return (
+        f"- {t['arm_a']} vs {t['arm_b']}: {t['a_diverged']} vs {t['b_diverged']} diverged of "
+        f"{t['n']}; diverged in {t['arm_a']} only {t['a_only']}, in {t['arm_b']} only "
+        f"{t['b_only']}; {t['test']} p = {t['p_value']:.4g}"
+    )
+
+
+def _detector_lines(study: Study) -> list[str]:
+    lines = [
+        "",
+        "## The detector scored",
+        "",
+        "Lead time = divergence step − first alarm step (positive: the alarm came first). "
+        "False alarms: alarms on runs that never diverged, per 1000 trained steps (in rule "
+        "arms each alarm also fired the rule).",
+        "",
+        "| arm | diverged runs: lead times | diverged, no alarm | never-diverged runs "
+        "(with an alarm) | alarms / 1000 steps on them |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in study.arms:
+        leads, silent = lead_times(study, arm)
+        runs, alarmed, alarms, steps = false_alarms(study, arm)
+        per_k = f"{1000 * alarms / steps:.3g} ({alarms} in {steps} steps)" if steps else "–"
+        lines.append(
+            f"| {arm} | {_distribution(leads)} | {silent} | {runs} ({alarmed}) | {per_k} |"
+        )
+    return lines
+
+
+def _verdict(study: Study, averted: list, tests: list[dict]) -> list[str]:
+    lines = ["", "## What holds and what does not (computed)", ""]
+    mx = study.diverged("mx")
+    fp = study.diverged("fp32")
+    if mx and fp:
+        pair = [t for t in paired_tests(study) if {t["arm_a"], t["arm_b"]} == {"fp32", "mx"}]
+        if pair:
+            t = pair[0]
+            verdict = "differ" if t["p_value"] < SIGNIFICANCE else "do not differ detectably"
+            lines.append(
+                f"- MX and FP32 divergence rates {verdict} on these seeds "
+                f"(p = {t['p_value']:.3g}, {t['n']} paired seeds)."
+            )
+    for t in tests:
+        other = t["arm_b"] if t["arm_a"] == RULE_ARM else t["arm_a"]
+        beats = t["p_value"] < SIGNIFICANCE
+        lines.append(
+            f"- Rule vs {other} on the MX-diverging seeds: "
+            + (
+                "the rule's advantage is significant"
+                if beats
+                else "no significant difference at this n"
+            )
+            + f" (p = {t['p_value']:.3g})."
+        )
+    if not tests:
+        lines.append("- Too few finished seeds to compare the rule with its controls.")
+    return lines
+
+
+def load(out: Path, arms: list[str], seeds: list[int], finished) -> Study:
+    """The finished cells (``finished(cell)``) of ``arms`` × ``seeds`` under ``out``."""
+    from mxprobe.app.study import Cell
+
+    results: dict[str, dict[int, dict]] = {}
+    for arm in arms:
+        for seed in seeds:
+            cell = Cell(out, arm, seed)
+            if finished(cell):
+                results.setdefault(arm, {})[seed] = cell.result()
+    return Study(list(arms), list(seeds), results)
+
+
+def write(out: Path, study: Study, command: str, machine: str, write_csv) -> None:
+    """outcomes.csv, rates.csv, tests.csv and study.md in ``out`` (tables atomically)."""
+    from mxprobe.app.rates import RATE_COLUMNS
+
+    write_csv(out / "outcomes.csv", study.outcome_rows(), OUTCOME_COLUMNS)
+    arms = {a: study.diverged(a) for a in study.arms}
+    write_csv(out / "rates.csv", [r.row() for r in rates(arms)], RATE_COLUMNS)
+    write_csv(out / "tests.csv", paired_tests(study), TEST_COLUMNS)
+    tmp = out / "study.md.tmp"
+    tmp.write_text(render(study, command, machine))
+    tmp.replace(out / "study.md")
