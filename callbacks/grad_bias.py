@@ -3,7 +3,6 @@ batch."""
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +27,7 @@ from mxprobe import full_precision
 from mxprobe.convert import named_modules
 from mxprobe.modules import MxModule
 from mxprobe.names import GRAD_BIAS, TOTAL, TOTAL_LINEARS, TOTAL_NORMS, metric
+from mxprobe.scheme import matches_glob
 from mxprobe.stats import gradient_comparison, gradient_sums
 
 COMPUTE_LOSS_PROTOCOL = (
@@ -285,7 +285,7 @@ class GradientBiasMonitor(PeriodicMonitor):
         stats = {}
         if self.per_module:
             for name, sums in per_module.items():
-                if fnmatch.fnmatchcase(name, self.modules):
+                if matches_glob(name, self.modules):
                     for stat, v in gradient_comparison(sums).items():
                         stats[metric(GRAD_BIAS, name, stat)] = v
         total = torch.stack(list(per_module.values())).sum(0)

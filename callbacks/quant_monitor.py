@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any
 
 import lightning.pytorch as pl
@@ -24,7 +23,7 @@ from mxprobe.formats import canonical_format, is_mx
 from mxprobe.modules import MxModule
 from mxprobe.names import ACTIVATIONS, NORM_AFFINE, metric
 from mxprobe.quantize import quantize_mx
-from mxprobe.scheme import PrecisionScheme
+from mxprobe.scheme import PrecisionScheme, matches_glob
 from mxprobe.stats import (
     binade_shares,
     block_max_exponents,
@@ -55,7 +54,7 @@ def _matching(pl_module: nn.Module, kind, pattern: str) -> list[tuple[str, nn.Mo
     return [
         (name, m)
         for name, m in named_modules(pl_module)
-        if kind(m) and fnmatch.fnmatchcase(name, pattern)
+        if kind(m) and matches_glob(name, pattern)
     ]
 
 

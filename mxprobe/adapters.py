@@ -15,12 +15,26 @@ A module is converted by what it computes, not by its exact class:
   module at conversion (two probe forwards), so a norm that is not a normalization times
   ``offset + w`` is refused instead of being emulated wrongly.
 - ``activation``: an elementwise nonlinearity, input and output rounded by ``elementwise``.
+- ``experts``: a mixture-of-experts layer in transformers' layout (3-D expert weights behind its
+  experts interface), every expert GEMM emulated per expert (:mod:`mxprobe.experts`).
+- ``router``: a module computing ``F.linear(x, self.weight[, self.bias])`` in its own forward
+  (an MoE router): that GEMM emulated (:mod:`mxprobe.products`); **full precision unless an
+  override names it**, as MX recipes keep routers in high precision.
+- ``attention``: a module computing QKᵀ and PV itself (``matmul``/``bmm``/``baddbmm`` or
+  ``F.scaled_dot_product_attention``): given ``mx_qk``/``mx_pv`` products, its own forward runs
+  with those products MX-emulated (:mod:`mxprobe.products`).
+
+A class registered as ``linear`` or ``norm`` is checked on each module at conversion with probe
+forwards against its own forward, and refused with the reason when it does not compute what
+its kind says (``convert`` then leaves the model unchanged).
 
 Built in: ``nn.Linear`` (and subclasses that keep its ``forward``), ``nn.LayerNorm``,
-``nn.RMSNorm``, ``nn.GELU``, ``nn.ReLU``, ``nn.SiLU`` and their subclasses; transformers'
-``Conv1D``; every ``*RMSNorm`` / ``*LayerNorm`` class of transformers, timm and litgpt; the
-activation classes of ``transformers.activations`` and ``timm.layers.activations``. None of
-those libraries is imported: classes are matched by their qualified names.
+``nn.RMSNorm``, torch's elementwise activation modules (``nn.GELU``, ``nn.ReLU``, ``nn.SiLU``,
+``nn.Tanh``, ``nn.Sigmoid``...) and their subclasses; transformers' ``Conv1D``; every
+``*RMSNorm`` / ``*LayerNorm`` class of transformers, timm and litgpt; the activation classes of
+``transformers.activations`` and ``timm.layers.activations`` and Bloom's ``BloomGelu``;
+transformers' experts modules and ``*Router`` classes; Bloom's attention. None of those
+libraries is imported: classes are matched by their qualified names.
 
 Register your own class in one call, e.g.
 ``mxprobe.register_adapter(MyNorm, "norm")`` or ``register_adapter("mylib.layers.Dense",
@@ -37,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mxprobe.experts import MxExpertsAdapter, has_experts_layout, is_hf_experts
 from mxprobe.modules import (
     GEMM_ROLES,
     MX_CLASS_OF,
@@ -47,13 +62,21 @@ from mxprobe.modules import (
     quantize_role,
     round_elementwise,
 )
+from mxprobe.products import run_scoped
+from mxprobe.scheme import PrecisionScheme
 
-KINDS = ("linear", "norm", "activation")
+KINDS = ("linear", "norm", "activation", "experts", "router", "attention")
 WEIGHT_LAYOUTS = ("out_in", "in_out")
 # Libraries whose norm and activation classes are recognised by name (never imported here).
 _LIBRARIES = ("transformers", "timm", "litgpt")
 _NORM_NAME = re.compile(r"(RMS|Layer)Norm$")
 _ACTIVATION_MODULES = ("transformers.activations", "timm.layers.activations")
+_ROUTER_NAME = re.compile(r"Router$")
+# torch's elementwise activation modules beyond the three with their own twins in modules.py.
+_TORCH_ACTIVATIONS = (
+    nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign, nn.Tanhshrink,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,7 +105,9 @@ def register_adapter(cls: type | str, kind: str, *, weight_layout: str = "out_in
 
     ``kind`` is ``"linear"`` (``weight`` [+ ``bias``] parameters, ``weight_layout`` ``"out_in"``
     as ``nn.Linear`` or ``"in_out"``), ``"norm"`` (a ``weight`` γ [+ ``bias`` β] used as
-    ``normalize(x) * (offset + weight) + bias``) or ``"activation"`` (elementwise).
+    ``normalize(x) * (offset + weight) + bias``), ``"activation"`` (elementwise), ``"experts"``,
+    ``"router"`` or ``"attention"`` (see the module docstring). ``convert`` checks each module
+    of a registered class against its kind and refuses one that does not fit, with the reason.
     A linear subclass that overrides ``forward`` is not converted (its own computation would be
     lost); register the subclass itself to have it replaced by the MX GEMM.
     """
@@ -116,6 +141,10 @@ def adapter_for(module: nn.Module) -> tuple[Adapter | None, str]:
     library = cls.__module__.split(".")[0]
     if library in _LIBRARIES and _NORM_NAME.search(cls.__name__):
         return Adapter("norm"), ""
+    if is_hf_experts(module):
+        return Adapter("experts"), ""
+    if library == "transformers" and _ROUTER_NAME.search(cls.__name__):
+        return Adapter("router"), ""
     if cls.__module__.startswith(_ACTIVATION_MODULES):
         return Adapter("activation"), ""
     return None, _unsupported_reason(module)
@@ -210,11 +239,37 @@ class MxNormAdapter(MxModule):
         return round_elementwise(y, scheme)
 
 
+class MxRouterAdapter(MxModule):
+    """Mixin for a module whose own forward computes ``F.linear(x, self.weight[, self.bias])``
+    among other things (an MoE router): that GEMM MX-emulated, the rest its own code. Full
+    precision unless an override names it (``mx_full_precision_by_default``)."""
+
+    mx_roles = GEMM_ROLES
+    mx_param_roles = {"weight": ("weight", -1), "bias": ("elementwise", -1)}
+    mx_full_precision_by_default = True
+
+    def forward(self, *args, **kwargs):
+        return run_scoped(self, super().forward, *args, **kwargs)
+
+
+class MxAttentionAdapter(MxModule):
+    """Mixin for an attention module computing its products itself: its own forward, with QKᵀ and
+    PV through its ``mx_qk``/``mx_pv`` children (``convert`` adds them)."""
+
+    mx_roles = ()
+
+    def forward(self, *args, **kwargs):
+        return run_scoped(self, super().forward, *args, **kwargs)
+
+
 _MIXINS = {
     ("linear", "out_in"): MxLinearOutIn,
     ("linear", "in_out"): MxLinearInOut,
     ("norm", "out_in"): MxNormAdapter,
     ("activation", "out_in"): MxActivation,
+    ("experts", "out_in"): MxExpertsAdapter,
+    ("router", "out_in"): MxRouterAdapter,
+    ("attention", "out_in"): MxAttentionAdapter,
 }
 _TWINS: dict[type, type] = {}
 
@@ -273,6 +328,63 @@ def probe_weight_offset(module: nn.Module) -> float:
     )
 
 
+def probe_linear(module: nn.Module, adapter: Adapter) -> None:
+    """Check that ``module``, registered as a linear, computes ``x W^T + b`` (``x W + b`` for
+    ``in_out``): its own forward against the MX GEMM in fp32 on a probe input. Raises
+    ``ValueError`` naming the class and what does not fit."""
+    name = _qualified(type(module))
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"{name} is registered as a linear but has no 2-D 'weight' parameter; register it "
+            f"as one of {KINDS} that fits, or leave it out"
+        )
+    if weight.is_meta:
+        return
+    w = weight if adapter.weight_layout == "out_in" else weight.t()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((3, w.shape[1]), generator=gen).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            own = type(module).forward(module, x)
+            mx = mx_linear(x, w, getattr(module, "bias", None), PrecisionScheme())
+        fits = isinstance(own, torch.Tensor) and own.shape == mx.shape
+        fits = fits and torch.allclose(own, mx, rtol=1e-4, atol=1e-5)
+        why = "its forward on one input tensor is not x @ W^T + b"
+    except Exception as exc:  # noqa: BLE001 - any failure of the probe means it does not fit
+        fits, why = False, f"its forward fails on one input tensor ({type(exc).__name__}: {exc})"
+    if not fits:
+        raise ValueError(
+            f"{name} is registered as a linear, but {why}; convert cannot emulate it as one "
+            f"(kinds: {KINDS}); the model is unchanged"
+        )
+
+
+def check_fits(module: nn.Module, adapter: Adapter) -> float:
+    """Check ``module`` against the kind it is converted as; return a norm's weight offset.
+
+    Raises ``ValueError`` naming the class and what does not fit its kind."""
+    name = _qualified(type(module))
+    if adapter.kind == "norm":
+        return probe_weight_offset(module) if type(module) not in MX_CLASS_OF else 0.0
+    if adapter.kind == "linear" and type(module) not in MX_CLASS_OF:
+        probe_linear(module, adapter)
+    elif adapter.kind == "experts" and not has_experts_layout(module):
+        raise ValueError(
+            f"{name} is registered as experts, but it lacks transformers' experts layout "
+            "(3-D down_proj, has_gate/has_bias/is_transposed/num_experts); convert cannot "
+            "emulate it; the model is unchanged"
+        )
+    elif adapter.kind == "router":
+        weight = module._parameters.get("weight")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(
+                f"{name} is registered as a router but has no 2-D 'weight' parameter; the "
+                "model is unchanged"
+            )
+    return 0.0
+
+
 def register_builtins() -> None:
     for cls in MX_CLASS_OF:
         kind = (
@@ -283,7 +395,11 @@ def register_builtins() -> None:
             else "activation"
         )
         register_adapter(cls, kind)
+    for cls in _TORCH_ACTIVATIONS:
+        register_adapter(cls, "activation")
     register_adapter("transformers.pytorch_utils.Conv1D", "linear", weight_layout="in_out")
+    register_adapter("transformers.models.bloom.modeling_bloom.BloomGelu", "activation")
+    register_adapter("transformers.models.bloom.modeling_bloom.BloomAttention", "attention")
 
 
 register_builtins()

@@ -27,7 +27,7 @@ and norms are emulated in eval mode too. Build attention from ``nn.Linear`` + ``
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from torch import nn
 
 from mxprobe import hf_attention
-from mxprobe.adapters import MX_CLASS_OF, adapter_for, probe_weight_offset, twin_class
+from mxprobe.adapters import adapter_for, check_fits, twin_class
 from mxprobe.formats import is_mx
 from mxprobe.modules import MxMatmul, MxModule, role_quantizer, snap_parameters
 from mxprobe.scheme import (
     BACKWARD_ROLES,
     ROLES,
     PrecisionScheme,
+    matches_glob,
     named_roles,
     parse_scheme,
     resolve_scheme,
@@ -102,20 +103,49 @@ def _holds_parameters(module: nn.Module) -> bool:
     return any(p is not None for p in module._parameters.values())
 
 
+_ROUTERS_KEPT = (
+    "MoE routers: kept in full precision by default, as MX recipes do; an override naming them "
+    "(e.g. {'*.router': 'mxfp8_e4m3'}) emulates their GEMM"
+)
+# Parameter-free classes that look like activations: named when left in full precision.
+_ACTIVATION_NAME = re.compile(r"Gelu|GELU|Activation|Tanh|Sigmoid|Swish|ReLU|Relu|SiLU|Silu")
+# What convert may set on a module: restored when a conversion fails halfway.
+_CONVERT_ATTRS = ("mx_scheme", "mx_enabled", "mx_weight_offset", "activation_relu_or_gelu")
+
+
 def convert(
     model: nn.Module, scheme: str | PrecisionScheme, overrides: Overrides = None
 ) -> nn.Module:
     """Make ``model`` MX-emulated in place under ``scheme`` (+ per-layer ``overrides``).
 
-    Returns the same model object. Warns (``UserWarning``) naming every parameter-holding
-    module left in full precision and why. Raises ``ValueError`` for a bad scheme, an override
-    that matches no MX module, or a norm whose forward is not a normalization times its weight.
+    Returns the same model object. Warns (``UserWarning``) naming every parameter-holding or
+    activation-like module left in full precision and why, and the MoE routers kept in full
+    precision. All or nothing: when it raises (``ValueError`` for a bad scheme, an override
+    that matches no MX module, a module that does not fit the kind its class is registered
+    as), the model is left exactly as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects a torch.nn.Module, got {type(model).__name__}")
     base = parse_scheme(scheme)
     validate_overrides(overrides)
+    snapshot = _snapshot(model)
+    try:
+        left = _convert_modules(model)
+        _apply(model, base, overrides)
+    except BaseException:
+        _restore(model, snapshot)
+        raise
+    routers = [n for n, m in _mx_modules(model) if _router_kept(n, m, overrides)]
+    if left or routers:
+        warnings.warn(_left_message(left, routers), UserWarning, stacklevel=2)
+    return model
+
+
+def _convert_modules(model: nn.Module) -> dict[str, str]:
+    """Give every module its MX class; {name: reason} of those left in full precision."""
     attention = _attention_names(model)
     left: dict[str, str] = {}
-    for name, module in named_modules(model):
+    for name, module in list(named_modules(model)):
         if isinstance(module, nn.TransformerEncoderLayer):
             # Its eval/no_grad fast path reads linear and norm weights directly, skipping our
             # forwards; the fast path is only taken when this flag is set.
@@ -124,46 +154,89 @@ def convert(
             continue
         adapter, reason = _adapter(name, module, attention)
         if adapter is None:
-            if _holds_parameters(module):
+            if _holds_parameters(module) or _activation_like(module):
                 left[name] = reason
             continue
-        twin = twin_class(type(module), adapter)
-        # torch's own norms multiply by the weight itself; a library's norm is measured.
-        measure = adapter.kind == "norm" and type(module) not in MX_CLASS_OF
-        offset = probe_weight_offset(module) if measure else 0.0
-        module.__class__ = twin
+        offset = check_fits(module, adapter)
+        module.__class__ = twin_class(type(module), adapter)
         if offset:
             module.mx_weight_offset = offset
+        if adapter.kind == "attention" and not isinstance(getattr(module, "mx_qk", None), MxMatmul):
+            module.mx_qk = MxMatmul()
+            module.mx_pv = MxMatmul()
     if hf_attention.is_transformers_model(model):
         hf_attention.install(model)
     left.update(dict.fromkeys(unemulated_attention(model), _ATTENTION_LEFT))
-    _apply(model, base, overrides)
-    if left:
-        warnings.warn(_left_message(left), UserWarning, stacklevel=2)
-    return model
+    return left
 
 
-def _left_message(left: dict[str, str]) -> str:
+def _activation_like(module: nn.Module) -> bool:
+    return next(module.children(), None) is None and bool(
+        _ACTIVATION_NAME.search(type(module).__name__)
+    )
+
+
+def _snapshot(model: nn.Module) -> tuple[list, object]:
+    modules = [
+        (
+            m,
+            m.__class__,
+            {k: m.__dict__[k] for k in _CONVERT_ATTRS if k in m.__dict__},
+            dict(m._modules),
+        )
+        for m in model.modules()
+    ]
+    config = getattr(model, "config", None)
+    return modules, getattr(config, "_attn_implementation", None)
+
+
+def _restore(model: nn.Module, snapshot: tuple[list, object]) -> None:
+    modules, attention = snapshot
+    for module, cls, attrs, children in modules:
+        module.__class__ = cls
+        for key in _CONVERT_ATTRS:
+            module.__dict__.pop(key, None)
+        module.__dict__.update(attrs)
+        module._modules.clear()
+        module._modules.update(children)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "_attn_implementation", None) != attention:
+        model.set_attn_implementation(attention)
+
+
+def _left_message(left: dict[str, str], routers: list[str]) -> str:
     by_reason: dict[str, list[str]] = {}
     for name, reason in left.items():
         by_reason.setdefault(reason, []).append(name or "<root>")
-    lines = [f"mxprobe.convert left {len(left)} parameter-holding module(s) in full precision:"]
+    if routers:
+        by_reason[_ROUTERS_KEPT] = routers
+    count = len(left) + len(routers)
+    lines = [f"mxprobe.convert left {count} module(s) in full precision:"]
     for reason, names in by_reason.items():
         shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
         lines.append(f"  - {shown}: {reason}")
     return "\n".join(lines)
 
 
+def _router_kept(name: str, module: MxModule, overrides: Overrides) -> bool:
+    """A router left at its default (full precision): no override names it."""
+    return getattr(module, "mx_full_precision_by_default", False) and not any(
+        matches_glob(name, pattern) for pattern in overrides or {}
+    )
+
+
 def _apply(model: nn.Module, base: PrecisionScheme, overrides: Overrides) -> int:
     modules = list(_mx_modules(model))
     for pattern in overrides or {}:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in modules):
+        if not any(matches_glob(name, pattern) for name, _ in modules):
             raise ValueError(
                 f"override {pattern!r} matches no MX module (names: "
                 f"{[n for n, _ in modules][:8]}); fix the glob or drop the override"
             )
     for name, module in modules:
-        module.mx_scheme = resolve_scheme(name, base, overrides)
+        # A router follows the base scheme only when an override names it.
+        here = PrecisionScheme() if _router_kept(name, module, overrides) else base
+        module.mx_scheme = resolve_scheme(name, here, overrides)
     return len(modules)
 
 
@@ -235,7 +308,7 @@ def check_scheme_change(
     ``snap`` would snap a parameter rounded stochastically (what rules check at setup, before
     a run relies on them)."""
     PrecisionScheme().amend(change)  # a malformed change fails here, naming the bad item
-    matched = [(n, m) for n, m in _mx_modules(model) if fnmatch.fnmatchcase(n, modules)]
+    matched = [(n, m) for n, m in _mx_modules(model) if matches_glob(n, modules)]
     if not matched:
         names = module_names(model)[:10] or "none (call mxprobe.convert first)"
         raise ValueError(f"no MX module matches {modules!r}; MX modules: {names}")

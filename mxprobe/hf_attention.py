@@ -20,12 +20,11 @@ import sys
 import torch
 from torch import nn
 
-from mxprobe.modules import MxMatmul, mx_matmul
+from mxprobe.modules import MxMatmul
+from mxprobe.products import ProductScope
 
 PREFIX = "mxprobe_"
 BASES = ("sdpa", "eager")
-# kwargs that change the attention math in ways the MX path does not reproduce.
-_UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -71,80 +70,60 @@ def install(model: nn.Module) -> list[str]:
     return [n for n, _ in modules]
 
 
+def _eager_function(module: nn.Module):
+    """The model's own eager attention function (what its attention module calls by default)."""
+    function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise ValueError(
+            f"{type(module).__name__} ({type(module).__module__}) defines no "
+            "eager_attention_forward, so mxprobe cannot run its attention math with MX products; "
+            "convert with overrides that leave this attention in full precision"
+        )
+    return function
+
+
 def _base_function(base: str, module: nn.Module):
     if base == "sdpa":
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward
-    # The eager function is each model's own (transformers passes it as the default).
-    return sys.modules[type(module).__module__].eager_attention_forward
+    return _eager_function(module)
 
 
-def _mx_attention(
-    base,
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    dropout=0.0,
-    is_causal=None,
-    **kwargs,
-):
+def _mx_attention(base, module, query, key, value, attention_mask, is_causal=None, **kwargs):
     qk, pv = getattr(module, "mx_qk", None), getattr(module, "mx_pv", None)
     if qk is None or pv is None:
         raise RuntimeError(
             f"{type(module).__name__} runs mxprobe attention but has no mx_qk/mx_pv products: "
             "call mxprobe.convert on the whole model"
         )
-    qk_scheme, pv_scheme = qk.active_scheme(), pv.active_scheme()
-    if qk_scheme is None and pv_scheme is None:
+    if qk.active_scheme() is None and pv.active_scheme() is None:
+        extra = {"is_causal": is_causal} if base == "sdpa" else {}
         return _base_function(base, module)(
-            module,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=scaling,
-            dropout=dropout,
-            **({"is_causal": is_causal} if base == "sdpa" else {}),
-            **kwargs,
+            module, query, key, value, attention_mask, **extra, **kwargs
         )
-    bad = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
-    if bad:
-        raise NotImplementedError(
-            f"{type(module).__name__}: MX attention products do not support {bad}; leave this "
-            "model's attention in full precision"
-        )
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = mx_matmul(query, key.transpose(-1, -2), qk_scheme) * scaling
-    scores = _masked(scores, attention_mask, module, is_causal)
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = mx_matmul(probs, value, pv_scheme)
-    return out.transpose(1, 2).contiguous(), probs
+    # The model's own eager math (its scaling, position bias, sinks, soft-capping, grouped
+    # heads), with its two matmuls routed through mx_qk and mx_pv.
+    mask = _additive_mask(attention_mask, query, key, module, is_causal)
+    with ProductScope(module, [qk, pv]):
+        return _eager_function(module)(module, query, key, value, mask, **kwargs)
 
 
-def _masked(scores, attention_mask, module, is_causal) -> torch.Tensor:
-    """``scores`` with the mask applied as the base implementation would: an additive float
-    mask, a boolean mask (True = attend), or none with sdpa's causal rule."""
-    lowest = torch.finfo(scores.dtype).min
+def _additive_mask(attention_mask, query, key, module, is_causal) -> torch.Tensor | None:
+    """The mask the eager function expects (additive, float) for what the base was given: a
+    boolean mask (True = attend), a float mask, or none with sdpa's causal rule."""
+    lowest = torch.finfo(query.dtype).min
     if attention_mask is not None:
-        mask = attention_mask[..., : scores.shape[-1]]
+        mask = attention_mask[..., : key.shape[-2]]
         if mask.dtype == torch.bool:
-            return scores.masked_fill(~mask, lowest)
-        return scores + mask
+            return torch.zeros((), dtype=query.dtype, device=mask.device).masked_fill(~mask, lowest)
+        return mask
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-    if causal and scores.shape[-2] > 1:
-        q_len, k_len = scores.shape[-2:]
-        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril()
-        return scores.masked_fill(~keep, lowest)
-    return scores
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    if not (causal and q_len > 1):
+        return None
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()
+    return torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(~keep, lowest)
 
 
 def _sdpa(*args, **kwargs):

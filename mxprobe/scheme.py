@@ -421,6 +421,17 @@ def parse_scheme(text_or_scheme: str | PrecisionScheme) -> PrecisionScheme:
     return PrecisionScheme.parse(text_or_scheme)
 
 
+def matches_glob(name: str, pattern: str) -> bool:
+    """Whether the qualified module name ``name`` matches the glob ``pattern``: the one rule for
+    override globs, ``amend_scheme``/rule ``modules`` and the monitors' ``modules``.
+
+    ``fnmatch.fnmatchcase`` on the dotted name (case-sensitive; ``*`` also crosses dots), and a
+    glob with a leading ``*.`` also matches a top-level module: ``"*.lm_head"`` matches
+    ``lm_head`` as well as ``model.decoder.lm_head``, as users expect from dotted paths.
+    """
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase("." + name, pattern)
+
+
 def resolve_scheme(
     name: str,
     base: PrecisionScheme,
@@ -428,14 +439,12 @@ def resolve_scheme(
 ) -> PrecisionScheme:
     """The scheme of the module with qualified name ``name``.
 
-    The first glob of ``overrides`` (in order, matched case-sensitively with
-    ``fnmatch.fnmatchcase``) that matches ``name`` decides: a scheme is used as is, a string
-    amends ``base`` (so a partial override follows later changes of the base scheme). No match
-    gives ``base``. A glob with a leading ``*.`` also matches a top-level module
-    (``"*.lm_head"`` matches ``lm_head``), as users expect from dotted paths.
+    The first glob of ``overrides`` (in order, matched by :func:`matches_glob`) that matches
+    ``name`` decides: a scheme is used as is, a string amends ``base`` (so a partial override
+    follows later changes of the base scheme). No match gives ``base``.
     """
     for pattern, value in (overrides or {}).items():
-        if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase("." + name, pattern):
+        if matches_glob(name, pattern):
             return value if isinstance(value, PrecisionScheme) else base.amend(value)
     return base
 

@@ -1,0 +1,128 @@
+"""Every GEMM FLOP of real third-party models on MX operands, checked independently of mxprobe's
+own bookkeeping: a dispatch-level watcher sees each matrix product torch runs in the MX forward
+and tests whether both operands are fixed points of the float64 reference quantizer
+(tests/mx_reference.py) along the contraction axis. MoE routers, kept in full precision by
+default, are the only GEMMs excepted; with an override they are on MX operands too."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mxprobe
+from tests.helpers_hf import MODELS, MORE_MODELS, pair, tokens
+from tests.mx_reference import reference_quantize
+
+aten = torch.ops.aten
+# (index of the left operand, index of the right operand) of each product op.
+PRODUCTS = {aten.mm: (0, 1), aten.bmm: (0, 1), aten.addmm: (1, 2), aten.baddbmm: (1, 2)}
+# Ops that multiply matrices in a way the check cannot see operand by operand: any is a failure.
+OPAQUE = ("_grouped_mm", "scaled_dot_product", "addbmm", "addmv", "mv", "dot", "convolution")
+ROUTER_NAMES = {"mixtral": "gate", "qwen3_moe": "gate", "olmoe": "gate", "deepseek_v3": "gate"}
+
+
+class GemmWatch(TorchDispatchMode):
+    """Records (left, right) operands of every product and the names of opaque ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.products: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.opaque: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if packet in PRODUCTS:
+            i, j = PRODUCTS[packet]
+            self.products.append((args[i].detach().clone(), args[j].detach().clone()))
+        elif any(name in packet.__name__ for name in OPAQUE):
+            self.opaque.append(packet.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _on_grid(t: torch.Tensor, axis: int) -> bool:
+    return torch.equal(reference_quantize(t, "e4m3", axis=axis), t)
+
+
+def _flops(a: torch.Tensor, b: torch.Tensor) -> int:
+    return 2 * a.numel() * b.shape[-1]
+
+
+def _inputs(name: str) -> dict:
+    if name == "t5":
+        return {"input_ids": tokens(), "decoder_input_ids": tokens(1)}
+    return {"input_ids": tokens()}
+
+
+def _outputs(model, name: str) -> list[torch.Tensor]:
+    out = model(**_inputs(name))
+    if hasattr(out, "logits"):
+        return [out.logits]
+    return [out.last_hidden_state, out.pooler_output]
+
+
+def _convert(model, overrides=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mxprobe.convert(model, "mxfp8_e4m3", overrides)
+
+
+def _router_weights(model) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if getattr(m, "mx_full_precision_by_default", False)]
+
+
+def _is_router(b: torch.Tensor, routers: list[torch.Tensor]) -> bool:
+    """Whether the right operand is a router's weight (by value: DeepSeek-V3 copies it)."""
+    return any(b.shape == w.t().shape and torch.equal(b, w.t()) for w in routers)
+
+
+ALL = sorted({**MODELS, **MORE_MODELS})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_non_router_gemm_flop_is_on_mx_operands(name):
+    model, _ = pair(name)
+    _convert(model)
+    routers = _router_weights(model)
+    watch = GemmWatch()
+    with torch.no_grad(), watch:
+        _outputs(model, name)
+    assert watch.opaque == []
+    on = off = 0
+    for a, b in watch.products:
+        flops = _flops(a, b)
+        if _is_router(b, routers):
+            continue
+        if _on_grid(a, -1) and _on_grid(b, -2):
+            on += flops
+        else:
+            off += flops
+    assert on > 0 and off == 0, f"{name}: {off / (on + off):.1%} of GEMM FLOPs off the MX grid"
+    assert bool(routers) == (name in ROUTER_NAMES or name == "gpt_oss")
+
+
+@pytest.mark.parametrize("name", sorted(ROUTER_NAMES) + ["gpt_oss"])
+def test_a_router_override_puts_the_router_gemm_on_mx_operands_too(name):
+    model, _ = pair(name)
+    _convert(model, {f"*.{ROUTER_NAMES.get(name, 'router')}": "mxfp8_e4m3"})
+    watch = GemmWatch()
+    with torch.no_grad(), watch:
+        _outputs(model, name)
+    assert watch.products
+    assert all(_on_grid(a, -1) and _on_grid(b, -2) for a, b in watch.products)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_fp32_scheme_is_the_model_and_full_precision_is_bit_for_bit(name):
+    model, reference = pair(name)
+    _convert(model)
+    with torch.no_grad():
+        want = _outputs(reference, name)
+        with mxprobe.full_precision(model):
+            assert all(map(torch.equal, _outputs(model, name), want))
+        mxprobe.set_scheme(model, "fp32")
+        got = _outputs(model, name)
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max() <= 1e-5 * w.abs().max()
