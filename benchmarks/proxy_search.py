@@ -8,10 +8,20 @@ to the values the old scheme's forward used, see ``mxprobe.amend_scheme``). Prin
 line: the configuration, the divergence summary of ``mxprobe proxy compare`` (same rule: loss
 above 10x its running minimum for 500 consecutive steps, or non-finite), wall time and LayerNorm
 gamma statistics.
-Stops 500 steps after a divergence starts. Example::
+Stops 500 steps after a divergence starts.
+
+``--save-state N`` writes the run's state after N steps (student weights and schemes, Adam
+state, divergence tracker, probes, RNG; the data position is the step, since batch k is drawn
+from (seed, k)) to ``--state-file``; ``--resume FILE`` continues from it with the saved model,
+data and optimizer settings and this command's run settings (``--steps``, ``--switch-*``,
+``--save-*``, probes), bit for bit as the uninterrupted run would have gone on
+(tests/test_proxy_search.py). Example::
 
     python benchmarks/proxy_search.py --width 128 --lr 8.5e-3 --scheme mxfp8_e4m3 --seed 0 \\
         --steps 1200 --switch-at 200 --switch-to norm=bf16
+    python benchmarks/proxy_search.py ... --steps 7500 --save-state 7500 --state-file s.pt
+    python benchmarks/proxy_search.py --resume s.pt --steps 8500 --switch-at 7500 \\
+        --switch-to norm=bf16 --snap
 """
 
 from __future__ import annotations
@@ -27,8 +37,15 @@ from mxprobe.models.data import make_batch
 from mxprobe.models.student_teacher import ProxyConfig, build_student, build_teacher
 
 import mxprobe
+from mxprobe.convert import restore_schemes, schemes_of
 from mxprobe.outcome import DivergenceTracker
 from mxprobe.stats import block_max_exponents, floor_overflow_count
+
+# What a resumed run takes from its state file: everything that defines the trajectory.
+RUN_KEYS = (
+    "depth", "width", "batch_size", "lr", "scheme", "seed", "noise", "teacher_gain",
+    "weight_decay", "beta2", "clip", "activation", "eager", "device",
+)  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", default="gelu")
     p.add_argument("--switch-at", type=int, default=-1)
     p.add_argument("--switch-to", default="")
+    p.add_argument("--switch-modules", default="*", help="glob of the MX modules switched")
     p.add_argument("--snap", action="store_true", help="function-preserving switch")
     p.add_argument("--eager", action="store_true", help="do not torch.compile the student")
     p.add_argument("--threads", type=int, default=1)
@@ -68,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
         help="also probe every EVERY steps in [START, END): a dense look before a known spike "
         "(a deterministic run repeats its trajectory step for step)",
     )
+    p.add_argument("--save-state", type=int, default=-1, metavar="N",
+                   help="write the state after N steps to --state-file")  # fmt: skip
+    p.add_argument("--state-file", default="proxy_state.pt", help="where --save-state writes")
+    p.add_argument("--resume", default=None, metavar="FILE",
+                   help="continue from a --save-state file")  # fmt: skip
     p.add_argument(
         "--device",
         default="cpu",
@@ -127,9 +150,34 @@ def _probe_window(a: argparse.Namespace) -> range:
     return range(start, end, every)
 
 
+def _save_state(a, step, student, opt, tracker, probes, last_reading) -> None:
+    state = {
+        "args": {k: getattr(a, k) for k in RUN_KEYS},
+        "step": step,
+        "student": student.state_dict(),
+        "schemes": schemes_of(student),
+        "optimizer": opt.state_dict(),
+        "tracker": tracker,
+        "probes": probes,
+        "last_reading": last_reading,
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, a.state_file)
+    print(f"state after {step} steps -> {a.state_file}", file=sys.stderr, flush=True)
+
+
+def _load_state(a: argparse.Namespace) -> dict:
+    """The state file of ``--resume``; its run settings replace ``a``'s."""
+    state = torch.load(a.resume, weights_only=False)  # our own file: pickled tracker, schemes
+    for key, value in state["args"].items():
+        setattr(a, key, value)
+    return state
+
+
 def run(a: argparse.Namespace) -> dict:
     """Train one configuration (parsed by :func:`parser`); the JSON row as a dict."""
     torch.set_num_threads(a.threads)
+    state = _load_state(a) if a.resume else None
     student = build_student(ProxyConfig(a.depth, a.width, a.activation), a.seed).to(a.device)
     mxprobe.convert(student, a.scheme)
     teacher = build_teacher(a.width, a.depth, a.activation, 1234, a.teacher_gain).to(a.device)
@@ -141,11 +189,19 @@ def run(a: argparse.Namespace) -> dict:
         opt = torch.optim.Adam(student.parameters(), **adam)
     tracker = DivergenceTracker()
     probes, last_reading = [], {}
+    first = 0
+    if state is not None:
+        student.load_state_dict(state["student"])
+        restore_schemes(student, state["schemes"])
+        opt.load_state_dict(state["optimizer"])
+        tracker, probes, last_reading = state["tracker"], state["probes"], state["last_reading"]
+        torch.set_rng_state(state["torch_rng"])
+        first = state["step"]
     window = _probe_window(a)
     start = time.perf_counter()
-    for step in range(a.steps):
+    for step in range(first, a.steps):
         if step == a.switch_at:
-            mxprobe.amend_scheme(student, a.switch_to, snap=a.snap)
+            mxprobe.amend_scheme(student, a.switch_to, a.switch_modules, snap=a.snap)
         if a.device == "cpu":
             x, y = make_batch(teacher, a.width, a.batch_size, a.seed, step, a.noise)
         else:
@@ -161,6 +217,8 @@ def run(a: argparse.Namespace) -> dict:
             reading = _gamma_probes(student, last_reading)
             probes.append({"step": step, "loss": round(loss.item(), 6), **reading})
             print(json.dumps({"scheme": a.scheme, **probes[-1]}), file=sys.stderr, flush=True)
+        if step + 1 == a.save_state:
+            _save_state(a, step + 1, student, opt, tracker, probes, last_reading)
         if tracker.divergence_step is not None and (
             step - tracker.divergence_step >= tracker.patience or not torch.isfinite(loss)
         ):
@@ -168,7 +226,8 @@ def run(a: argparse.Namespace) -> dict:
     gammas = torch.cat(
         [m.weight.detach() for m in student.modules() if isinstance(m, torch.nn.LayerNorm)]
     )
-    row = {k: v for k, v in vars(a).items() if k not in ("save_losses", "threads", "device")}
+    skip = ("save_losses", "threads", "device", "save_state", "state_file", "resume")
+    row = {k: v for k, v in vars(a).items() if k not in skip}
     row.update(
         tracker.summary(), steps_run=tracker.step, wall_s=round(time.perf_counter() - start, 1)
     )

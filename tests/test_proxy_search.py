@@ -82,3 +82,37 @@ def test_crossings_count_blocks_whose_max_changed_binade():
     assert second["crossed"] == 1
     assert second["zone"] == round(1 / 3, 3) and second["below_1"] == round(1 / 3, 3)
     assert search._gamma_probes(net, last)["crossed"] == 0
+
+
+def test_save_state_then_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
+    common = ("--scheme", "mxfp8_e4m3", "--lr", "0.02", "--switch-at", "3",
+              "--switch-to", "norm=bf16", "--snap")  # fmt: skip
+    full, resumed = tmp_path / "full.pt", tmp_path / "resumed.pt"
+    end_full, end_resumed, middle = (tmp_path / n for n in ("end_a.pt", "end_b.pt", "mid.pt"))
+    row = _run(*common, "--steps", "10", "--save-losses", str(full),
+               "--save-state", "10", "--state-file", str(end_full))  # fmt: skip
+    _run(*common, "--steps", "6", "--save-state", "6", "--state-file", str(middle))
+    # The resumed run names neither the scheme nor the switch: both come from the state file.
+    again = _run("--resume", str(middle), "--steps", "10", "--save-losses", str(resumed),
+                 "--save-state", "10", "--state-file", str(end_resumed))  # fmt: skip
+    assert torch.load(full) == torch.load(resumed)  # every loss, steps 0-9
+    assert {k: row[k] for k in ("final_loss", "min_loss", "diverged", "steps_run")} == {
+        k: again[k] for k in ("final_loss", "min_loss", "diverged", "steps_run")
+    }
+    a, b = (torch.load(p, weights_only=False) for p in (end_full, end_resumed))
+    assert a["step"] == b["step"] == 10
+    assert a["schemes"] == b["schemes"]
+    assert a["schemes"]["blocks.0.ln"].norm_affine == "bf16"  # the switch before the save held
+    for name, tensor in a["student"].items():
+        assert torch.equal(tensor, b["student"][name]), name
+    for key, moments in a["optimizer"]["state"].items():
+        for m, value in moments.items():
+            assert torch.equal(value, b["optimizer"]["state"][key][m]), (key, m)
+
+
+def test_a_resumed_run_starts_at_the_saved_step(tmp_path):
+    state = tmp_path / "s.pt"
+    _run("--steps", "4", "--save-state", "4", "--state-file", str(state))
+    losses = tmp_path / "l.pt"
+    _run("--resume", str(state), "--steps", "5", "--save-losses", str(losses))
+    assert len(torch.load(losses)) == 5  # 4 restored + 1 trained
