@@ -152,6 +152,8 @@ def adapter_for(module: nn.Module) -> tuple[Adapter | None, str]:
 
 def _unsupported_reason(module: nn.Module) -> str:
     own = [n for n, p in module._parameters.items() if p is not None]
+    if own == ["sinks"]:
+        return "attention sink logits (added to the scores, not a GEMM operand)"
     if own and next(module.children(), None) is not None:
         return f"its own forward uses its parameters {own} directly (not emulated)"
     if isinstance(module, nn.Embedding):

@@ -27,6 +27,7 @@ and norms are emulated in eval mode too. Build attention from ``nn.Linear`` + ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterator, Mapping
@@ -105,7 +106,7 @@ def _holds_parameters(module: nn.Module) -> bool:
 
 _ROUTERS_KEPT = (
     "MoE routers: kept in full precision by default, as MX recipes do; an override naming them "
-    "(e.g. {'*.router': 'mxfp8_e4m3'}) emulates their GEMM"
+    "(e.g. {{'*.{}': 'mxfp8_e4m3'}}) emulates their GEMM"
 )
 # Parameter-free classes that look like activations: named when left in full precision.
 _ACTIVATION_NAME = re.compile(r"Gelu|GELU|Activation|Tanh|Sigmoid|Swish|ReLU|Relu|SiLU|Silu")
@@ -209,7 +210,7 @@ def _left_message(left: dict[str, str], routers: list[str]) -> str:
     for name, reason in left.items():
         by_reason.setdefault(reason, []).append(name or "<root>")
     if routers:
-        by_reason[_ROUTERS_KEPT] = routers
+        by_reason[_ROUTERS_KEPT.format(routers[0].rsplit(".", 1)[-1])] = routers
     count = len(left) + len(routers)
     lines = [f"mxprobe.convert left {count} module(s) in full precision:"]
     for reason, names in by_reason.items():
@@ -377,6 +378,7 @@ class Description:
     emulated_parameters: int
     total_parameters: int
     attention_left: list[str]
+    routers_kept: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def emulated_share(self) -> float:
@@ -394,6 +396,11 @@ class Description:
         ]
         if self.attention_left:
             text.append(f"attention products in full precision: {', '.join(self.attention_left)}")
+        if self.routers_kept:
+            names = ", ".join(self.routers_kept)
+            text.append(
+                f"MoE routers in full precision (the default; an override emulates): {names}"
+            )
         if self.left:
             text.append("left in full precision:")
             text += [f"  {name or '<root>'} ({kind}): {why}" for name, kind, why in self.left]
@@ -426,7 +433,7 @@ def describe(model: nn.Module) -> Description:
         params = [p for p in module._parameters.values() if p is not None]
         every.update((id(p), p.numel()) for p in params)
         if not isinstance(module, MxModule):
-            if params:
+            if params or _activation_like(module):
                 _, reason = _adapter(name, module, attention)
                 left.append((name, type(module).__name__, reason or "not converted yet"))
             continue
@@ -440,6 +447,17 @@ def describe(model: nn.Module) -> Description:
             backprop=str(scheme.quantize_backprop).lower(),
         )
         rows.append((name, type(module).__name__, roles))
+    routers = [
+        name
+        for name, m in _mx_modules(model)
+        if getattr(m, "mx_full_precision_by_default", False)
+        and (m.mx_scheme or PrecisionScheme()) == PrecisionScheme()
+    ]
     return Description(
-        rows, left, sum(emulated.values()), sum(every.values()), unemulated_attention(model)
+        rows,
+        left,
+        sum(emulated.values()),
+        sum(every.values()),
+        unemulated_attention(model),
+        routers,
     )
