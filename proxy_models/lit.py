@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from mxprobe.callbacks.precision_state import SCHEMES_KEY, load_schemes, save_schemes
+from mxprobe.models.checks import check_adam
 from mxprobe.models.student_teacher import ProxyConfig, build_student
 
 import mxprobe
@@ -53,7 +54,8 @@ class ProxyLitModule(pl.LightningModule):
     loading one puts them back (``mxprobe.callbacks.precision_state``).
 
     Raises:
-        ValueError: for an unknown activation, init, schedule, scheme or override.
+        ValueError: for an unknown activation, init, schedule, scheme or override, and for a
+            non-positive lr, betas outside [0, 1), a negative eps or warmup.
 
     Example::
 
@@ -80,6 +82,9 @@ class ProxyLitModule(pl.LightningModule):
         compiled: bool = False,
     ) -> None:
         super().__init__()
+        check_adam(lr, betas, eps, min_lr_ratio=min_lr_ratio)
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if schedule not in SCHEDULES:
             raise ValueError(
                 f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}"

@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from mxprobe.callbacks.precision_state import load_schemes, save_schemes
+from mxprobe.models.checks import check_adam
 from mxprobe.models.llm import LLM, LLMConfig
 from mxprobe.models.text_data import TrainWindows, ValWindows, build_cache, load_cache
 from torch.utils.data import DataLoader
@@ -53,8 +54,9 @@ class LLMModule(pl.LightningModule):
     (``mxprobe.callbacks.precision_state``).
 
     Raises:
-        ValueError: from ``configure_optimizers`` when the run has no finite length
-            (``trainer.max_steps`` unset): the schedule needs one.
+        ValueError: for a non-positive lr, betas outside [0, 1), a negative eps or weight decay,
+            a fraction outside [0, 1]; from ``configure_optimizers`` when the run has no
+            finite length (``trainer.max_steps`` unset): the schedule needs one.
 
     Example::
 
@@ -76,6 +78,15 @@ class LLMModule(pl.LightningModule):
         final_lr_fraction: float = 0.1,
     ):
         super().__init__()
+        check_adam(
+            lr,
+            betas,
+            eps,
+            warmup_fraction=warmup_fraction,
+            final_lr_fraction=final_lr_fraction,
+        )
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.save_hyperparameters()
         self.config = config or LLMConfig()
         self.model = convert(LLM(self.config), scheme, overrides)

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from mxprobe.app.cli import errors
+
 # subcommand -> (module in this package, one-line help)
 SUBCOMMANDS = {
     "formats": (
@@ -28,7 +30,7 @@ SUBCOMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, debug = errors.debug_requested(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         parser = argparse.ArgumentParser(prog="mxprobe", description=__doc__.split("\n")[0])
         sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
@@ -43,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(f"mxprobe.app.cli.{SUBCOMMANDS[name][0]}")
-    result = module.run(rest, prog=f"mxprobe {name}")
-    return int(result or 0)
+    prog = f"mxprobe {name}"
+
+    def work() -> int | None:
+        module = importlib.import_module(f"mxprobe.app.cli.{SUBCOMMANDS[name][0]}")
+        return module.run(rest, prog=prog)
+
+    return errors.reported(work, prog, debug)
 
 
 if __name__ == "__main__":

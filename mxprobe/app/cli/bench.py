@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from mxprobe.app.cli.errors import ArgumentParser, positive_int
 from mxprobe.formats import MX_FORMAT_NAMES
 from mxprobe.quantize import quantize_mx, quantize_operand
 
@@ -71,12 +72,29 @@ def _backend_label(device: str) -> str:
     return native.describe()
 
 
+def _device(text: str) -> str:
+    """argparse type: ``cpu``, or ``cuda[:N]`` when this machine has that GPU."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda[:N], got {text!r}")
+    return text
+
+
 def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=positive_int, default=4096)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--reps", type=positive_int, default=5)
+    parser.add_argument(
+        "--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     n = args.size * args.size

@@ -18,7 +18,6 @@ a summary computed from the runs is printed and written to ``summary.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from mxprobe.app import demo_case as case
+from mxprobe.app.cli.errors import ArgumentParser
 
 RUNS = ("fp32", "mx", "mx_intervention", "mx_rewind_only")
 LABELS = {
@@ -183,7 +183,7 @@ def summarize(
 
 
 def run(argv: list[str], prog: str = "mxprobe demo") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     parser.add_argument("--quick", action="store_true", help="tiny model, under a minute")
     parser.add_argument("--seed", type=int, default=case.SEED)

@@ -7,12 +7,12 @@ between consecutive E4M3 codes against code index, with the floor-scale overflow
 
 from __future__ import annotations
 
-import argparse
 import csv
 from pathlib import Path
 
 import torch
 
+from mxprobe.app.cli.errors import ArgumentParser, UsageError, positive_int
 from mxprobe.formats import MX_FORMAT_NAMES, mx_format
 from mxprobe.quantize import SCALE_MODES, block_scale_exponent, quantize_mx, set_compile
 
@@ -76,12 +76,17 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def run(argv: list[str], prog: str = "mxprobe formats") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="out/formats", help="directory for the PNG and CSVs")
-    parser.add_argument("--numel", type=int, default=1 << 20, help="Gaussian sample size")
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--numel", type=positive_int, default=1 << 20, help="Gaussian sample size")
+    parser.add_argument("--block-size", type=positive_int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.block_size > args.numel:
+        raise UsageError(
+            f"--block-size {args.block_size} is larger than --numel {args.numel}: no block to "
+            "quantize"
+        )
     set_compile(False)  # one call per variant: compiling would cost more than it saves
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

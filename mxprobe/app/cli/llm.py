@@ -12,13 +12,13 @@ The same YAML scales out with ``--trainer.strategy=ddp --trainer.devices=N``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import warnings
 
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from mxprobe.app.cli.errors import ArgumentParser, positive_float, raising_parser_kwargs
 from mxprobe.callbacks import RunRecorder
 from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule
 
@@ -65,7 +65,7 @@ def llm_cli(
         LLMModule,
         ByteTextDataModule,
         args=args,
-        parser_kwargs={"prog": prog},
+        parser_kwargs=raising_parser_kwargs({"prog": prog}, LIGHTNING_SUBCOMMANDS),
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         **kwargs,
@@ -75,13 +75,15 @@ def llm_cli(
 def _sizes(argv: list[str], prog: str) -> int:
     from mxprobe.models.llm import SIZES, size_table
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"{prog} sizes",
         description="Named model sizes with parameter counts (and the steps a FLOPs budget buys "
         "at 6 N D with 512 x 512-token batches, as the paper's sweep).",
     )
     parser.add_argument("names", nargs="*", help=f"sizes to show (default: {', '.join(SIZES)})")
-    parser.add_argument("--flops", type=float, default=None, help="training FLOPs budget")
+    parser.add_argument(
+        "--flops", type=positive_float, default=None, help="training FLOPs budget (> 0)"
+    )
     args = parser.parse_args(argv)
     print(size_table(args.names or None, flops=args.flops))
     return 0

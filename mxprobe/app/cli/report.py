@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from mxprobe.app.cli.errors import ArgumentParser
 from mxprobe.app.report import NoRunsError, build_report
 
 
 def run(argv: list[str], prog: str = "mxprobe report") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument(
         "runs",
         nargs="+",

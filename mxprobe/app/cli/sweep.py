@@ -27,7 +27,6 @@ grid's values is one run::
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -42,7 +41,8 @@ from pathlib import Path
 
 import yaml
 
-from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, write_csv
+from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, positive_int
+from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, check_divergence_rule, write_csv
 from mxprobe.app.rates import by_arm, write_tables
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
 
@@ -66,29 +66,109 @@ class Spec:
 
     @classmethod
     def load(cls, path: str | Path) -> Spec:
+        """The spec at ``path``, its keys and values checked (not yet its runs: :meth:`check`).
+
+        Raises:
+            UsageError: naming the spec, the bad key or value and what is expected.
+        """
         path = Path(path)
-        raw = yaml.safe_load(path.read_text()) or {}
-        known = {"config", "out", "set", "grid", "stop_on_divergence", "factor", "patience"}
-        unknown = sorted(set(raw) - known)
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UsageError(f"{path}: not a YAML sweep spec ({_yaml_problem(err)})") from None
+        if not isinstance(raw, dict):
+            raise UsageError(f"{path}: expected a mapping with a 'grid', got {_kind(raw)}")
+        unknown = sorted(map(str, set(raw) - _SPEC_KEYS))
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-        grid = raw.get("grid") or {}
+            raise UsageError(
+                f"{path}: unknown key(s) {unknown}; expected some of {sorted(_SPEC_KEYS)}"
+            )
+        grid = raw.get("grid")
         if not isinstance(grid, dict) or not grid:
-            raise ValueError(f"{path}: 'grid' must map dotted keys to lists of values")
-        bad = [k for k, v in grid.items() if not isinstance(v, list) or not v]
+            raise UsageError(
+                f"{path}: 'grid' must map dotted keys to lists of values, got {grid!r}"
+            )
+        bad = [
+            k for k, v in grid.items() if not isinstance(k, str) or not isinstance(v, list) or not v
+        ]
         if bad:
-            raise ValueError(f"{path}: grid values must be non-empty lists; not so for {bad}")
-        config = raw.get("config")
+            raise UsageError(f"{path}: grid values must be non-empty lists; not so for {bad}")
+        for key, values in grid.items():
+            repeated = [v for i, v in enumerate(values) if any(_same(v, w) for w in values[:i])]
+            if repeated:
+                raise UsageError(
+                    f"{path}: grid {key!r} lists {repeated[0]!r} twice (as {values!r}): both "
+                    "would be the same run"
+                )
+        fixed = raw.get("set") or {}
+        if not isinstance(fixed, dict):
+            raise UsageError(f"{path}: 'set' must map dotted keys to values, got {_kind(fixed)}")
+        stop = raw.get("stop_on_divergence", True)
+        if not isinstance(stop, bool):
+            raise UsageError(f"{path}: stop_on_divergence must be true or false, got {stop!r}")
+        factor = raw.get("factor", DIVERGENCE_FACTOR)
+        patience = raw.get("patience", DIVERGENCE_PATIENCE)
+        try:
+            check_divergence_rule(factor, patience)
+        except UsageError as err:
+            raise UsageError(f"{path}: {err}") from None
+        config, out = raw.get("config"), raw.get("out", f"runs/{path.stem}")
+        if config is not None and not isinstance(config, str):
+            raise UsageError(f"{path}: config must be a path, got {config!r}")
+        if not isinstance(out, str) or not out:
+            raise UsageError(f"{path}: out must be a directory path, got {out!r}")
         return cls(
             path=path,
             config=_resolve(path, config) if config else None,
-            out=Path(raw.get("out", f"runs/{path.stem}")),
-            fixed=dict(raw.get("set") or {}),
+            out=Path(out),
+            fixed=dict(fixed),
             grid=grid,
-            stop_on_divergence=bool(raw.get("stop_on_divergence", True)),
-            factor=float(raw.get("factor", DIVERGENCE_FACTOR)),
-            patience=int(raw.get("patience", DIVERGENCE_PATIENCE)),
+            stop_on_divergence=stop,
+            factor=float(factor),
+            patience=patience,
         )
+
+    def check(self, build: bool = True) -> None:
+        """Refuse, before any run starts, a spec whose runs cannot all be trained: a missing
+        config, a bad scheme, two grid points sharing a run directory, a directory outside
+        ``out``; with ``build``, also every grid value the LightningCLI would refuse (each value
+        is built once, in as many runs as the longest list has values, and nothing trained).
+
+        Raises:
+            UsageError (or the LightningCLI's own error): naming the bad value.
+        """
+        from mxprobe.app.cli.proxy import check_config, check_run
+        from mxprobe.scheme import parse_scheme
+
+        check_config(str(self.config) if self.config else None)
+        seen: dict[Path, dict] = {}
+        for point in self.runs:
+            run_dir = inside(self.out, self.run_dir(point), f"{self.path}: run directory")
+            if run_dir in seen:
+                raise UsageError(
+                    f"{self.path}: grid points {seen[run_dir]} and {point} share the run "
+                    f"directory {run_dir}"
+                )
+            seen[run_dir] = point
+        for key in ("model.scheme",):
+            for value in [
+                *self.grid.get(key, []),
+                *([self.fixed[key]] if key in self.fixed else []),
+            ]:
+                try:
+                    parse_scheme(_text(value))
+                except ValueError as err:
+                    raise UsageError(f"{self.path}: {key}: {err}") from None
+        if build:
+            width = max(map(len, self.grid.values()))
+            for i in range(width):
+                point = {k: v[i % len(v)] for k, v in self.grid.items()}
+                check_run(
+                    str(self.config) if self.config else None,
+                    str(self.run_dir(point)),
+                    self.cli_args(point),
+                )
 
     @property
     def runs(self) -> list[dict]:
@@ -110,6 +190,26 @@ class Spec:
             keys = ("model.seed", "data.seed") if key == "seed" else (key,)
             args += [f"--{k}={_text(value)}" for k in keys]
         return args
+
+
+_SPEC_KEYS = {"config", "out", "set", "grid", "stop_on_divergence", "factor", "patience"}
+
+
+def _yaml_problem(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or err}{where}"
+
+
+def _same(a, b) -> bool:
+    """Whether two grid values configure the same run (0.001 and 1.0e-3 do; true and 1 not)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _kind(value) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"[:80]
 
 
 def _resolve(spec_path: Path, config: str) -> Path:
@@ -229,9 +329,11 @@ def execute(spec: Spec, jobs: int) -> int:
 
 
 def run(argv: list[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("spec", help="sweep spec YAML")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel local processes (default 1)")
+    parser.add_argument(
+        "--jobs", type=positive_int, default=1, help="parallel local processes (default 1)"
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--emit-commands",
@@ -254,6 +356,7 @@ def run(argv: list[str], prog: str) -> int:
         run_one(spec, ns.run_index)
         return 0
     if ns.emit_commands:
+        spec.check()
         for i, point in enumerate(runs):
             if not is_finished(spec, point):
                 print(shlex.join(command(spec, i)))
@@ -266,6 +369,7 @@ def run(argv: list[str], prog: str) -> int:
     if ns.collect:
         print(collect(spec))
         return 0
+    spec.check()
     start = time.perf_counter()
     failures = execute(spec, ns.jobs)
     path = collect(spec)

@@ -1,0 +1,195 @@
+"""How ``mxprobe`` reports a user's mistake: one line that names the bad value (and the valid
+choices, where the raiser knows them), exit status 2, no traceback.
+
+:func:`reported` is the one place that does it, around every subcommand (``main``). A *user
+error* is a :class:`UsageError`, or a ValueError, TypeError, OSError, YAML or argument error,
+or a Lightning ``MisconfigurationException`` — what configuration checks raise; anything else
+is a bug and keeps its traceback. ``--traceback`` (anywhere on the command line) or
+``MXPROBE_DEBUG=1`` keeps the traceback of user errors too.
+
+Validating values here (``positive_int``, ``positive_float``, ``int_list``) keeps the argparse
+message form: ``argument --size: must be a positive integer, got '0'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+TRACEBACK_FLAG = "--traceback"
+# Where the project's own checks live: their messages name the value and the choices.
+_PROJECT_PACKAGES = ("mxprobe", "mxprobe.callbacks", "mxprobe.models")
+_MAX_LINES = 3
+_MAX_LINE = 400
+
+
+class UsageError(ValueError):
+    """A mistake in what the user asked for, found before any work; the message names the bad
+    value and the valid choices."""
+
+
+def debug_requested(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without ``--traceback``, and whether tracebacks were asked for (the flag or
+    ``MXPROBE_DEBUG=1``)."""
+    flag = TRACEBACK_FLAG in argv
+    env = os.environ.get("MXPROBE_DEBUG", "") not in ("", "0", "false", "False")
+    return [a for a in argv if a != TRACEBACK_FLAG], flag or env
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ValueError, TypeError, OSError, argparse.ArgumentError]
+    yaml = sys.modules.get("yaml")
+    if yaml is not None:
+        types.append(yaml.YAMLError)
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")
+    if lightning is not None:
+        types.append(lightning.MisconfigurationException)
+    return tuple(types)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or during, outermost first."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return chain
+
+
+@functools.cache
+def _project_roots() -> tuple[str, ...]:
+    # mxprobe.callbacks and mxprobe.models live outside mxprobe/ in an editable install.
+    roots = []
+    for name in _PROJECT_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        roots += [str(Path(p).resolve()) + os.sep for p in spec.submodule_search_locations or ()]
+    return tuple(roots)
+
+
+def _raised_by_project(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(_project_roots())
+
+
+def _chosen(err: BaseException) -> BaseException:
+    user = _user_error_types()
+    ours = [e for e in _chain(err) if isinstance(e, user) and _raised_by_project(e)]
+    return ours[-1] if ours else err
+
+
+def _says_enough(err: BaseException) -> bool:
+    """True for errors whose message is the whole story: no hint about ``--traceback``."""
+    chosen = _chosen(err)
+    if isinstance(chosen, OSError) and chosen.filename is not None:
+        return True
+    return isinstance(chosen, (UsageError, argparse.ArgumentError)) or _raised_by_project(chosen)
+
+
+def message(err: BaseException) -> str:
+    """A few lines for ``err``: the project's own check when a library wrapped it (jsonargparse
+    re-raises a class's ValueError inside its own), else ``err``'s message."""
+    chosen = _chosen(err)
+    if isinstance(chosen, OSError) and chosen.filename is not None and chosen.strerror:
+        text = f"{chosen.filename}: {chosen.strerror}"
+    else:
+        text = str(chosen) or type(chosen).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " ..." for line in lines]
+    return "\n  ".join(lines[:_MAX_LINES] + (["..."] if len(lines) > _MAX_LINES else []))
+
+
+def reported(work: Callable[[], int | None], prog: str, debug: bool = False) -> int:
+    """Run ``work``; a user error becomes ``prog: error: <message>`` on stderr and status 2."""
+    try:
+        return int(work() or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _user_error_types() as err:
+        if debug:
+            raise
+        hint = "" if _says_enough(err) else f" ({TRACEBACK_FLAG} shows where)"
+        print(f"{prog}: error: {message(err)}{hint}", file=sys.stderr)
+        return 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are a :class:`UsageError` (one line from ``main``, with
+    a pointer to ``--help``) instead of the usage block and an exit."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def raising_parser_kwargs(kwargs: dict, subcommands: tuple[str, ...] = ()) -> dict:
+    """LightningCLI ``parser_kwargs`` whose parsers raise ``argparse.ArgumentError`` instead of
+    printing their usage and exiting, on the main parser and on each subcommand's."""
+    raising = {"exit_on_error": False}
+    out = {**raising, **kwargs}
+    for name in subcommands:
+        out[name] = {**raising, **kwargs.get(name, {})}
+    return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers, each once (``0,1,2``)."""
+    items = [t.strip() for t in text.split(",")]
+    try:
+        values = [int(t) for t in items]
+    except ValueError:
+        bad = next(t for t in items if not _is_int(t))
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {bad!r} in {text!r}"
+        ) from None
+    duplicates = sorted({v for v in values if values.count(v) > 1})
+    if duplicates:
+        raise argparse.ArgumentTypeError(f"{duplicates} given twice in {text!r}")
+    return values
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` when it lies inside ``root``, else a UsageError naming ``what``."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UsageError(f"{what} {str(path)!r} would be written outside {str(root)!r}")
+    return path
