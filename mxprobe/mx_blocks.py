@@ -47,17 +47,42 @@ def check_args(
     """Validate the arguments every blocked MX operation takes: (the format, ``axis`` >= 0)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"expected a dense tensor, got layout {x.layout}; call .to_dense() first")
     check_dtype(x.dtype)
     fmt = mx_format(fmt)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
     if x.dim() == 0:
         raise ValueError("cannot quantize a 0-d tensor along an axis; reshape it to 1-d")
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {axis!r}")
     if not -x.dim() <= axis < x.dim():
         raise IndexError(f"axis {axis} is out of range for a {x.dim()}-d tensor")
     check_choice(scale_mode, SCALE_MODES, "scale_mode")
     check_choice(rounding, ROUNDINGS, "rounding")
+    _check_padding(x, block_size, axis % x.dim())
     return fmt, axis % x.dim()
+
+
+# A short tail block is zero-padded to a whole block; padding may at most double a tensor, plus
+# this many elements for small tensors (a 16-wide layer in 32-blocks is normal).
+PADDING_SLACK = 1 << 20
+
+
+def _check_padding(x: torch.Tensor, block_size: int, axis: int) -> None:
+    """A ValueError, before anything is allocated, for a block so much longer than ``axis`` that
+    its zero padding would more than double the tensor (a 2^40 block on a 32-vector)."""
+    length = x.shape[axis]
+    rows = x.numel() // length if length else 0
+    padded = rows * -(-length // block_size) * block_size
+    if padded > 2 * x.numel() + PADDING_SLACK:
+        limit = max(length, 2 * length + PADDING_SLACK // max(rows, 1))
+        raise ValueError(
+            f"block_size {block_size} is far longer than the axis it blocks (length {length}): "
+            f"padding would allocate {padded} elements for {x.numel()}; expected a block_size "
+            f"<= {limit}"
+        )
 
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
