@@ -6,7 +6,11 @@ Times forward + backward + Adam step of two models in one run:
   ``x + Linear(4d->d)(GELU(Linear(d->4d)(LayerNorm(x))))`` on a (batch, d) input;
 - ``transformer``: ``torch.nn.TransformerEncoder`` (d_model 256, 4 heads, 4 layers, batch-first)
   on (16, 128, 256) inputs. Its ``nn.MultiheadAttention`` projections stay full precision
-  (mxprobe cannot reach them), so its ratio understates a fully emulated transformer.
+  (mxprobe cannot reach them), so its ratio understates a fully emulated transformer;
+- ``moe``: a Mixtral-shaped mixture of experts (transformers' ``MixtralModel`` on input
+  embeddings: d_model 256, 4 layers, 8 experts, top-2, 4 heads) on (8, 128, 256) inputs; every
+  expert GEMM and attention product emulated. Needs transformers (the dev extra); not in the
+  default ``--models``.
 
 ``--memory`` adds each variant's peak memory over ``--memory-steps`` training steps, relative to
 fp32: on CUDA ``torch.cuda.max_memory_allocated``; on CPU (Linux) the process's peak resident
@@ -98,10 +102,37 @@ def make_models(args: argparse.Namespace) -> dict[str, tuple[Callable[[], nn.Mod
         )
         return nn.TransformerEncoder(layer, args.tf_layers, enable_nested_tensor=False)
 
+    def moe() -> nn.Module:
+        return MixtralStack(args.tf_d, args.tf_layers)
+
     return {
         "mlp": (mlp, (args.batch, args.d)),
         "transformer": (transformer, (args.tf_batch, args.seq, args.tf_d)),
+        "moe": (moe, (args.tf_batch // 2, args.seq, args.tf_d)),
     }
+
+
+class MixtralStack(nn.Module):
+    """transformers' MixtralModel on input embeddings, returning its last hidden state."""
+
+    def __init__(self, d: int, layers: int):
+        super().__init__()
+        import transformers
+
+        config = transformers.MixtralConfig(
+            hidden_size=d,
+            intermediate_size=2 * d,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=16,
+        )
+        self.model = transformers.MixtralModel(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(inputs_embeds=x).last_hidden_state
 
 
 def build_variants(

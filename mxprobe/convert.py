@@ -165,10 +165,21 @@ def _convert_modules(model: nn.Module) -> dict[str, str]:
         if adapter.kind == "attention" and not isinstance(getattr(module, "mx_qk", None), MxMatmul):
             module.mx_qk = MxMatmul()
             module.mx_pv = MxMatmul()
-    if hf_attention.is_transformers_model(model):
-        hf_attention.install(model)
+    for hf_model in _transformers_models(model):
+        hf_attention.install(hf_model)
     left.update(dict.fromkeys(unemulated_attention(model), _ATTENTION_LEFT))
     return left
+
+
+def _transformers_models(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformers models in ``model`` (itself, or inside a user's wrapper such
+    as a LightningModule)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in named_modules(model):
+        inside = any(name.startswith(outer + ".") or not outer for outer, _ in found)
+        if not inside and hf_attention.is_transformers_model(module):
+            found.append((name, module))
+    return [module for _, module in found]
 
 
 def _activation_like(module: nn.Module) -> bool:
@@ -177,7 +188,7 @@ def _activation_like(module: nn.Module) -> bool:
     )
 
 
-def _snapshot(model: nn.Module) -> tuple[list, object]:
+def _snapshot(model: nn.Module) -> tuple[list, list]:
     modules = [
         (
             m,
@@ -187,11 +198,11 @@ def _snapshot(model: nn.Module) -> tuple[list, object]:
         )
         for m in model.modules()
     ]
-    config = getattr(model, "config", None)
-    return modules, getattr(config, "_attn_implementation", None)
+    attention = [(m, m.config._attn_implementation) for m in _transformers_models(model)]
+    return modules, attention
 
 
-def _restore(model: nn.Module, snapshot: tuple[list, object]) -> None:
+def _restore(model: nn.Module, snapshot: tuple[list, list]) -> None:
     modules, attention = snapshot
     for module, cls, attrs, children in modules:
         module.__class__ = cls
@@ -200,9 +211,9 @@ def _restore(model: nn.Module, snapshot: tuple[list, object]) -> None:
         module.__dict__.update(attrs)
         module._modules.clear()
         module._modules.update(children)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "_attn_implementation", None) != attention:
-        model.set_attn_implementation(attention)
+    for hf_model, implementation in attention:
+        if hf_model.config._attn_implementation != implementation:
+            hf_model.set_attn_implementation(implementation)
 
 
 def _left_message(left: dict[str, str], routers: list[str]) -> str:

@@ -126,3 +126,28 @@ def test_fp32_scheme_is_the_model_and_full_precision_is_bit_for_bit(name):
         got = _outputs(model, name)
     for g, w in zip(got, want, strict=True):
         assert (g - w).abs().max() <= 1e-5 * w.abs().max()
+
+
+class Wrapper(torch.nn.Module):
+    """A user's module holding a transformers model (as a LightningModule does)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "t5"])
+def test_a_transformers_model_inside_a_users_module_is_covered_the_same(name):
+    model, _ = pair(name)
+    wrapper = Wrapper(model)
+    _convert(wrapper)
+    assert mxprobe.describe(wrapper).attention_left == []
+    watch = GemmWatch()
+    with torch.no_grad(), watch:
+        _outputs(wrapper, name)
+    routers = _router_weights(wrapper)
+    off = [(a, b) for a, b in watch.products if not _is_router(b, routers)]
+    assert off and all(_on_grid(a, -1) and _on_grid(b, -2) for a, b in off)
