@@ -223,9 +223,14 @@ def train_cell(job: tuple) -> dict:
             threads=1,
         )
     alarms, actions = alarm_steps(cell.run_dir)
+    return finish_cell(cell, row, alarms, actions, extra)
+
+
+def finish_cell(cell: Cell, row: dict, alarms: list[int], actions: int, extra: list[str]) -> dict:
+    """Write the cell's result (``row``: a divergence summary with ``steps``) atomically."""
     result = {
-        "seed": seed,
-        "arm": arm,
+        "seed": cell.seed,
+        "arm": cell.arm,
         **row,
         "diverged": row["diverged"] == "true",
         "divergence_step": row["divergence_step"] if row["divergence_step"] != "" else None,
@@ -259,15 +264,28 @@ def execute(
     factor: float,
     patience: int,
     on_done: Callable[[Cell, dict | None, str | None], None],
+    train: Callable[[tuple], dict] = train_cell,
 ) -> int:
     """Train the cells ``jobs`` at a time, each in a fresh process (one thread); ``on_done``
-    after each with its result or error. Returns the number of failed cells."""
-    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
+    after each with its result or error. Returns the number of failed cells. ``train`` (a
+    module-level function, for the spawned workers) trains one job tuple; ``jobs=0`` trains in
+    this process, one cell after the other (for tests: cells then share torch.compile caches)."""
     failures = 0
+    if jobs < 1:
+        for c in cells:
+            try:
+                result = train((str(c.out), c.arm, c.seed, extra, factor, patience))
+            except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
+                failures += 1
+                on_done(c, None, f"{type(err).__name__}: {err}")
+            else:
+                on_done(c, result, None)
+        return failures
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
         futures = {
-            pool.submit(train_cell, (str(c.out), c.arm, c.seed, extra, factor, patience)): c
+            pool.submit(train, (str(c.out), c.arm, c.seed, extra, factor, patience)): c
             for c in cells
         }
         pending = set(futures)
@@ -276,8 +294,62 @@ def execute(
             for future in done:
                 cell = futures[future]
                 try:
-                    on_done(cell, future.result(), None)
+                    result = future.result()
                 except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
                     failures += 1
                     on_done(cell, None, f"{type(err).__name__}: {err}")
+                else:
+                    on_done(cell, result, None)
     return failures
+
+
+@dataclass
+class Plan:
+    """A study to run or resume: its arms' configs, seeds, output folder and cell settings."""
+
+    configs: dict[str, dict]
+    seeds: list[int]
+    out: Path
+    extra: list[str]
+    factor: float
+    patience: int
+    command: str
+    machine: str
+
+    @property
+    def arms(self) -> list[str]:
+        return list(self.configs)
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [Cell(self.out, a, s) for s in self.seeds for a in self.arms]
+
+    def finished(self, cell: Cell) -> bool:
+        return is_finished(cell, self.extra)
+
+    def rebuild(self) -> None:
+        """outcomes.csv, rates.csv, tests.csv and study.md from the finished cells."""
+        from mxprobe.app import study_report
+        from mxprobe.app.cli.proxy import write_csv
+
+        found = study_report.load(self.out, self.arms, self.seeds, self.finished)
+        study_report.write(self.out, found, self.command, self.machine, write_csv)
+
+    def run(self, jobs: int, log: Callable[[str], None], train=train_cell) -> int:
+        """Train the unfinished cells, rebuilding the tables after each; the failure count."""
+        prepare(self.out, self.configs)
+        pending = [c for c in self.cells if not self.finished(c)]
+        log(f"{len(self.cells)} cells, {len(self.cells) - len(pending)} finished, "
+            f"{len(pending)} to run with {jobs} job(s) -> {self.out}")  # fmt: skip
+
+        def on_done(cell: Cell, result: dict | None, error: str | None) -> None:
+            if error:
+                log(f"FAILED {cell.arm} seed {cell.seed}: {error} "
+                    f"(log: {cell.run_dir}/stdout.log)")  # fmt: skip
+            else:
+                state = f"diverged at {result['divergence_step']}" if result["diverged"] else "ok"
+                log(f"done {cell.arm} seed {cell.seed}: {state} ({result.get('wall_s')} s)")
+            self.rebuild()
+
+        self.rebuild()
+        return execute(pending, self.extra, jobs, self.factor, self.patience, on_done, train)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from mxprobe.app import study as st
-from mxprobe.app import study_report
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
 
 
@@ -32,7 +31,8 @@ def _machine() -> str:
     return f"{platform.system()} {platform.machine()}, {model or 'cpu ?'}, {os.cpu_count()} cores"
 
 
-def run(argv: list[str], prog: str) -> int:
+def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
+    """The study ``argv`` asks for. Raises ValueError/OSError for a bad arm, seed list or config."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="base LightningCLI YAML (the fp32/mx arms)")
     parser.add_argument("--seeds", default="1-40", help="e.g. 1-40 or 1,2,5 (default 1-40)")
@@ -57,60 +57,35 @@ def run(argv: list[str], prog: str) -> int:
     parser.add_argument("--factor", type=float, default=DIVERGENCE_FACTOR)
     parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
     ns = parser.parse_args(argv)
+    arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
+    given = dict(item.split("=", 1) for item in ns.rule)
+    base = Path(ns.config)
+    configs = st.arm_configs(base, arms, st.rule_paths(base, arms, given))
+    kept = [a for a in argv if a != "--collect"]
+    return st.Plan(
+        configs=configs,
+        seeds=st.parse_seeds(ns.seeds),
+        out=Path(ns.out),
+        extra=[f"--{item}" for item in ns.set],
+        factor=ns.factor,
+        patience=ns.patience,
+        command=shlex.join(["mxprobe", "study", *kept]),
+        machine=_machine(),
+    ), ns
+
+
+def run(argv: list[str], prog: str) -> int:
     try:
-        seeds = st.parse_seeds(ns.seeds)
-        arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
-        given = dict(item.split("=", 1) for item in ns.rule)
-        base = Path(ns.config)
-        configs = st.arm_configs(base, arms, st.rule_paths(base, arms, given))
+        study, ns = plan(argv, prog)
     except (ValueError, OSError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    out = Path(ns.out)
-    st.prepare(out, configs)
-    extra = [f"--{item}" for item in ns.set]
-    command = shlex.join(["mxprobe", "study", *argv])
-    machine = _machine()
-
-    def finished(cell: st.Cell) -> bool:
-        return st.is_finished(cell, extra)
-
-    def rebuild() -> None:
-        study_report.write(
-            out, study_report.load(out, arms, seeds, finished), command, machine, _write_csv
-        )
-
-    cells = [st.Cell(out, a, s) for s in seeds for a in arms]
-    pending = [c for c in cells if not finished(c)]
     if ns.collect:
-        rebuild()
-        print(out / "study.md")
+        st.prepare(study.out, study.configs)
+        study.rebuild()
+        print(study.out / "study.md")
         return 0
-    print(
-        f"{len(cells)} cells, {len(cells) - len(pending)} finished, {len(pending)} to run "
-        f"with {ns.jobs} job(s) -> {out}",
-        flush=True,
-    )
     start = time.perf_counter()
-
-    def on_done(cell: st.Cell, result: dict | None, error: str | None) -> None:
-        if error:
-            print(
-                f"FAILED {cell.arm} seed {cell.seed}: {error} (log: {cell.run_dir}/stdout.log)",
-                flush=True,
-            )
-        else:
-            state = f"diverged at {result['divergence_step']}" if result["diverged"] else "ok"
-            print(f"done {cell.arm} seed {cell.seed}: {state} ({result['wall_s']} s)", flush=True)
-        rebuild()
-
-    rebuild()
-    failures = st.execute(pending, extra, ns.jobs, ns.factor, ns.patience, on_done)
-    print(f"{out / 'study.md'} ({time.perf_counter() - start:.0f} s, {failures} failed)")
+    failures = study.run(ns.jobs, lambda line: print(line, flush=True))
+    print(f"{study.out / 'study.md'} ({time.perf_counter() - start:.0f} s, {failures} failed)")
     return 1 if failures else 0
-
-
-def _write_csv(path, rows, columns):
-    from mxprobe.app.cli.proxy import write_csv
-
-    write_csv(path, rows, columns)

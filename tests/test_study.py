@@ -1,0 +1,183 @@
+"""``mxprobe study``: arm configs, cells run in fresh processes, resume, and the tables computed
+from an outcome stream known in advance (rates and intervals against scipy, McNemar by hand,
+the detector's lead time and false alarms)."""
+
+import copy
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy.stats import binomtest
+
+from mxprobe.app import study as st
+from mxprobe.app import study_report
+from mxprobe.outcome import DivergenceTracker
+from tests.proxy_tiny import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 100
+SEEDS = [1, 2, 3, 4, 5, 6]
+# The outcome stream, known in advance: which seeds diverge in which arm. MX diverges on every
+# seed (the loss jumps 100x at step 20, alarm at 15); the rule averts it on all but seed 1, the
+# rewind-only control on seeds 5-6, the placebo on seed 6; FP32 never diverges, one false alarm.
+DIVERGING = {
+    "fp32": set(),
+    "mx": set(SEEDS),
+    "mx_intervention": {1},
+    "mx_rewind_only": {1, 2, 3, 4},
+    "mx_placebo": {1, 2, 3, 4, 5},
+}
+JUMP, ALARM = 20, 15
+
+
+def synthetic_cell(job: tuple) -> dict:
+    """A worker that writes a cell from the known stream instead of training (module level, so
+    the spawned workers import it)."""
+    out, arm, seed, extra, factor, patience = job
+    tracker = DivergenceTracker(factor, patience)
+    bad = seed in DIVERGING[arm]
+    for step in range(STEPS):
+        if tracker.update(100.0 if bad and step >= JUMP else 1.0 - step / 1000):
+            break
+    row = {**tracker.summary(), "steps": tracker.step, "wall_s": 0.0}
+    alarms = [ALARM] if bad or arm.startswith("mx_") else []
+    alarms += [30] if (arm, seed) == ("fp32", 1) else []
+    return st.finish_cell(st.Cell(Path(out), arm, seed), row, alarms, len(alarms), extra)
+
+
+def _configs(tmp_path: Path, max_steps: int = 2, lr: float = 1e-3) -> Path:
+    """A tiny base config and its rule configs: the shipped rules' callbacks on the tiny base."""
+    base = tiny_config(max_steps=max_steps, batch_size=8)
+    base["model"]["lr"] = lr
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(base))
+    for suffix in ("intervention", "rewind_only", "placebo"):
+        shipped = yaml.safe_load((ROOT / f"examples/configs/proxy_cpu_{suffix}.yaml").read_text())
+        rule = copy.deepcopy(base)
+        rule["trainer"]["callbacks"] = shipped["trainer"]["callbacks"]
+        (tmp_path / f"tiny_{suffix}.yaml").write_text(yaml.safe_dump(rule))
+    return path
+
+
+def _plan(tmp_path: Path, base: Path, seeds=SEEDS, extra=(), patience=10) -> st.Plan:
+    arms = list(st.ARMS)
+    configs = st.arm_configs(base, arms, st.rule_paths(base, arms))
+    return st.Plan(configs, list(seeds), tmp_path / "study", list(extra), 10.0, patience,
+                   "mxprobe study (test)", "test machine")  # fmt: skip
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_seed_lists_and_arm_configs(tmp_path):
+    assert st.parse_seeds("1-3,7,2") == [1, 2, 3, 7]
+    with pytest.raises(ValueError, match="bad seed list"):
+        st.parse_seeds("1-x")
+    base = _configs(tmp_path)
+    configs = _plan(tmp_path, base).configs
+    assert list(configs) == list(st.ARMS)
+    assert configs["fp32"]["model"]["scheme"] == "fp32"
+    assert {configs[a]["model"]["scheme"] for a in list(st.ARMS)[1:]} == {"mxfp8_e4m3"}
+    # fp32 and mx carry the rules' detector and nothing else; every arm has the same detector.
+    detectors = [[c for c in configs[a]["trainer"]["callbacks"]
+                  if c["class_path"] == st.DETECTOR_CLASS] for a in configs]  # fmt: skip
+    assert all(d == detectors[0] and len(d) == 1 for d in detectors)
+    assert len(configs["mx"]["trainer"]["callbacks"]) == 1
+    # A rule config must be the base config plus callbacks.
+    rule = yaml.safe_load((tmp_path / "tiny_placebo.yaml").read_text())
+    rule["model"]["lr"] = 0.5
+    (tmp_path / "tiny_placebo.yaml").write_text(yaml.safe_dump(rule))
+    with pytest.raises(ValueError, match="differs from .* outside trainer.callbacks"):
+        _plan(tmp_path, base)
+
+
+def test_known_outcomes_give_the_rates_tests_and_detector_scores(tmp_path):
+    plan = _plan(tmp_path, _configs(tmp_path))
+    assert plan.run(0, lambda line: None, train=synthetic_cell) == 0
+    out = plan.out
+    rows = _csv(out / "outcomes.csv")
+    assert len(rows) == len(SEEDS) * len(st.ARMS)
+    assert list(rows[0])[:7] == ["seed", "arm", "diverged", "divergence_step", "final_loss",
+                                 "min_loss", "first_alarm_step"]  # fmt: skip
+    for row in rows:
+        bad = int(row["seed"]) in DIVERGING[row["arm"]]
+        assert row["diverged"] == str(bad).lower()
+        assert row["divergence_step"] == (str(JUMP) if bad else "")
+    rates = {r["arm"]: r for r in _csv(out / "rates.csv")}
+    for arm, seeds in DIVERGING.items():
+        ci = binomtest(len(seeds), len(SEEDS)).proportion_ci(method="exact")
+        assert int(rates[arm]["diverged"]) == len(seeds) and int(rates[arm]["n"]) == len(SEEDS)
+        assert float(rates[arm]["ci_low"]) == pytest.approx(ci.low, abs=1e-6)
+        assert float(rates[arm]["ci_high"]) == pytest.approx(ci.high, abs=1e-6)
+    tests = {(t["arm_a"], t["arm_b"]): t for t in _csv(out / "tests.csv")}
+    mx_fp32 = tests[("fp32", "mx")]
+    assert mx_fp32["test"].startswith("exact McNemar")
+    assert (mx_fp32["a_only"], mx_fp32["b_only"]) == ("0", "6")
+    assert float(mx_fp32["p_value"]) == pytest.approx(2 * 0.5**6)  # two-sided, 6 discordant
+    rule_vs_rewind = tests[("mx_intervention", "mx_rewind_only")]
+    assert (rule_vs_rewind["a_only"], rule_vs_rewind["b_only"]) == ("0", "3")
+    assert float(rule_vs_rewind["p_value"]) == pytest.approx(0.25)
+
+    found = study_report.load(out, plan.arms, plan.seeds, plan.finished)
+    seeds, averted, _ = study_report.rescue(found)
+    assert seeds == SEEDS  # MX diverged on every seed
+    assert {arm: (r.diverged, r.n) for arm, r in averted} == {
+        "mx_intervention": (5, 6), "mx_rewind_only": (2, 6), "mx_placebo": (1, 6)
+    }  # fmt: skip
+    assert study_report.lead_times(found, "mx") == ([JUMP - ALARM] * 6, 0)
+    assert study_report.false_alarms(found, "fp32") == (6, 1, 1, 6 * STEPS)
+    text = (out / "study.md").read_text()
+    assert "**Status: complete.** 6 of 6 seeds finished in all 5 arms" in text
+    assert "| mx | 6/6 (54.1–100.0 %) |" in text
+    assert "| fp32 | none | 0 | 6 (1) | 1.67 (1 in 600 steps) |" in text
+
+
+def test_a_rerun_skips_finished_cells_and_redoes_broken_or_stale_ones(tmp_path):
+    base = _configs(tmp_path)
+    plan = _plan(tmp_path, base, seeds=[1, 2])
+    plan.run(0, lambda line: None, train=synthetic_cell)
+    before = {c: c.result_path.stat().st_mtime_ns for c in plan.cells}
+    broken, gone = st.Cell(plan.out, "mx", 2), st.Cell(plan.out, "fp32", 1)
+    broken.result_path.write_text('{"seed": 2, "arm": "mx", "diver')  # killed mid-write
+    gone.result_path.unlink()
+    partial = plan.out / "study.md"
+    study_report.write(plan.out, study_report.load(plan.out, plan.arms, plan.seeds,
+                       plan.finished), "c", "m", _write)  # fmt: skip
+    assert "PARTIAL" in partial.read_text() and "fp32 1/2" in partial.read_text()
+    log = []
+    plan.run(0, log.append, train=synthetic_cell)
+    assert log[0] == "10 cells, 8 finished, 2 to run with 0 job(s) -> " + str(plan.out)
+    for cell, stamp in before.items():
+        rerun = cell in (broken, gone)
+        assert (cell.result_path.stat().st_mtime_ns != stamp) == rerun, cell
+    # A changed setting for every cell makes every cell stale.
+    stale = _plan(tmp_path, base, seeds=[1, 2], extra=["--trainer.max_steps=3"])
+    log.clear()
+    stale.run(0, log.append, train=synthetic_cell)
+    assert log[0].startswith("10 cells, 0 finished, 10 to run")
+    assert json.loads(broken.result_path.read_text())["diverged"] is True
+
+
+def _write(path, rows, columns):
+    from mxprobe.app.cli.proxy import write_csv
+
+    write_csv(path, rows, columns)
+
+
+@pytest.mark.slow
+def test_real_cells_train_and_read_their_alarms_from_the_run_record(tmp_path):
+    """One real tiny cell per arm, in spawned workers: at lr 1e30 the first Adam step makes every
+    arm's loss non-finite (diverged at step 1, known in advance), and the detector's non-finite
+    alarm at step 1 is read back from each run record."""
+    plan = _plan(tmp_path, _configs(tmp_path, max_steps=10, lr=1e30), seeds=[1], patience=500)
+    assert plan.run(2, lambda line: None) == 0
+    rows = _csv(plan.out / "outcomes.csv")
+    assert [r["arm"] for r in rows] == list(st.ARMS)
+    for row in rows:
+        assert (row["diverged"], row["divergence_step"], row["first_alarm_step"]) == (
+            "true", "1", "1"
+        ), row  # fmt: skip
