@@ -119,7 +119,6 @@ MORE_MODELS = {
 }
 
 
-
 def pair(name: str, seed: int = 0):
     """(model to convert, an identical unconverted copy), both in eval mode."""
     build = {**MODELS, **MORE_MODELS}[name]

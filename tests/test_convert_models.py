@@ -193,18 +193,6 @@ class MyDense(nn.Module):
         return x @ self.weight.t()
 
 
-@pytest.fixture
-def registry():
-    """Registrations made by a test are undone afterwards."""
-    from mxprobe import adapters
-
-    saved = dict(adapters._REGISTRY)
-    yield adapters
-    adapters._REGISTRY.clear()
-    adapters._REGISTRY.update(saved)
-    adapters._TWINS.clear()
-
-
 def test_registered_offset_norm_quantizes_one_plus_w_and_snaps_and_reports_it(registry):
     mxprobe.register_adapter(OffsetRMSNorm, "norm")
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import mxprobe
-from mxprobe import adapters
 from mxprobe.modules import MxModule
 from tests.helpers_hf import pair, tokens
 
@@ -143,20 +142,19 @@ def test_monitors_and_snapping_reach_the_expert_weights():
     assert torch.equal(experts.down_proj, qe(before, -1))
 
 
-def test_experts_or_a_router_registered_as_linear_are_refused_and_the_model_is_unchanged():
+def test_experts_or_a_router_registered_as_linear_are_refused_and_the_model_is_unchanged(
+    registry,
+):
     from transformers.models.mixtral import modeling_mixtral as mixtral
 
     for cls in (mixtral.MixtralExperts, mixtral.MixtralTopKRouter):
         model, _ = pair("mixtral")
-        adapters.register_adapter(cls, "linear")
-        try:
-            classes = [type(m) for m in model.modules()]
-            implementation = model.config._attn_implementation
-            with pytest.raises(ValueError, match=f"{cls.__name__} is registered as a linear"):
-                _quiet_convert(model)
-        finally:
-            adapters._REGISTRY.pop(cls)
-            adapters._TWINS.clear()
+        registry.register_adapter(cls, "linear")
+        classes = [type(m) for m in model.modules()]
+        implementation = model.config._attn_implementation
+        with pytest.raises(ValueError, match=f"{cls.__name__} is registered as a linear"):
+            _quiet_convert(model)
+        registry._REGISTRY.pop(cls)
         assert [type(m) for m in model.modules()] == classes
         assert model.config._attn_implementation == implementation
         assert not any(isinstance(m, MxModule) for m in model.modules())
@@ -199,3 +197,45 @@ def test_parameter_free_activations_are_converted_or_named():
         mxprobe.convert(model, "mxfp8_e4m3")
     assert isinstance(model[1], MxModule)
     assert "Swish" in str(mxprobe.describe(model))
+
+
+class SdpaAttention(nn.Module):
+    """timm/litgpt-style attention: qkv Linear, F.scaled_dot_product_attention, proj Linear."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x, mask=None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_registered_attention_class_gets_mx_products_around_its_own_sdpa_call(registry):
+    registry.register_adapter(SdpaAttention, "attention")
+    torch.manual_seed(0)
+    layer = SdpaAttention()
+    x = torch.randn(2, 6, 32)
+    mask = torch.rand(6, 6) > 0.3
+    mask.fill_diagonal_(True)
+    with torch.no_grad():
+        want = [layer(x), layer(x, mask)]
+    _quiet_convert(layer, "a=e4m3")  # only the products' (and linears' input) operands
+    assert isinstance(layer.mx_qk, mxprobe.MxMatmul)
+    with torch.no_grad():
+        with mxprobe.full_precision(layer):
+            assert torch.equal(layer(x), want[0]) and torch.equal(layer(x, mask), want[1])
+        mxprobe.set_scheme(layer, "fp32")
+        torch.testing.assert_close(layer(x), want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(x, mask), want[1], rtol=1e-5, atol=1e-6)
+        mxprobe.set_scheme(layer, "a=e4m3")
+        got = layer(x, mask)
+    q, k, v = layer.qkv(qe(x, -1)).view(2, 6, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = (qe(q, -1) @ qe(k.transpose(-2, -1), -2)) / 8**0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    y = (qe(probs, -1) @ qe(v, -2)).transpose(1, 2).reshape(2, 6, 32)
+    torch.testing.assert_close(got, layer.proj(qe(y, -1)), rtol=1e-5, atol=1e-6)
