@@ -5,8 +5,10 @@
   :mod:`mxprobe.adapters`: torch classes and their subclasses, transformers' ``Conv1D`` and
   ``*RMSNorm``, timm and litgpt norms, your own registered classes). The module objects and
   their Parameters stay the same, so ``state_dict`` keys, optimizer state and hooks are
-  untouched. It warns once, naming every parameter-holding module it left in full precision
-  and why. Converting an already converted model is the same as ``set_scheme`` (idempotent).
+  untouched. It warns once, naming every parameter-holding or activation-like module it left
+  in full precision and why, and the MoE routers it keeps in full precision by default. All or
+  nothing: when it raises, the model is as it was. Converting an already converted model is the
+  same as ``set_scheme`` (idempotent). docs/models.md says how each kind is emulated.
 - ``set_scheme(model, scheme, overrides)`` changes the precision of every MX module: an
   attribute change, nothing is allocated.
 - ``amend_scheme(model, change, modules, snap)`` amends the current scheme of some modules.
@@ -20,8 +22,9 @@ matched module has (``norm=bf16`` on a model without norms), raises ``ValueError
 Modules whose ``forward`` torch never calls are not emulated: ``nn.MultiheadAttention`` reads its
 projection weights directly, so its projections stay in full precision (the warning says so).
 ``nn.TransformerEncoderLayer``'s fused inference fast path is switched off so that its linears
-and norms are emulated in eval mode too. Build attention from ``nn.Linear`` + ``MxMatmul`` (as
-``mxprobe.models.llm`` does) to emulate its products.
+and norms are emulated in eval mode too. Attention products are emulated in transformers models,
+in attention built from ``nn.Linear`` + ``MxMatmul`` (as ``mxprobe.models.llm``) and in classes
+registered as ``"attention"``; other ``*Attention`` modules are named as not emulated.
 """
 
 from __future__ import annotations

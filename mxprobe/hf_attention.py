@@ -6,10 +6,12 @@ attention module two :class:`~mxprobe.modules.MxMatmul` children, ``mx_qk`` and 
 switches the model to the implementation ``mxprobe_<base>`` (``base`` = the model's own
 ``sdpa`` or ``eager``), which uses ``base``'s mask function. While both products are in full
 precision (``mx_scheme`` None, or inside ``full_precision``) it calls ``base``'s own function,
-so the model computes exactly what it did unconverted. Otherwise it computes
-``softmax(Q Kᵀ · scaling + mask) V`` with both products MX-emulated (operands blocked along the
-contraction axis, docs/numerics.md: Q along head_dim, Kᵀ along head_dim, P along keys, V along
-keys), the softmax in fp32 and cast back to the query dtype, as transformers' eager path does.
+so the model computes exactly what it did unconverted. Otherwise it runs the model's own eager
+attention function (its scaling, position bias, sink logits, soft-capping, grouped heads) with
+its two matmuls routed through the MX products by :class:`mxprobe.products.ProductScope`
+(operands blocked along the contraction axis, docs/numerics.md: Q along head_dim, Kᵀ along
+head_dim, P along keys, V along keys); a boolean or missing mask becomes the additive mask that
+function expects, with sdpa's causal rule.
 transformers is imported only here, and only for a transformers model.
 """
 
