@@ -29,23 +29,39 @@ def plain(value: Any) -> Any:
     return value
 
 
+# Notes about one file's bad lines stop after this many: a file of garbage is one more note.
+MAX_LINE_NOTES = 5
+
+
 def read_events(path: str | os.PathLike, notes: list[str] | None = None) -> list[dict[str, Any]]:
     """Every event of an ``events.jsonl`` file, in order.
 
-    A line that is not JSON (a run killed while writing it) is skipped and said: appended to
-    ``notes`` when given, else as a ``RuntimeWarning``.
+    A line that is not UTF-8, not JSON (a run killed while writing it) or not a JSON object is
+    skipped and said, naming the file and line: appended to ``notes`` when given, else as a
+    ``RuntimeWarning``.
     """
-    events, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
+    events, skipped = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                events.append(json.loads(line))
+                event = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped.append(f"line {number}: not UTF-8")
+                continue
             except json.JSONDecodeError:
-                bad += 1
-    if bad:
-        note = f"{os.path.basename(path)}: skipped {bad} unreadable event line(s)"
+                skipped.append(f"line {number}: not JSON")
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+            else:
+                skipped.append(f"line {number}: a JSON {type(event).__name__}, not an object")
+    name = os.path.basename(path)
+    lines = [f"{name} {why}: unreadable event line, skipped" for why in skipped[:MAX_LINE_NOTES]]
+    if len(skipped) > MAX_LINE_NOTES:
+        lines.append(f"{name}: {len(skipped) - MAX_LINE_NOTES} more unreadable event lines")
+    for note in lines:
         if notes is None:
             warnings.warn(f"{path}: {note}", RuntimeWarning, stacklevel=2)
         else:

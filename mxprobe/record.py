@@ -203,6 +203,7 @@ class Record:
     losses: Series = field(default_factory=lambda: ([], []))
     readings: dict[str, Series] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # rows skipped as unreadable
 
 
 def read_record(path: str | os.PathLike) -> Record:
@@ -216,31 +217,58 @@ def read_record(path: str | os.PathLike) -> Record:
         path = path / RECORD_FILE
     if not path.is_file():
         raise RecordError(f"run record {path}: no such file")
+    record = Record(path=path)
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
             meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-            losses = db.execute("SELECT step, value FROM losses ORDER BY step").fetchall()
-            rows = db.execute("SELECT step, name, value FROM readings ORDER BY step, rowid")
-            readings: dict[str, Series] = {}
-            for step, name, value in rows:
-                steps, values = readings.setdefault(name, ([], []))
+            if meta.get("format") != FORMAT:
+                raise RecordError(
+                    f"run record {path}: format {meta.get('format')!r}, expected {FORMAT}"
+                )
+            record.meta = meta
+            skipped = _Skipped(record.notes)
+            rows = db.execute("SELECT step, value FROM losses ORDER BY step")
+            for step, value in skipped.numbers(rows, "losses"):
+                record.losses[0].append(step)
+                record.losses[1].append(value)
+            rows = db.execute("SELECT step, value, name FROM readings ORDER BY step, rowid")
+            for step, value, name in skipped.numbers(rows, "readings"):
+                steps, values = record.readings.setdefault(str(name), ([], []))
                 steps.append(step)
-                values.append(_float(value))
-            events = [json.loads(b) for (b,) in db.execute("SELECT body FROM events ORDER BY id")]
+                values.append(value)
+            for row_id, body in db.execute("SELECT id, body FROM events ORDER BY id"):
+                try:
+                    record.events.append(json.loads(body))
+                except (TypeError, ValueError):
+                    skipped.note(f"events row {row_id}: not JSON")
         finally:
             db.close()
     except (sqlite3.Error, ValueError) as err:
         raise RecordError(f"run record {path}: unreadable, not a run record ({err})") from None
-    if meta.get("format") != FORMAT:
-        raise RecordError(f"run record {path}: format {meta.get('format')!r}, expected {FORMAT}")
-    return Record(
-        path=path,
-        meta=meta,
-        losses=([s for s, _ in losses], [_float(v) for _, v in losses]),
-        readings=readings,
-        events=events,
-    )
+    return record
+
+
+class _Skipped:
+    """Rows of a record that a hand edit or a bad disk made unreadable: each is a note (a few
+    per table), so one bad row never hides the rest of a run."""
+
+    def __init__(self, notes: list[str]) -> None:
+        self.notes, self.counts = notes, {}
+
+    def note(self, text: str) -> None:
+        table = text.split()[0]
+        self.counts[table] = self.counts.get(table, 0) + 1
+        if self.counts[table] <= 5:
+            self.notes.append(f"{RECORD_FILE} {text}, skipped")
+
+    def numbers(self, rows, table: str):
+        """``(step, value, *rest)`` rows with an integer step and a numeric (or NULL) value."""
+        for number, (step, value, *rest) in enumerate(rows, start=1):
+            if type(step) is not int or not (value is None or type(value) in (int, float)):
+                self.note(f"{table} row {number}: step {step!r:.30} value {value!r:.30}")
+                continue
+            yield (step, _float(None if value is None else float(value)), *rest)
 
 
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ draw (the report then leaves the panel out or says so)."""
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from pathlib import Path
 
@@ -13,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import ListedColormap, LogNorm  # noqa: E402
 
+from mxprobe import atomic  # noqa: E402
 from mxprobe.app.headlines import RunOutcome  # noqa: E402
 from mxprobe.app.mechanism import Mechanism  # noqa: E402
 from mxprobe.app.runs import Run, finite  # noqa: E402
@@ -40,13 +43,31 @@ _EVENT_STYLE = {
 }
 
 
+def _literal_text(draw):
+    """Draw run-supplied text (run, module, rule and column names) as written: matplotlib would
+    read a ``$`` in it as the start of mathtext, which can fail to parse and stop the report."""
+
+    @functools.wraps(draw)
+    def literal(*args, **kwargs):
+        with plt.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return literal
+
+
 def _save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG, atomically (a full disk leaves the previous figure)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    png = io.BytesIO()
+    try:
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    atomic.write_bytes(path, png.getvalue())
     return path
 
 
+@_literal_text
 def loss_curves(outcomes: list[RunOutcome], path: Path) -> Figure:
     """Training loss against the optimizer step for every run (log scale), with its events and
     where its divergence begins."""
@@ -111,6 +132,7 @@ def _mark_divergence(ax, mech: Mechanism) -> None:
         )
 
 
+@_literal_text
 def norm_saturation(mech: Mechanism, path: Path) -> Figure:
     """Per norm: the fraction of γ elements clipped in their block, over steps."""
     if not mech.saturation:
@@ -141,6 +163,7 @@ def norm_saturation(mech: Mechanism, path: Path) -> Figure:
     return _save(fig, path), points
 
 
+@_literal_text
 def zeta_heatmap(mech: Mechanism, path: Path) -> Figure:
     """A module × step heatmap of ζ over the mechanism's window (log colour scale)."""
     lo, hi = mech.window
@@ -169,6 +192,7 @@ def zeta_heatmap(mech: Mechanism, path: Path) -> Figure:
     return _save(fig, path), points
 
 
+@_literal_text
 def per_module_lines(
     runs: list[Run], monitor: str, stats: list[tuple[str, str]], path: Path, title: str
 ) -> Figure:
@@ -194,6 +218,7 @@ def per_module_lines(
     return _save(fig, path), points
 
 
+@_literal_text
 def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: str) -> Figure:
     series = [(r, r.mx_metrics(monitor, stat).get(TOTAL)) for r in runs]
     series = [(r, s) for r, s in series if s]
@@ -216,6 +241,7 @@ def total_curve(runs: list[Run], monitor: str, stat: str, path: Path, ylabel: st
 OUTCOMES = (STABLE, RECOVERED, DIVERGED)
 
 
+@_literal_text
 def stability_map(rows: list[dict], x: str, y: str, path: Path) -> Figure:
     """Cells (x value × y value) coloured by the worst outcome over seeds, with counts."""
     if not rows or x not in rows[0] or y not in rows[0]:

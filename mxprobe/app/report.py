@@ -14,10 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mxprobe import atomic
 from mxprobe.app import plots
 from mxprobe.app.headlines import RunOutcome, headline, lead_time_line, outcome
 from mxprobe.app.mechanism import Mechanism, find_mechanism
@@ -76,16 +76,37 @@ def _outcome_label(row: dict) -> str:
     return "stable"
 
 
-def read_outcome_table(paths: list[Path]) -> list[dict]:
-    """Rows of every summary.csv / results.csv at the top of ``paths``, with an ``outcome``."""
+def read_outcome_table(paths: list[Path], notes: list[str] | None = None) -> list[dict]:
+    """Rows of every summary.csv / results.csv at the top of ``paths``, with an ``outcome``; a
+    table that cannot be read is left out with a note naming it and its line."""
     rows = []
     for root in paths:
         for name in _TABLE_NAMES:
             table = root / name
             if table.exists():
-                with open(table, newline="") as fh:
-                    for row in csv.DictReader(fh):
-                        rows.append({**row, "outcome": _outcome_label(row)})
+                rows += _table_rows(table, [] if notes is None else notes)
+    return rows
+
+
+def _table_rows(table: Path, notes: list[str]) -> list[dict]:
+    data = table.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        notes.append(f"{table} line {line}: not UTF-8, table left out")
+        return []
+    rows = []
+    reader = csv.DictReader(text.splitlines())
+    try:
+        for row in reader:
+            if None in row or None in row.values():
+                notes.append(f"{table} line {reader.line_num}: wrong number of fields, skipped")
+                continue
+            rows.append({**row, "outcome": _outcome_label(row)})
+    except csv.Error as err:
+        notes.append(f"{table} line {reader.line_num}: unreadable ({err}), table left out")
+        return []
     return rows
 
 
@@ -122,15 +143,21 @@ def _map_axes(rows: list[dict]) -> tuple[str, str] | None:
     return (x, y) if x and y else None
 
 
-def _saved_framing(roots: list[Path]) -> list[str]:
-    """The framing a demo wrote into summary.json (``mxprobe report out/demo`` keeps it)."""
+def _saved_framing(roots: list[Path], notes: list[str]) -> list[str]:
+    """The framing a demo wrote into summary.json (``mxprobe report out/demo`` keeps it): a
+    list of lines; anything else is a note."""
     for root in roots:
         for path in (root / "summary.json", root.parent / "summary.json"):
             if path.exists():
                 try:
-                    return list(json.loads(path.read_text()).get("framing", []))
-                except (ValueError, AttributeError):
+                    framing = json.loads(path.read_bytes().decode("utf-8")).get("framing", [])
+                except (ValueError, AttributeError, OSError) as err:
+                    notes.append(f"{path}: not a JSON object ({type(err).__name__}), no framing")
                     return []
+                if isinstance(framing, list) and all(isinstance(f, str) for f in framing):
+                    return framing
+                notes.append(f"{path}: 'framing' is not a list of lines, left out")
+                return []
     return []
 
 
@@ -158,7 +185,8 @@ def build_report(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = Report(runs, framing=list(framing) if framing is not None else _saved_framing(roots))
+    saved = _saved_framing(roots, notes) if framing is None else list(framing)
+    report = Report(runs, framing=saved)
     report.notes += notes
     for run in runs:
         report.notes += [f"{run.name}: {n}" for n in run.notes]
@@ -185,10 +213,9 @@ def build_report(
 
 
 def _write(path: Path, text: str) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Atomically: a reader sees the old file or the new one, never half of one; a full disk
+    leaves the old one (:mod:`mxprobe.atomic`)."""
+    atomic.write_text(path, text)
 
 
 def report_json(report: Report) -> dict:
@@ -323,7 +350,7 @@ def _details(report: Report, roots: list[Path], out: Path) -> None:
         )
     else:
         report.notes.append("ActivationMonitor logged nothing: no activation panel")
-    rows = read_outcome_table(roots)
+    rows = read_outcome_table(roots, report.notes)
     report.rates = _rates(rows)
     axes = _map_axes(rows)
     if axes:

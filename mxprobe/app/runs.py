@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mxprobe.events import EVENTS_FILE, read_events
+from mxprobe.events import EVENTS_FILE, MAX_LINE_NOTES, read_events
 from mxprobe.names import parse_metric
 from mxprobe.record import RecordError, find_records, read_record
 
@@ -93,6 +93,63 @@ def read_metrics(path: Path) -> tuple[dict[str, Series], list[str]]:
     return metrics, notes
 
 
+# The types of the event keys the report reads (docs/callbacks.md, Events); an event breaking
+# them (a hand-edited or hostile record) is skipped with a note instead of stopping the report.
+_NUMBER = (int, float, str)  # non-finite numbers are written as "nan", "inf", "-inf"
+_EVENT_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "kind": (str,),
+    "rule": (str, type(None)),
+    "values": (dict, type(None)),
+    "rewound_to": (int, type(None)),
+    "scheme": (str, type(None)),
+    "modules": (str, list, type(None)),
+    "snap": (bool, type(None)),
+    "factor": (*_NUMBER, type(None)),
+}
+_REQUIRED_EVENT_KEYS = ("step", "kind")
+
+
+def _event_problem(event) -> str | None:
+    """Why ``event`` cannot be reported, or None."""
+    if not isinstance(event, dict):
+        return f"a JSON {type(event).__name__}, not an object"
+    for key in _REQUIRED_EVENT_KEYS:
+        if key not in event:
+            return f"no {key!r}"
+    for key, types in _EVENT_TYPES.items():
+        if key in event and not _has_type(event[key], types):
+            value = event[key]
+            return f"{key!r} is {type(value).__name__} {value!r:.40}, expected {_names(types)}"
+    return None
+
+
+def _has_type(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # an int to Python, but never a step or a factor
+        return bool in types
+    return isinstance(value, types)
+
+
+def _names(types: tuple[type, ...]) -> str:
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def checked_events(events: list, where: str, notes: list[str]) -> list[dict]:
+    """The events of ``events`` the report can read; each other one is a note naming
+    ``where`` and its place (at most ``MAX_LINE_NOTES`` notes per source)."""
+    kept, skipped = [], []
+    for number, event in enumerate(events, start=1):
+        problem = _event_problem(event)
+        if problem is None:
+            kept.append(event)
+        else:
+            skipped.append(f"{where} event {number}: {problem}, skipped")
+    notes += skipped[:MAX_LINE_NOTES]
+    if len(skipped) > MAX_LINE_NOTES:
+        notes.append(f"{where}: {len(skipped) - MAX_LINE_NOTES} more bad events")
+    return kept
+
+
 def _name(run_dir: Path, root: Path) -> str:
     return str(run_dir.relative_to(root.parent)) if run_dir != root else root.name
 
@@ -107,15 +164,12 @@ def _recorded_runs(root: Path, notes: list[str]) -> list[Run]:
             notes.append(str(err))
             continue
         continued = record.meta.get("continued_in")
-        if continued and Path(continued).exists():
+        if isinstance(continued, str) and continued and Path(continued).exists():
             notes.append(f"{run.name}: resumed into {continued}, reported there")
             continue
-        run.losses, run.metrics, run.events, run.meta = (
-            record.losses,
-            record.readings,
-            record.events,
-            record.meta,
-        )
+        run.losses, run.metrics, run.meta = record.losses, record.readings, record.meta
+        run.notes += record.notes
+        run.events = checked_events(record.events, path.name, run.notes)
         if record.meta.get("continued_from"):
             run.notes.append(f"resumed from a checkpoint of {record.meta['continued_from']}")
         runs.append(run)
@@ -137,7 +191,9 @@ def _legacy_runs(root: Path) -> list[Run]:
             run.losses = run.metrics.pop(loss)
         events_path = _find_events(metrics_path.parent, root)
         if events_path is not None:
-            run.events = read_events(events_path, run.notes)
+            run.events = checked_events(
+                read_events(events_path, run.notes), events_path.name, run.notes
+            )
         runs.append(run)
     return runs
 
