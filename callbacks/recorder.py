@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from mxprobe.callbacks.checkpoint_io import use_verified_checkpoints
 
 from mxprobe.modules import MxModule
 from mxprobe.names import ALARM_KINDS, monitor_of
@@ -71,6 +72,10 @@ class RunRecorder(Callback):
     (a logger's new ``version_N``), the new record starts with the old one's rows before k, and
     the old record is marked as continued there (the report then shows one run).
 
+    Checkpoints of a recorded run are atomic, carry a SHA-256 and load checked, with
+    ``weights_only=True`` (:mod:`mxprobe.callbacks.checkpoint_io`), unless the strategy already
+    has a checkpoint IO of the user's own.
+
     Raises:
         mxprobe.record.RecordError: when the record cannot be written (disk full, read-only),
             naming the file; the record keeps its last complete step.
@@ -115,6 +120,8 @@ class RunRecorder(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if RunRecorder.of(trainer) is not self:
             raise ValueError("a Trainer takes one RunRecorder; remove the second one")
+        # Before Lightning restores a ckpt_path: it is then read through the checked IO too.
+        use_verified_checkpoints(trainer)
         if stage != "fit":
             return  # validate/test/predict train nothing: no record
         # trainer.log_dir is a collective under DDP: every rank asks.

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from mxprobe import atomic
 from mxprobe.app import demo_case as case
 from mxprobe.app.cli.errors import ArgumentParser
 
@@ -202,7 +203,7 @@ def run(argv: list[str], prog: str = "mxprobe demo") -> int:
     for name in ("mx_intervention", "mx_rewind_only", "mx", "fp32"):
         config_path = out / f"{name}.yaml"
         config = demo_config(name, args.seed, args.quick, args.steps)
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic.write_text(config_path, yaml.safe_dump(config, sort_keys=False))
         jobs.append((name, str(config_path), str(out / name), not args.quick))
     steps = jobs and demo_config("mx", args.seed, args.quick, args.steps)["trainer"]["max_steps"]
     print(
@@ -217,6 +218,6 @@ def run(argv: list[str], prog: str = "mxprobe demo") -> int:
     framing = case.framing(args.seed, args.quick)
     report = build_report([out / name for name in RUNS], out / "report", framing=framing)
     summary, lines = summarize(report, rows, args.seed, steps, time.perf_counter() - start, out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic.write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
     print("\n".join(lines))
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mxprobe.app.cli.errors import ArgumentParser, UsageError, positive_int
+from mxprobe.atomic import atomic_open
 from mxprobe.formats import MX_FORMAT_NAMES, mx_format
 from mxprobe.quantize import SCALE_MODES, block_scale_exponent, quantize_mx, set_compile
 
@@ -98,7 +99,7 @@ def run(argv: list[str], prog: str = "mxprobe formats") -> int:
     print(f"\nN(0,1) data, {args.numel} elements, block {args.block_size}, rounding even")
     _print_rows(stats)
     for name, rows in (("formats.csv", table), ("gaussian_sqnr.csv", stats)):
-        with open(out / name, "w", newline="") as fh:
+        with atomic_open(out / name, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)

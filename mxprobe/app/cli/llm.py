@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from mxprobe.app.cli.errors import ArgumentParser, positive_float, raising_parser_kwargs
+from mxprobe.app.cli.save_config import AtomicSaveConfig
 from mxprobe.callbacks import RunRecorder
 from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule
 
@@ -66,6 +67,7 @@ def llm_cli(
         ByteTextDataModule,
         args=args,
         parser_kwargs=raising_parser_kwargs({"prog": prog}, LIGHTNING_SUBCOMMANDS),
+        save_config_callback=AtomicSaveConfig,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         **kwargs,

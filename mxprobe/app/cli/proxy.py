@@ -87,6 +87,7 @@ def _cli_class():
 def make_cli(args: list[str], run: bool = True, **kwargs):
     """The LightningCLI of the proxy for ``args`` (subcommand first when ``run``); a bad
     argument raises ``argparse.ArgumentError`` (the CLI's main says it in one line)."""
+    from mxprobe.app.cli.save_config import AtomicSaveConfig
     from mxprobe.models.data import ProxyDataModule
     from mxprobe.models.lit import ProxyLitModule
 
@@ -98,6 +99,7 @@ def make_cli(args: list[str], run: bool = True, **kwargs):
         ProxyDataModule,
         args=args,
         run=run,
+        save_config_callback=AtomicSaveConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=raising_parser_kwargs(kwargs.pop("parser_kwargs", {}), ("fit", "validate")),
         **kwargs,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from mxprobe import atomic
 from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, positive_int
 from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, check_divergence_rule, write_csv
 from mxprobe.app.rates import by_arm, write_tables
@@ -249,9 +250,7 @@ def run_one(spec: Spec, index: int) -> dict:
         spec.patience,
     )
     result = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}, **row}
-    tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, run_dir / RESULT_FILE)
+    atomic.write_text(run_dir / RESULT_FILE, json.dumps(result, indent=1))
     return result
 
 
