@@ -33,7 +33,7 @@ Built in: ``nn.Linear`` (and subclasses that keep its ``forward``), ``nn.LayerNo
 ``nn.Tanh``, ``nn.Sigmoid``...) and their subclasses; transformers' ``Conv1D``; every
 ``*RMSNorm`` / ``*LayerNorm`` class of transformers, timm and litgpt; the activation classes of
 ``transformers.activations`` and ``timm.layers.activations`` and Bloom's ``BloomGelu``;
-transformers' experts modules and ``*Router`` classes; Bloom's attention. None of those
+transformers' experts modules and ``*Router`` classes; Bloom's and litgpt's attention. None of those
 libraries is imported: classes are matched by their qualified names.
 
 Register your own class in one call, e.g.
@@ -402,6 +402,8 @@ def register_builtins() -> None:
     register_adapter("transformers.pytorch_utils.Conv1D", "linear", weight_layout="in_out")
     register_adapter("transformers.models.bloom.modeling_bloom.BloomGelu", "activation")
     register_adapter("transformers.models.bloom.modeling_bloom.BloomAttention", "attention")
+    # Calls F.scaled_dot_product_attention in its own code (checked with litgpt 0.5.13).
+    register_adapter("litgpt.model.CausalSelfAttention", "attention")
 
 
 register_builtins()

@@ -151,3 +151,25 @@ def test_a_transformers_model_inside_a_users_module_is_covered_the_same(name):
     routers = _router_weights(wrapper)
     off = [(a, b) for a, b in watch.products if not _is_router(b, routers)]
     assert off and all(_on_grid(a, -1) and _on_grid(b, -2) for a, b in off)
+
+
+def test_litgpt_attention_products_are_on_mx_operands_where_litgpt_is_installed():
+    """litgpt is not a dev dependency (its pins conflict with transformers 5): checked where a
+    user has it (here: litgpt 0.5.13 installed with --no-deps)."""
+    model_module = pytest.importorskip("litgpt.model")
+    from litgpt.config import Config
+
+    config = Config(
+        block_size=32, vocab_size=96, padded_vocab_size=96, n_layer=2, n_head=4,
+        n_query_groups=2, n_embd=64, rotary_percentage=1.0, bias=False,
+        norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP", intermediate_size=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = model_module.GPT(config).eval()
+    _convert(model)
+    assert mxprobe.describe(model).attention_left == []
+    watch = GemmWatch()
+    with torch.no_grad(), watch:
+        model(tokens())
+    assert watch.opaque == [] and watch.products
+    assert all(_on_grid(a, -1) and _on_grid(b, -2) for a, b in watch.products)
