@@ -5,19 +5,29 @@ constant, 1200 steps), the rule that of ``examples/configs/proxy_cpu_interventio
 control that of ``examples/configs/proxy_cpu_rewind_only.yaml`` (tests/test_demo.py checks that
 these stay equal). Seed 21 is a seed where, on the current code (2026-12-03 scan of seeds 11-25
 in docs/proxy_cpu.md), MX diverges, FP32 trains cleanly, the rule rescues MX and the
-rewind-only control diverges; :data:`BASE_RATES` says how often such
-outcomes happened at this configuration, so nobody reads one seed as a rate. Every count comes
-from docs/proxy_cpu.md with the command that measured it; :data:`RATES_CAVEAT` says which code
-measured them. At the stability edge a seed's outcome depends on floating-point reduction order
-(code version, machine), so re-check the seed after changing the compiled graph.
+rewind-only control diverges; :data:`BASE_RATES` says how often such outcomes happen at this
+configuration, so nobody reads one seed as a rate. Every rate is computed from the shipped study
+(``mxprobe study``, docs/study/: ``rates.csv``, ``outcomes.csv``), with its exact interval and
+the command that made it; :data:`STUDY_STATUS` says how far the study got, and
+:func:`seed_in_study` what its arms did on the demo's seed. At the stability edge a seed's
+outcome depends on floating-point reduction order (code version, machine), so re-check the seed
+after changing the compiled graph.
 """
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
+from pathlib import Path
 
 SEED = 21
-SOURCE = "docs/proxy_cpu.md"
+SOURCE = "docs/study/study.md"
+STUDY_DIR = Path(__file__).resolve().parents[2] / "docs" / "study"
+
+# What the demo seed's four runs did when it was chosen (docs/proxy_cpu.md, the scan of seeds
+# 11-25 and `mxprobe demo --seed 21`): divergence step, None = did not diverge. The slow test
+# of tests/test_demo.py holds the demo to these, or to the study's cells once it has the seed.
+DEMO_OUTCOMES = {"fp32": None, "mx": 270, "mx_intervention": None, "mx_rewind_only": 331}
 
 MODEL = {
     "depth": 4,
@@ -68,61 +78,83 @@ CONTROL_RULE = {
 
 @dataclass(frozen=True)
 class Rate:
-    """``count`` of ``total`` runs did ``what``, measured by ``command`` (see :data:`SOURCE`)."""
+    """``count`` of ``total`` seeds did ``what`` (95 % Clopper–Pearson ``low``–``high``), computed
+    from the shipped study's tables (:data:`SOURCE`), which ``command`` made."""
 
     what: str
     count: int
     total: int
+    low: float
+    high: float
     seeds: str
     command: str
 
     def line(self) -> str:
-        return f"{self.what}: {self.count} of {self.total} ({self.seeds}) — `{self.command}`"
+        if not self.total:
+            return f"{self.what}: no finished seed yet — `{self.command}`"
+        return (
+            f"{self.what}: {self.count} of {self.total} ({100 * self.low:.1f}–"
+            f"{100 * self.high:.1f} %, 95 % exact; {self.seeds}) — `{self.command}`"
+        )
 
 
-_SEEDS_0_44 = "$(seq -s, 0 44)"
-_DIVERGING = "0,4,9,10,24,32,40,41"
-BASE_RATES = (
-    Rate(
-        "MX (mxfp8_e4m3) diverged",
-        8,
-        45,
-        "seeds 0-44",
-        "mxprobe proxy compare --config examples/configs/proxy_cpu.yaml --schemes "
-        f"fp32,mxfp8_e4m3 --seeds {_SEEDS_0_44} --jobs 2",
-    ),
-    Rate(
-        "FP32 diverged",
-        10,
-        45,
-        "seeds 0-44, same command",
-        "mxprobe proxy compare --config examples/configs/proxy_cpu.yaml --schemes "
-        f"fp32,mxfp8_e4m3 --seeds {_SEEDS_0_44} --jobs 2",
-    ),
-    Rate(
-        "the rule kept a diverging MX seed from diverging",
-        7,
-        8,
-        f"the 8 seeds where MX diverged: {_DIVERGING}",
-        "mxprobe proxy compare --config examples/configs/proxy_cpu_intervention.yaml "
-        f"--schemes mxfp8_e4m3 --seeds {_DIVERGING} --jobs 2",
-    ),
-    Rate(
-        "the rewind-only control kept a diverging MX seed from diverging",
-        3,
-        8,
-        "the same 8 seeds",
-        "mxprobe proxy compare --config examples/configs/proxy_cpu_rewind_only.yaml "
-        f"--schemes mxfp8_e4m3 --seeds {_DIVERGING} --jobs 2",
-    ),
-)
+def study_rates(folder: Path = STUDY_DIR) -> tuple[tuple[Rate, ...], str]:
+    """The rates the demo quotes, read from the study's ``rates.csv`` and ``outcomes.csv``, and
+    a sentence saying how far the study got (none of it typed here)."""
+    from mxprobe.app import study_report
+
+    try:
+        study, meta = study_report.from_tables(folder)
+        with open(folder / "rates.csv", newline="") as f:
+            by_arm = {row["arm"]: row for row in csv.DictReader(f)}
+    except (OSError, ValueError, KeyError) as err:
+        return (), f"no study table in {folder} ({err})"
+    command = meta["command"]
+    rates = []
+    for arm, what in (("mx", f"MX ({MX_SCHEME}) diverged"), ("fp32", "FP32 diverged")):
+        row = by_arm.get(arm)
+        if row is not None:
+            n, k = int(row["n"]), int(row["diverged"])
+            low, high = float(row["ci_low"] or "nan"), float(row["ci_high"] or "nan")
+            rates.append(Rate(what, k, n, low, high, f"study seeds finished in {arm}", command))
+    seeds, averted, _ = study_report.rescue(study)
+    names = {
+        "mx_intervention": "the rule",
+        "mx_rewind_only": "the rewind-only control",
+        "mx_placebo": "the placebo control",
+    }
+    where = f"the {len(seeds)} seeds where MX diverged"
+    for arm, r in averted:
+        what = f"{names[arm]} kept a diverging MX seed from diverging"
+        rates.append(Rate(what, r.diverged, r.n, r.low, r.high, where, command))
+    n = len(meta["seeds"])
+    status = (
+        f"{SOURCE}: {meta['complete_seeds']} of {n} seeds finished in all "
+        f"{len(meta['arms'])} arms" + ("" if meta["complete_seeds"] == n else ", still running")
+    )
+    return tuple(rates), status
 
 
-RATES_CAVEAT = (
-    "rates measured on the code before 2026-12-01 on another machine instance; per-seed outcomes "
-    "have moved since (re-scans on the current code: MX diverged in 3 of seeds 1-10 and in 3 of "
-    "seeds 12-25)"
-)
+def seed_in_study(seed: int, folder: Path = STUDY_DIR) -> str:
+    """What the study's arms did on ``seed`` (so one seed is read against the table)."""
+    from mxprobe.app import study_report
+
+    try:
+        study, _ = study_report.from_tables(folder)
+    except (OSError, ValueError, KeyError):
+        return f"seed {seed}: no study table"
+    cells = {a: study.results.get(a, {}).get(seed) for a in study.arms}
+    if not any(cells.values()):
+        return f"seed {seed} is not (yet) in the study"
+    words = [
+        f"{a} " + ("…" if r is None else f"diverged at {r['divergence_step']}" if r["diverged"]
+                   else "did not diverge")
+        for a, r in cells.items()
+    ]  # fmt: skip
+    return f"seed {seed} in the study: " + ", ".join(words)
+
+
+BASE_RATES, STUDY_STATUS = study_rates()
 
 
 def framing(seed: int, quick: bool) -> list[str]:
@@ -136,8 +168,8 @@ def framing(seed: int, quick: bool) -> list[str]:
         case = (
             f"examples/configs/proxy_cpu.yaml (L={MODEL['depth']}, d={MODEL['width']}, "
             f"lr {MODEL['lr']}, {STEPS} steps), seed {seed}: one seed, chosen because MX "
-            "diverges there and FP32 does not"
+            f"diverges there and FP32 does not; {seed_in_study(seed)}"
         )
     short = "; ".join(f"{r.what} {r.count}/{r.total}" for r in BASE_RATES)
-    case += f". At this configuration ({SOURCE}; {RATES_CAVEAT}): {short}"
+    case += f". At this configuration ({STUDY_STATUS}): {short or 'no rate yet'}"
     return [case, *(r.line() for r in BASE_RATES)]

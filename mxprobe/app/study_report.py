@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,10 +66,17 @@ class Study:
                         {
                             **{k: r.get(k) for k in OUTCOME_COLUMNS},
                             "diverged": str(bool(r["diverged"])).lower(),
-                            "alarms": len(r.get("alarm_steps") or []),
+                            "alarms": _alarm_count(r),
                         }
                     )
         return rows
+
+
+def _alarm_count(result: dict) -> int:
+    """A cell's alarms (a cell result lists them; a row read back from outcomes.csv counts)."""
+    if "alarm_steps" in result:
+        return len(result["alarm_steps"] or [])
+    return int(result.get("alarm_count") or 0)
 
 
 def paired_tests(study: Study, seeds: list[int] | None = None) -> list[dict]:
@@ -121,7 +130,7 @@ def lead_times(study: Study, arm: str) -> tuple[list[int], int]:
 def false_alarms(study: Study, arm: str) -> tuple[int, int, int, int]:
     """On the arm's runs that never diverged: runs, runs with an alarm, alarms, steps."""
     clean = [r for r in study.results.get(arm, {}).values() if not r["diverged"]]
-    alarms = [len(r.get("alarm_steps") or []) for r in clean]
+    alarms = [_alarm_count(r) for r in clean]
     return len(clean), sum(a > 0 for a in alarms), sum(alarms), sum(int(r["steps"]) for r in clean)
 
 
@@ -279,10 +288,38 @@ def load(out: Path, arms: list[str], seeds: list[int], finished) -> Study:
     return Study(list(arms), list(seeds), results)
 
 
+def from_tables(folder: Path) -> tuple[Study, dict]:
+    """A shipped study read back from its ``outcomes.csv`` and ``study.json`` (what the demo
+    and the README quote)."""
+    meta = json.loads((folder / "study.json").read_text())
+    results: dict[str, dict[int, dict]] = {}
+    with open(folder / "outcomes.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            step = row["divergence_step"]
+            results.setdefault(row["arm"], {})[int(row["seed"])] = {
+                **row,
+                "diverged": row["diverged"] == "true",
+                "divergence_step": int(step) if step else None,
+                "final_loss": float(row["final_loss"]),
+                "first_alarm_step": int(row["first_alarm_step"])
+                if row["first_alarm_step"]
+                else None,
+                "alarm_count": int(row["alarms"] or 0),
+            }
+    return Study(meta["arms"], meta["seeds"], results), meta
+
+
 def write(out: Path, study: Study, command: str, machine: str, write_csv) -> None:
-    """outcomes.csv, rates.csv, tests.csv and study.md in ``out`` (tables atomically)."""
+    """outcomes.csv, rates.csv, tests.csv, study.json (command, machine, seeds, arms) and
+    study.md in ``out`` (each atomically)."""
     from mxprobe.app.rates import RATE_COLUMNS
 
+    meta = {"command": command, "machine": machine, "seeds": study.seeds, "arms": study.arms,
+            "complete_seeds": len(study.complete_seeds),
+            "finished": {a: len(study.done(a)) for a in study.arms}}  # fmt: skip
+    tmp = out / "study.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / "study.json")
     write_csv(out / "outcomes.csv", study.outcome_rows(), OUTCOME_COLUMNS)
     arms = {a: study.diverged(a) for a in study.arms}
     write_csv(out / "rates.csv", [r.row() for r in rates(arms)], RATE_COLUMNS)
