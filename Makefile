@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test install install-dev lint bench clean
+.PHONY: demo test smoke install install-dev lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,21 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q --durations=15
+	$(MAKE) smoke
+
+# The package as users install it: a wheel built from this tree, in a clean venv, run from
+# outside the source tree (tests/smoke/installed.py, then the quick demo).
+SMOKE := build/smoke
+smoke: $(VENV)/.installed-dev
+	rm -rf $(SMOKE) && mkdir -p $(SMOKE)
+	$(PIP) wheel -q --no-deps -w $(SMOKE)/wheel .
+	python3 -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/pip install -q torch==2.13.0
+	$(SMOKE)/venv/bin/pip install -q $(SMOKE)/wheel/mxprobe-*.whl
+	cd /tmp && MXPROBE_CACHE_DIR=$(CURDIR)/$(SMOKE)/cache \
+		$(CURDIR)/$(SMOKE)/venv/bin/python $(CURDIR)/tests/smoke/installed.py
+	cd /tmp && MXPROBE_CACHE_DIR=$(CURDIR)/$(SMOKE)/cache \
+		$(CURDIR)/$(SMOKE)/venv/bin/mxprobe demo --quick --out $(CURDIR)/$(SMOKE)/demo
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
