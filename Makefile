@@ -29,8 +29,11 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/mxprobe demo --out out/demo
 
+# Three stages: the default tests; the slow ones (full demo, multi-minute trainings, kill -9 of
+# a sweep), timed on their own (pytest prints the stage's seconds); then the installed wheel.
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -m slow --durations=10
 	$(MAKE) smoke
 
 # The package as users install it: a wheel built from this tree, in a clean venv, run from
