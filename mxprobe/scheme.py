@@ -28,7 +28,8 @@ String form (``PrecisionScheme.parse``, ``str(scheme)``): a preset name, comma-s
 ``key=value`` items, or a preset followed by items that amend it, e.g. ``"mxfp8_e4m3,norm=bf16"``
 or ``"w=e4m3,a=e4m3,bp=e5m2,scale=rceil"``. Keys: ``w``, ``a``, ``w_bp``, ``a_bp``, ``g_wgrad``,
 ``g_dgrad``, ``bp`` (all four backward roles), ``norm``, ``elem``, ``block``, ``scale``,
-``round``, ``backprop``. Roles not named are ``fp32``; later items override earlier ones.
+``round``, ``backprop``. Roles not named are ``fp32``; each key may be given once, and a later
+item overrides an earlier group key (``"bp=e5m2,g_wgrad=e4m3"``).
 
 Per-layer overrides are an ordered mapping ``{glob on the qualified module name: scheme or
 partial string}``; the first matching glob wins and a partial string amends the base scheme.
@@ -370,6 +371,7 @@ def _split(text: str) -> tuple[PrecisionScheme | None, dict[str, Any]]:
         raise ValueError(f"empty scheme string; {valid}")
     preset: PrecisionScheme | None = None
     changes: dict[str, Any] = {}
+    seen: set[str] = set()
     for i, token in enumerate(tokens):
         if not token:
             raise ValueError(f"empty item in scheme {text!r}; {valid}")
@@ -391,6 +393,9 @@ def _split(text: str) -> tuple[PrecisionScheme | None, dict[str, Any]]:
             raise ValueError(
                 f"unknown key {key!r} in scheme {text!r}; expected one of {', '.join(_KEYS)}"
             )
+        if key in seen:  # "norm=bf16,norm=fp32": which one was meant cannot be known
+            raise ValueError(f"key {key!r} given twice in scheme {text!r}; give each key once")
+        seen.add(key)
         for field in _KEYS[key]:
             changes[field] = _convert(key, value, text)
     return preset, changes
@@ -456,6 +461,11 @@ def validate_overrides(overrides: Mapping[str, str | PrecisionScheme] | None) ->
         ValueError: naming the glob and the bad value.
         TypeError: for a glob that is not a string or a value of the wrong type.
     """
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError(
+            f"overrides must be a mapping {{glob: scheme}} or None, got {type(overrides).__name__}"
+            f" {overrides!r}"
+        )
     for pattern, value in (overrides or {}).items():
         if not isinstance(pattern, str):
             raise TypeError(f"override glob must be a str, got {pattern!r}")

@@ -187,7 +187,21 @@ def test_parse_preset_amended():
 def test_parse_later_keys_override_earlier():
     s = PrecisionScheme.parse("bp=e5m2,g_dgrad=fp32")
     assert roles_of(s) == ("fp32", "fp32", E5M2, E5M2, E5M2, "fp32", "fp32", "fp32")
-    assert PrecisionScheme.parse("w=e4m3,w=e2m1").weight == "fp4_e2m1"
+
+
+@pytest.mark.parametrize(
+    "text", ["w=e4m3,w=e2m1", "mxfp8_e4m3,norm=bf16,norm=fp32", "bp=e5m2,BP=e4m3"]
+)
+def test_a_key_given_twice_is_refused_naming_it(text):
+    key = text.split(",")[-1].split("=")[0].lower()
+    with pytest.raises(ValueError, match=f"key '{key}' given twice"):
+        PrecisionScheme.parse(text)
+
+
+@pytest.mark.parametrize("overrides", ["x*", ["*.fc1"], 3])
+def test_overrides_of_the_wrong_type_are_a_type_error_naming_the_argument(overrides):
+    with pytest.raises(TypeError, match="overrides must be a mapping"):
+        validate_overrides(overrides)
 
 
 def test_parse_every_key():
@@ -345,7 +359,7 @@ ITEMS = st.one_of(
 
 
 @HYPOTHESIS
-@given(SCHEMES, st.lists(ITEMS, min_size=1, max_size=6))
+@given(SCHEMES, st.lists(ITEMS, min_size=1, max_size=6, unique_by=lambda item: item[0]))
 def test_amend_applies_items_in_order(s, items):
     expected = s.to_dict()
     for key, value in items:
