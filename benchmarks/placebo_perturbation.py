@@ -36,7 +36,7 @@ CANDIDATES = {
     "activations, all linears": ("a=bf16,a_bp=bf16", "*"),
     "gradients, all linears": ("g_wgrad=bf16,g_dgrad=bf16", "*"),
     "weights, fc2 of every block": ("w=bf16,w_bp=bf16", "*fc2"),
-    "weights, first block": ("w=bf16,w_bp=bf16", "blocks.0.*"),
+    "weights, first block": ("w=bf16,w_bp=bf16", "*blocks.0.mlp.fc*"),
     "weights, last block": ("w=bf16,w_bp=bf16", "blocks.3.*"),
 }
 
@@ -82,7 +82,15 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="1,2,3,5", help="MX seeds that do not diverge")
     p.add_argument("--at", default="250,400", help="switch steps")
+    p.add_argument("--only", default="", help="candidate names separated by ; (default: all)")
     a = p.parse_args()
+    if a.only:
+        wanted = a.only.split(";")
+        unknown = [w for w in wanted if w not in CANDIDATES]
+        if unknown:
+            p.error(f"unknown candidate(s) {unknown}; expected some of {list(CANDIDATES)}")
+        for name in [n for n in CANDIDATES if n not in wanted]:
+            del CANDIDATES[name]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in a.seeds.split(",")):
