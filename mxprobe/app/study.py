@@ -165,18 +165,23 @@ def is_finished(cell: Cell, extra: list[str]) -> bool:
 
 
 def _code_version() -> str:
-    here = Path(__file__).resolve().parent
+    """The checkout's commit, with ``+modified`` when a tracked source file differs from it (a
+    study run in a shared working tree must not pass uncommitted code off as the commit)."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        )
+        return done.stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--",
+                      "mxprobe", "callbacks", "proxy_models")  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return head
+    return head + ("+modified" if changed else "")
 
 
 def alarm_steps(run_dir: Path) -> tuple[list[int], int]:
