@@ -27,6 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from mxprobe.callbacks.recorder import RunRecorder
 
+from mxprobe.modules import is_sharded
+
 
 def record_event(trainer: pl.Trainer, event: dict[str, Any]) -> None:
     """Keep ``event`` in the run's recorder (rank 0 writes it), stamped with the time."""
@@ -59,15 +61,6 @@ def reduce_sum(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
     if trainer.world_size > 1:
         return trainer.strategy.reduce(tensor.clone(), reduce_op="sum")
     return tensor
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a parameter or gradient sharded by FSDP2)."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -52,9 +52,7 @@ def is_gemm(module: nn.Module) -> bool:
 
 def _matching(pl_module: nn.Module, kind, pattern: str) -> list[tuple[str, nn.Module]]:
     return [
-        (name, m)
-        for name, m in named_modules(pl_module)
-        if kind(m) and matches_glob(name, pattern)
+        (name, m) for name, m in named_modules(pl_module) if kind(m) and matches_glob(name, pattern)
     ]
 
 

@@ -53,10 +53,11 @@ from torch import nn
 
 from mxprobe.experts import MxExpertsAdapter, has_experts_layout, is_hf_experts
 from mxprobe.modules import (
-    GEMM_ROLES,
+    LINEAR_ROLES,
     MX_CLASS_OF,
     NORM_ROLES,
     MxActivation,
+    MxLinearOutIn,
     MxModule,
     mx_linear,
     quantize_role,
@@ -182,7 +183,7 @@ def substituted(module: nn.Module, values: dict[str, torch.Tensor | None]) -> It
 class MxLinearInOut(MxModule):
     """Mixin for a linear whose weight is stored (in, out) and applied as ``x @ W + b``."""
 
-    mx_roles = GEMM_ROLES
+    mx_roles = LINEAR_ROLES
     # Blocks of the forward weight run along in_features: axis 0 of the stored (in, out) tensor.
     mx_param_roles = {"weight": ("weight", 0), "bias": ("elementwise", -1)}
 
@@ -191,19 +192,6 @@ class MxLinearInOut(MxModule):
         if scheme is None:
             return super().forward(x)
         return mx_linear(x, self.weight.t(), self.bias, scheme)
-
-
-class MxLinearOutIn(MxModule):
-    """Mixin for a linear stored as ``nn.Linear`` is (out, in), applied as ``x @ W^T + b``."""
-
-    mx_roles = GEMM_ROLES
-    mx_param_roles = {"weight": ("weight", -1), "bias": ("elementwise", -1)}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scheme = self.active_scheme()
-        if scheme is None:
-            return super().forward(x)
-        return mx_linear(x, self.weight, getattr(self, "bias", None), scheme)
 
 
 class MxNormAdapter(MxModule):
@@ -246,7 +234,7 @@ class MxRouterAdapter(MxModule):
     among other things (an MoE router): that GEMM MX-emulated, the rest its own code. Full
     precision unless an override names it (``mx_full_precision_by_default``)."""
 
-    mx_roles = GEMM_ROLES
+    mx_roles = LINEAR_ROLES
     mx_param_roles = {"weight": ("weight", -1), "bias": ("elementwise", -1)}
     mx_full_precision_by_default = True
 

@@ -43,7 +43,6 @@ from mxprobe.adapters import adapter_for, check_fits, twin_class
 from mxprobe.formats import is_mx
 from mxprobe.modules import MxMatmul, MxModule, role_quantizer, snap_parameters
 from mxprobe.scheme import (
-    BACKWARD_ROLES,
     ROLES,
     PrecisionScheme,
     matches_glob,
@@ -98,7 +97,7 @@ def unemulated_attention(model: nn.Module) -> list[str]:
     return [
         name
         for name, m in named_modules(model)
-        if type(m).__name__.endswith("Attention")
+        if hf_attention.named_like_attention(m)
         and not any(isinstance(c, MxMatmul) for c in m.modules())
     ]
 
@@ -426,12 +425,9 @@ class Description:
 
 
 def _effective(module: MxModule, role: str) -> str:
-    scheme = module.active_scheme() or PrecisionScheme()
     if role not in module.mx_roles:
         return "-"
-    if role in BACKWARD_ROLES and not scheme.quantize_backprop:
-        return "fp32"
-    return getattr(scheme, role)
+    return role_quantizer(module.active_scheme() or PrecisionScheme(), role)[0]
 
 
 def describe(model: nn.Module) -> Description:

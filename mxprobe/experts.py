@@ -18,7 +18,7 @@ import inspect
 import torch
 from torch import nn
 
-from mxprobe.modules import GEMM_ROLES, MxModule, mx_linear
+from mxprobe.modules import LINEAR_ROLES, MxModule, mx_linear
 
 _PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -44,7 +44,7 @@ def is_hf_experts(module: nn.Module) -> bool:
 class MxExpertsAdapter(MxModule):
     """Mixin for a transformers experts module: every expert GEMM MX-emulated (module docstring)."""
 
-    mx_roles = GEMM_ROLES
+    mx_roles = LINEAR_ROLES
 
     @property
     def mx_param_roles(self) -> dict[str, tuple[str, int]]:

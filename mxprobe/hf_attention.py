@@ -35,11 +35,16 @@ def is_transformers_model(model: nn.Module) -> bool:
     )
 
 
+def named_like_attention(module: nn.Module) -> bool:
+    """The one heuristic for "an attention module": its class name ends in ``Attention``."""
+    return type(module).__name__.endswith("Attention")
+
+
 def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (name, m)
         for name, m in model.named_modules()
-        if type(m).__name__.endswith("Attention") and hasattr(m, "config")
+        if named_like_attention(m) and hasattr(m, "config")
     ]
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from mxprobe.formats import is_mx
 from mxprobe.gemm import mx_gemm, tensor_core_exact
 from mxprobe.quantize import quantize_mx, quantize_operand, round_to, round_to_owned
-from mxprobe.scheme import BACKWARD_ROLES, PrecisionScheme
+from mxprobe.scheme import BACKWARD_ROLES, GEMM_ROLES, PrecisionScheme
 
 
 def quantize_role(
@@ -225,20 +225,26 @@ class MxModule:
         return quantize_role(getattr(self, name), scheme, role, axis)
 
 
-GEMM_ROLES = ("weight", "act", "weight_bp", "act_bp", "grad_wgrad", "grad_dgrad", "elementwise")
+# The roles of a module computing GEMMs: the six operands, and its output and bias.
+LINEAR_ROLES = (*GEMM_ROLES, "elementwise")
 
 
-class MxLinear(MxModule, nn.Linear):
-    """``nn.Linear`` whose GEMMs are MX-emulated according to ``mx_scheme``."""
+class MxLinearOutIn(MxModule):
+    """Mixin for a linear stored as ``nn.Linear`` is (out, in), applied as ``x @ W^T + b``: the
+    class's own forward in full precision, the MX GEMM otherwise."""
 
-    mx_roles = GEMM_ROLES
+    mx_roles = LINEAR_ROLES
     mx_param_roles = {"weight": ("weight", -1), "bias": ("elementwise", -1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scheme = self.active_scheme()
         if scheme is None:
-            return F.linear(x, self.weight, self.bias)
-        return mx_linear(x, self.weight, self.bias, scheme)
+            return super().forward(x)
+        return mx_linear(x, self.weight, getattr(self, "bias", None), scheme)
+
+
+class MxLinear(MxLinearOutIn, nn.Linear):
+    """``nn.Linear`` whose GEMMs are MX-emulated according to ``mx_scheme``."""
 
 
 def _affine(module: MxModule, scheme: PrecisionScheme) -> tuple:
@@ -308,13 +314,14 @@ def snap_parameters(module: MxModule, before: PrecisionScheme, after: PrecisionS
         if param is None or role_quantizer(before, role) == role_quantizer(after, role):
             continue
         with torch.no_grad():
-            if _is_dtensor(param):
+            if is_sharded(param):
                 _snap_sharded(module, name, before)
             else:
                 param.copy_(module.forward_parameter(name, before))
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``DTensor`` (a parameter or gradient sharded by FSDP2)."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
