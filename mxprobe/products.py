@@ -11,7 +11,8 @@ classes). Inside it:
 - ``F.scaled_dot_product_attention`` is computed as those two products around an fp32 softmax
   (mask, causal rule, scale, grouped heads and dropout as torch defines them);
 - ``F.linear`` (or a product) with one of ``module``'s own parameters as an operand is an MX
-  linear under ``module``'s scheme (a router's ``F.linear(x, self.weight)``);
+  linear under ``module``'s scheme (a router's ``F.linear(x, self.weight)``); ``F.linear`` with
+  any other weight raises, its role being unknown;
 - any other GEMM-like function (``einsum``, ``mm``, ``addmm``, ``_grouped_mm``...), or more
   activation products than the module has, raises instead of running unemulated.
 
@@ -126,8 +127,14 @@ class ProductScope(TorchFunctionMode):
         return mx_matmul(a, b, product.active_scheme())
 
     def _linear(self, x, weight, bias=None) -> torch.Tensor:
+        if _storage(weight) not in self.own:
+            raise NotImplementedError(
+                f"{type(self.module).__name__} calls F.linear with a weight that is not one of its "
+                "own parameters; mxprobe cannot tell which role it has: keep this module in full "
+                "precision (an override) or register the weight's module"
+            )
         scheme = self._scheme()
-        if _storage(weight) not in self.own or scheme is None:
+        if scheme is None:
             return F.linear(x, weight, bias)
         return mx_linear(x, weight, bias, scheme)
 
