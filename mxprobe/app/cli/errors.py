@@ -101,9 +101,30 @@ def message(err: BaseException) -> str:
         text = f"{chosen.filename}: {chosen.strerror}"
     else:
         text = str(chosen) or type(chosen).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = _first_alternative([line.strip() for line in text.splitlines() if line.strip()])
     lines = [line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " ..." for line in lines]
     return "\n  ".join(lines[:_MAX_LINES] + (["..."] if len(lines) > _MAX_LINES else []))
+
+
+# jsonargparse lists why a value fits none of a Union's types, these two always.
+_GENERIC_ALTERNATIVES = ("Not a valid subclass of", "Expected a <class 'NoneType'>")
+
+
+def _first_alternative(lines: list[str]) -> list[str]:
+    """For jsonargparse's "Does not validate against any of the Union subtypes ... Errors:"
+    message, its first line and the first specific reason (a bad class path, say)."""
+    if "Errors:" not in lines:
+        return lines
+    reasons: list[list[str]] = []
+    for line in lines[lines.index("Errors:") + 1 :]:
+        if line.startswith("- "):
+            reasons.append([line[2:]])
+        elif reasons and not line.startswith(("Given value", "Subtypes")):
+            reasons[-1].append(line)
+        else:
+            break
+    specific = [r for r in reasons if not r[0].startswith(_GENERIC_ALTERNATIVES)]
+    return [lines[0], *(specific or reasons or [[]])[0]]
 
 
 def reported(work: Callable[[], int | None], prog: str, debug: bool = False) -> int:

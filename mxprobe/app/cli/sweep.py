@@ -19,10 +19,16 @@ grid's values is one run::
   from the ``result.json`` files after every run, with ``rates.csv`` (each arm's divergence rate
   and its exact 95 % interval; an arm is a grid point less its seeds) and ``tests.csv`` (each
   pair of arms: exact McNemar over shared seeds, else Fisher's exact test).
+- Before anything trains, the spec is checked: keys, divergence settings, every scheme, every
+  run directory (unique, inside ``out``: ``model.lr: [0.001, 1.0e-3]`` is one run listed twice,
+  refused), and each grid value built once by the LightningCLI. A mistake is one line.
+- One sweep at a time per ``out`` (a lock file; a second sweep is refused with the first's
+  pid), one process at a time per run directory, and the runs' processes end when the sweep
+  process ends, ``kill -9`` included: rerun the sweep and it resumes.
 - ``--emit-commands`` prints one command line per pending run (``mxprobe sweep SPEC.yaml
   --run-index K``) for a cluster scheduler, e.g. a SLURM array with ``K=$SLURM_ARRAY_TASK_ID``;
   ``--collect`` then rebuilds ``results.csv``.
-- ``--list`` prints the runs and whether each is finished.
+- ``--list`` prints the runs and whether each is finished, pending or running (with its pid).
 """
 
 from __future__ import annotations
@@ -42,12 +48,15 @@ from pathlib import Path
 import yaml
 
 from mxprobe import atomic
+from mxprobe.app.cli.children import child_env, end_with_parent, exclusive, holder
 from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, positive_int
 from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, check_divergence_rule, write_csv
 from mxprobe.app.rates import by_arm, write_tables
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
 
 RESULT_FILE = "result.json"
+SWEEP_LOCK = ".mxprobe-sweep.lock"  # in ``out``: held by the sweep that runs there
+RUN_LOCK = ".mxprobe-run.lock"  # in a run's directory: held by the process training it
 SEED_KEYS = ("seed", "model.seed", "data.seed")
 RESULT_COLUMNS = ("run", "finished") + SUMMARY_COLUMNS[2:] + ("steps", "wall_s", "cpu_s")
 
@@ -241,16 +250,17 @@ def run_one(spec: Spec, index: int) -> dict:
 
     point = spec.runs[index]
     run_dir = spec.run_dir(point)
-    row = train_run(
-        str(spec.config) if spec.config else None,
-        str(run_dir),
-        spec.cli_args(point),
-        spec.stop_on_divergence,
-        spec.factor,
-        spec.patience,
-    )
-    result = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}, **row}
-    atomic.write_text(run_dir / RESULT_FILE, json.dumps(result, indent=1))
+    with exclusive(run_dir / RUN_LOCK, f"run directory {run_dir}"):
+        row = train_run(
+            str(spec.config) if spec.config else None,
+            str(run_dir),
+            spec.cli_args(point),
+            spec.stop_on_divergence,
+            spec.factor,
+            spec.patience,
+        )
+        result = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}, **row}
+        atomic.write_text(run_dir / RESULT_FILE, json.dumps(result, indent=1))
     return result
 
 
@@ -288,11 +298,30 @@ def _local_executable() -> list[str]:
 
 
 def execute(spec: Spec, jobs: int) -> int:
-    """Run every pending run in subprocesses, ``jobs`` at a time; returns the failure count."""
+    """Run every pending run in subprocesses, ``jobs`` at a time, holding the sweep directory's
+    lock; returns the failure count. The children end when this process ends, however it ends.
+
+    Raises:
+        UsageError: when another sweep holds the directory, naming its pid.
+    """
+    with exclusive(spec.out / SWEEP_LOCK, f"sweep directory {spec.out}"):
+        return _execute(spec, jobs)
+
+
+def _running(spec: Spec, point: dict) -> int | None:
+    return holder(spec.run_dir(point) / RUN_LOCK)
+
+
+def _execute(spec: Spec, jobs: int) -> int:
     pending = [i for i, p in enumerate(spec.runs) if not is_finished(spec, p)]
-    done = len(spec.runs) - len(pending)
+    elsewhere = [i for i in pending if _running(spec, spec.runs[i])]
+    for i in elsewhere:
+        pid = _running(spec, spec.runs[i])
+        print(f"skipped {spec.run_name(spec.runs[i])}: running in another process (pid {pid})")
+    pending = [i for i in pending if i not in elsewhere]
+    done = len(spec.runs) - len(pending) - len(elsewhere)
     print(f"{len(spec.runs)} runs, {done} finished, {len(pending)} to run with {jobs} job(s)")
-    env = dict(os.environ)
+    env = child_env(dict(os.environ))
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     failures = 0
@@ -346,6 +375,7 @@ def run(argv: list[str], prog: str) -> int:
     spec = Spec.load(ns.spec)
     runs = spec.runs
     if ns.run_index is not None:
+        end_with_parent()  # started by a local sweep: end with it
         if not 0 <= ns.run_index < len(runs):
             print(
                 f"{prog}: --run-index {ns.run_index} out of range 0..{len(runs) - 1}",
@@ -362,15 +392,23 @@ def run(argv: list[str], prog: str) -> int:
         return 0
     if ns.list:
         for i, point in enumerate(runs):
-            state = "finished" if is_finished(spec, point) else "pending"
+            pid = _running(spec, point)
+            state = (
+                "finished"
+                if is_finished(spec, point)
+                else f"running (pid {pid})"
+                if pid
+                else "pending"
+            )
             print(f"{i:4d}  {state:8s}  {spec.run_name(point)}")
         return 0
     if ns.collect:
         print(collect(spec))
         return 0
-    spec.check()
     start = time.perf_counter()
-    failures = execute(spec, ns.jobs)
+    with exclusive(spec.out / SWEEP_LOCK, f"sweep directory {spec.out}"):
+        spec.check()
+        failures = _execute(spec, ns.jobs)
     path = collect(spec)
     print(f"results: {path} ({time.perf_counter() - start:.0f} s)")
     return 1 if failures else 0
