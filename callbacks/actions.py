@@ -12,10 +12,11 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from mxprobe.callbacks.events import scheme_strings
-from mxprobe.callbacks.kinds import Kinded, check_int, check_number, set_field
+from mxprobe.callbacks.kinds import Kinded, set_field
 from mxprobe.callbacks.recorder import RunRecorder
 from mxprobe.callbacks.snapshots import SnapshotStore
 
+from mxprobe.checks import check_int, check_number
 from mxprobe.convert import amend_scheme
 from mxprobe.scheme import PrecisionScheme
 

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from mxprobe.callbacks.recorder import RunRecorder
 
+from mxprobe.checks import check_int
 from mxprobe.modules import is_sharded
 
 
@@ -133,8 +134,7 @@ def publish(
 
 
 def check_every_n_steps(every_n_steps: int) -> None:
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}")
+    check_int(every_n_steps, "every_n_steps")
 
 
 def scheme_strings(schemes: dict[str, Any]) -> dict[str, str | None]:

@@ -87,24 +87,6 @@ def check_keys(d: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
         )
 
 
-def check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def check_number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
-
-
-def check_choice(value: Any, name: str, choices: Iterable[str]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
-
-
 def set_field(obj: Any, name: str, value: Any) -> None:
     """Normalise a field of a frozen dataclass in its ``__post_init__`` (e.g. int -> float)."""
     object.__setattr__(obj, name, value)

@@ -26,15 +26,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from mxprobe.callbacks.actions import Action, RewindAction, ScaleLrAction, SetSchemeAction
-from mxprobe.callbacks.kinds import (
-    Kinded,
-    check_choice,
-    check_int,
-    check_keys,
-    check_number,
-    set_field,
-)
+from mxprobe.callbacks.kinds import Kinded, check_keys, set_field
 
+from mxprobe.checks import check_choice, check_int, check_number
 from mxprobe.names import MONITORS, monitor_of
 
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
@@ -77,7 +71,7 @@ class SpikeTrigger(Trigger):
     kind: ClassVar[str] = "spike"
 
     def __post_init__(self) -> None:
-        check_choice(self.signal, "signal", SPIKE_SIGNALS)
+        check_choice(self.signal, SPIKE_SIGNALS, "signal")
 
     def matches(self, event: Mapping[str, Any]) -> bool:
         """Whether a detector's event is of this trigger's signal."""
@@ -116,7 +110,7 @@ class MetricTrigger(Trigger):
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a metric name, got {self.name!r}")
-        check_choice(self.op, "operator", OPERATORS)
+        check_choice(self.op, OPERATORS, "operator")
         set_field(self, "value", check_number(self.value, "value"))
         check_int(self.for_steps, "for_steps", minimum=1)
         check_int(self.after, "after", minimum=0)

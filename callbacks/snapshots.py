@@ -17,6 +17,8 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from mxprobe.callbacks.events import is_sharded
 from torch import nn
 
+from mxprobe.checks import check_int
+
 
 @dataclasses.dataclass
 class LocalShard:
@@ -93,9 +95,8 @@ class SnapshotStore:
     """
 
     def __init__(self, every: int, keep: int) -> None:
-        for name, value in (("snapshot_every", every), ("keep_snapshots", keep)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int(every, "snapshot_every")
+        check_int(keep, "keep_snapshots")
         self.every, self.keep = every, keep
         self.snapshots: list[Snapshot] = []
 

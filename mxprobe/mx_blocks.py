@@ -16,18 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mxprobe.checks import check_choice
 from mxprobe.formats import MX_FORMAT_NAMES, ElementFormat, mx_format
 
 SCALE_MODES = ("floor", "rceil", "ceil", "even")
 ROUNDINGS = ("even", "nearest", "floor", "stochastic")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def check_choice(value: str, valid: tuple[str, ...], what: str) -> str:
-    """``value`` if it is one of ``valid``; otherwise a ValueError naming both."""
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(valid)}")
-    return value
 
 
 def check_dtype(dtype: torch.dtype) -> None:

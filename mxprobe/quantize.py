@@ -18,6 +18,7 @@ import functools
 import torch
 
 from mxprobe import native
+from mxprobe.checks import check_choice
 from mxprobe.compile_cache import compiled_call, set_compile
 from mxprobe.formats import ElementFormat
 from mxprobe.mx_blocks import (
@@ -25,7 +26,6 @@ from mxprobe.mx_blocks import (
     SCALE_MODES,
     block_scale_exponent,
     check_args,
-    check_choice,
     from_blocks,
     quantize_blocks,
     stochastic_noise,

@@ -89,5 +89,5 @@ def test_keeps_the_newest_and_rewind_drops_the_abandoned_ones():
 
 @pytest.mark.parametrize(("every", "keep"), [(0, 3), (2, 0), (True, 3), (2, 1.5)])
 def test_bad_settings_are_rejected(every, keep):
-    with pytest.raises(ValueError, match="must be a positive integer"):
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
         SnapshotStore(every, keep)
