@@ -25,10 +25,6 @@ from mxprobe.convert import restore_schemes, schemes_of
 from mxprobe.scheme import PrecisionScheme
 
 SCHEMES_KEY = "mx_precision"
-# Before the key above, PrecisionIntervention kept {name: scheme string} in its state (only once
-# it had acted) under this key.
-_LEGACY_CALLBACK = "PrecisionIntervention"
-_LEGACY_CALLBACK_KEY = "schemes"
 
 
 def save_schemes(model: nn.Module, checkpoint: dict[str, Any]) -> None:
@@ -41,19 +37,12 @@ def save_schemes(model: nn.Module, checkpoint: dict[str, Any]) -> None:
 
 def saved_schemes(checkpoint: Mapping[str, Any]) -> dict[str, PrecisionScheme | None] | None:
     """The schemes a checkpoint holds (``None``: it holds none)."""
-    if SCHEMES_KEY in checkpoint:
-        return {
-            name: None if d is None else PrecisionScheme.from_dict(d)
-            for name, d in checkpoint[SCHEMES_KEY].items()
-        }
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith(_LEGACY_CALLBACK) and isinstance(state, Mapping):
-            legacy = state.get(_LEGACY_CALLBACK_KEY)
-            if legacy:
-                return {
-                    n: None if s is None else PrecisionScheme.parse(s) for n, s in legacy.items()
-                }
-    return None
+    if SCHEMES_KEY not in checkpoint:
+        return None
+    return {
+        name: None if d is None else PrecisionScheme.from_dict(d)
+        for name, d in checkpoint[SCHEMES_KEY].items()
+    }
 
 
 def load_schemes(model: nn.Module, checkpoint: Mapping[str, Any]) -> bool:

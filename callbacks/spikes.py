@@ -306,9 +306,7 @@ class LossSpikeDetector(PeriodicMonitor):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._history = deque(state_dict["history"], maxlen=self._kept)
-        # Checkpoints from before history_steps existed: consecutive steps, newest last.
-        steps = state_dict.get("history_steps") or range(-len(self._history), 0)
-        self._history_steps = deque(steps, maxlen=self._kept)
+        self._history_steps = deque(state_dict["history_steps"], maxlen=self._kept)
         self._loss_ema = state_dict["loss_ema"]
         self._grad_ema = state_dict["grad_ema"]
         self._grad_count = state_dict["grad_count"]

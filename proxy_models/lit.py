@@ -7,7 +7,7 @@ import math
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from mxprobe.callbacks.precision_state import SCHEMES_KEY, load_schemes, save_schemes
+from mxprobe.callbacks.precision_state import load_schemes, save_schemes
 from mxprobe.models.checks import check_adam
 from mxprobe.models.student_teacher import ProxyConfig, build_student
 
@@ -15,9 +15,6 @@ import mxprobe
 from mxprobe.scheme import PrecisionScheme, parse_scheme
 
 SCHEDULES = ("constant", "cosine")
-# Where checkpoints written before mxprobe.callbacks.precision_state kept the schemes, as
-# {name relative to the student: scheme dict}.
-_LEGACY_SCHEMES_KEY = "mx_schemes"
 
 
 class ProxyLitModule(pl.LightningModule):
@@ -139,9 +136,6 @@ class ProxyLitModule(pl.LightningModule):
         save_schemes(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        legacy = checkpoint.get(_LEGACY_SCHEMES_KEY)
-        if legacy is not None and SCHEMES_KEY not in checkpoint:
-            checkpoint[SCHEMES_KEY] = {f"student.{name}": d for name, d in legacy.items()}
         load_schemes(self, checkpoint)
 
     @property

@@ -6,7 +6,6 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from mxprobe.callbacks import PrecisionIntervention, load_schemes, save_schemes
-from mxprobe.callbacks.events import scheme_strings
 from mxprobe.callbacks.precision_state import SCHEMES_KEY
 
 import mxprobe
@@ -105,47 +104,6 @@ def _amended_proxy():
     mxprobe.amend_scheme(model, "norm=bf16", "*ln")
     mxprobe.set_scheme(model.student.blocks[1].mlp.fc2, "w=e4m3,a=bf16")
     return model
-
-
-def test_checkpoints_of_the_old_proxy_format_load():
-    model = _amended_proxy()
-    # What ProxyLitModule.on_save_checkpoint wrote before "mx_precision": names relative to
-    # the student, scheme dicts.
-    old = {
-        "mx_schemes": {
-            n: None if s is None else s.to_dict()
-            for n, s in mxprobe.schemes_of(model.student).items()
-        }
-    }
-    fresh = lit.ProxyLitModule(depth=2, width=32, scheme="mxfp8_e4m3")
-    assert mxprobe.schemes_of(fresh) != mxprobe.schemes_of(model)
-    fresh.on_load_checkpoint(old)
-    assert mxprobe.schemes_of(fresh) == mxprobe.schemes_of(model)
-
-
-def test_checkpoints_of_the_old_intervention_format_load():
-    module = TinyMx()
-    mxprobe.amend_scheme(module, "norm=bf16", "*norm")
-    rule = {
-        "name": "a",
-        "trigger": {"kind": "step", "at": 1},
-        "action": {"kind": "scale_lr", "factor": 2},
-    }
-    intervention = PrecisionIntervention(rules=[rule])
-    # What PrecisionIntervention.state_dict wrote before "mx_precision" (schemes once it acted).
-    old_state = {
-        "timeline": [{"step": 1, "kind": "scale_lr", "rule": "a"}],
-        "schemes": scheme_strings(mxprobe.schemes_of(module)),
-        "rules": {"a": {"fired": 1, "last_step": 1, "streak": 0, "seen": False}},
-        "metrics": {},
-        "snapshots": [],
-    }
-    old = {"callbacks": {intervention.state_key: old_state}}
-    fresh = TinyMx()
-    intervention.on_load_checkpoint(None, fresh, old)
-    intervention.load_state_dict(old_state)
-    assert mxprobe.schemes_of(fresh) == mxprobe.schemes_of(module)
-    assert intervention.rule_states["a"].fired == 1 and len(intervention.timeline) == 1
 
 
 def test_schemes_of_another_model_fail_with_what_to_do():
