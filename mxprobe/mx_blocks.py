@@ -59,19 +59,23 @@ def check_args(
     return fmt, axis % x.dim()
 
 
-# A short tail block is zero-padded to a whole block; padding may at most double a tensor, plus
-# this many elements for small tensors (a 16-wide layer in 32-blocks is normal).
+# A short tail block is zero-padded to a whole block. Blocks up to this size are taken as asked
+# (a 3-long axis in 32-blocks is normal); a longer block may not pad a tensor to more than twice
+# its size (plus PADDING_SLACK elements).
+MAX_PADDED_BLOCK = 1 << 16
 PADDING_SLACK = 1 << 20
 
 
 def _check_padding(x: torch.Tensor, block_size: int, axis: int) -> None:
-    """A ValueError, before anything is allocated, for a block so much longer than ``axis`` that
-    its zero padding would more than double the tensor (a 2^40 block on a 32-vector)."""
+    """A ValueError, before anything is allocated, for a block longer than ``MAX_PADDED_BLOCK``
+    whose zero padding would more than double the tensor (a 2^40 block on a 32-vector)."""
+    if block_size <= MAX_PADDED_BLOCK:
+        return
     length = x.shape[axis]
     rows = x.numel() // length if length else 0
     padded = rows * -(-length // block_size) * block_size
     if padded > 2 * x.numel() + PADDING_SLACK:
-        limit = max(length, 2 * length + PADDING_SLACK // max(rows, 1))
+        limit = max(MAX_PADDED_BLOCK, length)
         raise ValueError(
             f"block_size {block_size} is far longer than the axis it blocks (length {length}): "
             f"padding would allocate {padded} elements for {x.numel()}; expected a block_size "

@@ -8,7 +8,9 @@ path per quantized tensor. ``quantize_mx(backend="auto")`` uses it for CPU tenso
 
 The build (``cc -O3 -march=native -ffp-contract=off``, ~1 s) is cached under
 ``$MXPROBE_CACHE_DIR`` (default ``~/.cache/mxprobe``), keyed by the source, the compiler and the
-CPU. Where torch ships GNU libgomp (its Linux wheels) the build adds ``-fopenmp`` and so
+CPU; a cached library is loaded only if this user built it (:mod:`mxprobe.native_cache`: a
+private directory, the SHA-256 recorded at build time), else it is rebuilt, saying why once.
+Where torch ships GNU libgomp (its Linux wheels) the build adds ``-fopenmp`` and so
 runs its threads on torch's own OpenMP team, awake right after torch's GEMMs; elsewhere,
 and in a forked child (libgomp has no fork handler), a Python thread pool splits the work.
 Before first use the built library is checked against the torch path on adversarial
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mxprobe import native_cache
 from mxprobe.formats import ElementFormat, mx_format
 from mxprobe.mx_blocks import fp32, from_blocks, quantize_blocks, to_blocks
 
@@ -93,13 +96,6 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MXPROBE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mxprobe"
-    )
-    return Path(root) / "native"
-
-
 def _gomp_paths() -> set[str]:
     """The GNU libgomp files mapped into this process (torch's OpenMP runtime in Linux wheels)."""
     try:
@@ -142,10 +138,16 @@ def _build(cc: str) -> Path:
             )
         )
     ).hexdigest()[:20]
-    target = _cache_dir() / f"mxquant-{key}.so"
-    if target.exists():
+    target = native_cache.ensure_private_directory(native_cache.cache_dir()) / f"mxquant-{key}.so"
+    data, distrust = native_cache.trusted_bytes(target)
+    if data is not None:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if distrust:
+        warnings.warn(
+            f"mxprobe's native kernel cache: not loading {target} ({distrust}); rebuilding it",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     errors = []
     for flags in flag_sets:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -153,6 +155,8 @@ def _build(cc: str) -> Path:
         cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
+            os.chmod(tmp, 0o700)
+            native_cache.record_build(target, Path(tmp).read_bytes())
             os.replace(tmp, target)  # atomic: concurrent builders never see half a file
             return target
         os.unlink(tmp)
@@ -165,7 +169,11 @@ def _load() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     runtimes = _gomp_paths()
-    lib = ctypes.CDLL(str(_build(cc)))
+    target = _build(cc)
+    data, distrust = native_cache.trusted_bytes(target)
+    if data is None:  # changed since it was built or checked a moment ago
+        raise RuntimeError(f"not loading {target}: {distrust or 'it disappeared'}")
+    lib = native_cache.load_bytes(data, target.parent)
     if lib.mx_abi_version() != ABI_VERSION:
         raise RuntimeError(f"library ABI {lib.mx_abi_version()} != {ABI_VERSION}")
     # Two OpenMP runtimes would each keep a team spinning on the same cores: if loading brought
