@@ -181,3 +181,30 @@ def test_real_cells_train_and_read_their_alarms_from_the_run_record(tmp_path):
         assert (row["diverged"], row["divergence_step"], row["first_alarm_step"]) == (
             "true", "1", "1"
         ), row  # fmt: skip
+
+
+def _train_losses(config: dict, run_dir: Path) -> list[float]:
+    from mxprobe.app.cli.proxy import train_run
+
+    path = run_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    train_run(str(path), str(run_dir), threads=1)
+    with open(next(run_dir.rglob("metrics.csv")), newline="") as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.slow
+def test_the_demo_trains_the_study_cells_losses(tmp_path):
+    """`mxprobe demo --seed S` can only reproduce the study's row for S if its runs (with their
+    monitors and progress) train the same losses as the study's cells: MX, 60 steps, compiled."""
+    from mxprobe.app.cli.demo import demo_config
+
+    base = ROOT / "examples/configs/proxy_cpu.yaml"
+    study_mx = st.arm_configs(
+        base, ["mx", "mx_intervention"], st.rule_paths(base, ["mx_intervention"])
+    )["mx"]
+    study_mx["seed_everything"] = 3
+    study_mx["model"]["seed"] = study_mx["data"]["seed"] = 3
+    demo_mx = demo_config("mx", 3, quick=False, steps=60)
+    study_mx["trainer"]["max_steps"] = 60
+    assert _train_losses(demo_mx, tmp_path / "demo") == _train_losses(study_mx, tmp_path / "study")
