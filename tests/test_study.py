@@ -208,3 +208,14 @@ def test_the_demo_trains_the_study_cells_losses(tmp_path):
     demo_mx = demo_config("mx", 3, quick=False, steps=60)
     study_mx["trainer"]["max_steps"] = 60
     assert _train_losses(demo_mx, tmp_path / "demo") == _train_losses(study_mx, tmp_path / "study")
+
+
+def test_no_mx_divergence_means_no_rescue_rows():
+    """With no seed where MX diverged, the rescue table and its tests are empty (not the tests
+    over all seeds)."""
+    cell = {"diverged": False, "divergence_step": None, "final_loss": 0.01, "steps": 10}
+    found = study_report.Study(list(st.ARMS), [1, 2], {a: {1: cell, 2: cell} for a in st.ARMS})
+    seeds, averted, tests = study_report.rescue(found)
+    assert seeds == [] and tests == []
+    assert all(r.n == 0 for _, r in averted)
+    assert "Too few finished seeds" in study_report.render(found, "c", "m")

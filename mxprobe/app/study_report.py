@@ -54,7 +54,11 @@ class Study:
 
     def diverged(self, arm: str, seeds: list[int] | None = None) -> dict[str, bool]:
         cells = self.results.get(arm, {})
-        return {str(s): bool(cells[s]["diverged"]) for s in (seeds or self.done(arm)) if s in cells}
+        return {
+            str(s): bool(cells[s]["diverged"])
+            for s in (self.done(arm) if seeds is None else seeds)
+            if s in cells
+        }
 
     def outcome_rows(self) -> list[dict]:
         rows = []
@@ -86,7 +90,7 @@ def paired_tests(study: Study, seeds: list[int] | None = None) -> list[dict]:
         for b in study.arms[i + 1 :]:
             common = [
                 s
-                for s in (seeds or study.seeds)
+                for s in (study.seeds if seeds is None else seeds)
                 if s in study.results.get(a, {}) and s in study.results.get(b, {})
             ]
             if common:
@@ -169,7 +173,8 @@ def render(study: Study, command: str, machine: str) -> str:
         "",
         f"- Command (rerun it to resume; finished cells are skipped): `{command}`",
         f"- Machine: {machine}",
-        f"- Code: {_codes(study)} (git commit of each finished cell)",
+        f"- Code: {_codes(study)} (git commit of each finished cell; `+modified`: tracked "
+        "sources differed from it; docs/study_running.md)",
         "- Arms (configs/*.yaml here): `fp32`, `mx` (mxfp8_e4m3) carry the rules' spike detector "
         "only; `mx_intervention` spike → rewind → norm affine to bf16; `mx_rewind_only` the same "
         "without the precision change; `mx_placebo` the same trigger and rewind with the placebo "
