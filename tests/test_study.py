@@ -219,3 +219,26 @@ def test_no_mx_divergence_means_no_rescue_rows():
     assert seeds == [] and tests == []
     assert all(r.n == 0 for _, r in averted)
     assert "Too few finished seeds" in study_report.render(found, "c", "m")
+
+
+def test_the_demo_quotes_the_study_table(tmp_path):
+    """demo_case reads its rates from a study's rates.csv/outcomes.csv: nothing typed."""
+    from mxprobe.app import demo_case
+
+    plan = _plan(tmp_path, _configs(tmp_path))
+    plan.run(0, lambda line: None, train=synthetic_cell)
+    rates, status = demo_case.study_rates(plan.out)
+    by_what = {r.what: r for r in rates}
+    mx = by_what["MX (mxfp8_e4m3) diverged"]
+    ci = binomtest(6, 6).proportion_ci(method="exact")
+    assert (mx.count, mx.total) == (6, 6) and mx.low == pytest.approx(ci.low, abs=1e-6)
+    assert (by_what["FP32 diverged"].count, by_what["FP32 diverged"].total) == (0, 6)
+    kept = {r.what.split(" kept")[0]: (r.count, r.total) for r in rates if " kept " in r.what}
+    assert kept == {"the rule": (5, 6), "the rewind-only control": (2, 6),
+                    "the placebo control": (1, 6)}  # fmt: skip
+    assert "6 of 6 seeds finished in all 5 arms" in status and "still running" not in status
+    assert demo_case.seed_in_study(2, plan.out) == (
+        "seed 2 in the study: fp32 did not diverge, mx diverged at 20, mx_intervention did not "
+        "diverge, mx_rewind_only diverged at 20, mx_placebo diverged at 20"
+    )
+    assert demo_case.study_rates(tmp_path / "nowhere")[0] == ()
