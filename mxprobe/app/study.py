@@ -15,8 +15,8 @@ config must equal the base config apart from its callbacks (checked). A *cell* i
 and writes ``cells/<arm>/seed<S>.json`` atomically when it ends. A cell is finished when that
 file exists and names the arm config's current hash, so a rerun skips finished cells and redoes
 cells whose arm config changed. Cells run ``jobs`` at a time, each in a fresh process with one
-thread: a fresh process compiles the student the way ``mxprobe proxy compare`` and ``mxprobe
-demo`` do, so a cell reproduces their runs step for step.
+thread, so no cell depends on what ran before it (compile caches, allocator state); a cell
+trains the same losses as ``mxprobe demo``'s run of that arm and seed (tests/test_study.py).
 """
 
 from __future__ import annotations
