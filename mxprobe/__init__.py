@@ -14,6 +14,7 @@ from mxprobe.convert import (
 )
 from mxprobe.formats import ElementFormat, canonical_format, mx_format
 from mxprobe.modules import MxLayerNorm, MxLinear, MxMatmul, MxRMSNorm, mx_linear, mx_matmul
+from mxprobe.nvfp4 import NVFP4Packed, nvfp4_decode, nvfp4_encode, quantize_nvfp4
 from mxprobe.quantize import mx_decode, mx_encode, quantize_mx, round_to
 from mxprobe.scheme import PRESETS, PrecisionScheme, parse_scheme
 
@@ -24,6 +25,7 @@ __all__ = [
     "MxLinear",
     "MxMatmul",
     "MxRMSNorm",
+    "NVFP4Packed",
     "PrecisionScheme",
     "amend_scheme",
     "canonical_format",
@@ -37,8 +39,11 @@ __all__ = [
     "mx_format",
     "mx_linear",
     "mx_matmul",
+    "nvfp4_decode",
+    "nvfp4_encode",
     "parse_scheme",
     "quantize_mx",
+    "quantize_nvfp4",
     "register_adapter",
     "restore_schemes",
     "round_to",
