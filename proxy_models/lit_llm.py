@@ -18,6 +18,10 @@ from torch.utils.data import DataLoader
 
 from mxprobe.convert import convert
 
+# A checkpoint's hyperparameters hold the LLMConfig: plain data, allowed to weights_only loading
+# (LightningCLI reads them from a --ckpt_path with torch.load(weights_only=True)).
+torch.serialization.add_safe_globals([LLMConfig])
+
 
 def cosine_with_warmup(step: int, total: int, warmup: int, final: float) -> float:
     """lr factor: linear warmup to 1 over ``warmup`` steps, then cosine decay to ``final`` at

@@ -30,7 +30,7 @@ import yaml
 
 from mxprobe import atomic
 from mxprobe.app import demo_case as case
-from mxprobe.app.cli.errors import ArgumentParser
+from mxprobe.app.cli.errors import ArgumentParser, positive_int
 
 RUNS = ("fp32", "mx", "mx_intervention", "mx_rewind_only")
 LABELS = {
@@ -188,8 +188,10 @@ def run(argv: list[str], prog: str = "mxprobe demo") -> int:
     parser.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
     parser.add_argument("--quick", action="store_true", help="tiny model, under a minute")
     parser.add_argument("--seed", type=int, default=case.SEED)
-    parser.add_argument("--steps", type=int, default=None, help="override the step budget")
-    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once (default 2)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the step budget")
+    parser.add_argument(
+        "--jobs", type=positive_int, default=2, help="runs trained at once (default 2)"
+    )
     args = parser.parse_args(argv)
 
     from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, write_csv

@@ -54,6 +54,14 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _is_user_error(err: BaseException) -> bool:
+    # A library's missing optional requirement (Lightning's accelerator=tpu without torch_xla)
+    # is the user's to fix; an ImportError in mxprobe's own code is a bug and keeps its traceback.
+    if isinstance(err, ImportError):
+        return not _raised_by_project(err)
+    return isinstance(err, _user_error_types())
+
+
 def _chain(err: BaseException) -> list[BaseException]:
     """``err`` and the exceptions it was raised from or during, outermost first."""
     chain, seen = [], set()
@@ -136,8 +144,8 @@ def reported(work: Callable[[], int | None], prog: str, debug: bool = False) -> 
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except _user_error_types() as err:
-        if debug:
+    except Exception as err:
+        if debug or not _is_user_error(err):
             raise
         hint = "" if _says_enough(err) else f" ({TRACEBACK_FLAG} shows where)"
         print(f"{prog}: error: {message(err)}{hint}", file=sys.stderr)

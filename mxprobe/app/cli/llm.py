@@ -19,14 +19,14 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from mxprobe.app.cli.errors import ArgumentParser, positive_float, raising_parser_kwargs
-from mxprobe.app.cli.save_config import AtomicSaveConfig
+from mxprobe.app.cli.lightning_parts import AtomicSaveConfig, CheckedCheckpointPath
 from mxprobe.callbacks import RunRecorder
 from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
 
 
-class LLMCLI(LightningCLI):
+class LLMCLI(CheckedCheckpointPath):
     """LightningCLI for :class:`LLMModule` + :class:`ByteTextDataModule` with ``fit`` and
     ``validate`` only, the data's context linked to the model's, and a top-level
     ``num_threads`` (``torch.set_num_threads`` before anything is built)."""

@@ -66,11 +66,10 @@ def _divergence_callback(tracker: DivergenceTracker, stop: bool):
 
 
 def _cli_class():
-    from lightning.pytorch.cli import LightningCLI
-
+    from mxprobe.app.cli.lightning_parts import CheckedCheckpointPath
     from mxprobe.callbacks import RunRecorder
 
-    class ProxyCLI(LightningCLI):
+    class ProxyCLI(CheckedCheckpointPath):
         def add_arguments_to_parser(self, parser) -> None:
             for key in ("width", "depth", "activation"):
                 parser.link_arguments(f"model.{key}", f"data.{key}")
@@ -87,7 +86,7 @@ def _cli_class():
 def make_cli(args: list[str], run: bool = True, **kwargs):
     """The LightningCLI of the proxy for ``args`` (subcommand first when ``run``); a bad
     argument raises ``argparse.ArgumentError`` (the CLI's main says it in one line)."""
-    from mxprobe.app.cli.save_config import AtomicSaveConfig
+    from mxprobe.app.cli import lightning_parts
     from mxprobe.models.data import ProxyDataModule
     from mxprobe.models.lit import ProxyLitModule
 
@@ -99,7 +98,7 @@ def make_cli(args: list[str], run: bool = True, **kwargs):
         ProxyDataModule,
         args=args,
         run=run,
-        save_config_callback=AtomicSaveConfig,
+        save_config_callback=lightning_parts.AtomicSaveConfig,
         save_config_kwargs={"overwrite": True},
         parser_kwargs=raising_parser_kwargs(kwargs.pop("parser_kwargs", {}), ("fit", "validate")),
         **kwargs,
