@@ -19,7 +19,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from mxprobe.convert import named_modules
-from mxprobe.formats import canonical_format, is_mx
+from mxprobe.formats import NVFP4, canonical_format, is_mx
 from mxprobe.modules import MxModule
 from mxprobe.names import ACTIVATIONS, NORM_AFFINE, metric
 from mxprobe.quantize import quantize_mx
@@ -73,6 +73,21 @@ def _check_reference(reference_format: str | None) -> str | None:
             f"reference_format must be an MX element format (e.g. 'e4m3'), got {reference_format!r}"
         )
     return fmt
+
+
+def _warn_if_nvfp4(monitor, name: str, module: nn.Module, role: str) -> None:
+    """Say once per monitor and module that an NVFP4 role gets none of the MX statistics."""
+    scheme = module.active_scheme() if isinstance(module, MxModule) else None
+    if scheme is None or getattr(scheme, role) != NVFP4:
+        return
+    warned = monitor.__dict__.setdefault("_nvfp4_warned", set())
+    if name not in warned:
+        warned.add(name)
+        rank_zero_warn(
+            f"{type(monitor).__name__}: {name} has {role} in NVFP4; the MX block statistics "
+            "(saturation, underflow, SQNR) are not computed for NVFP4 yet, so none are reported "
+            "for it (pass reference_format='e4m3' to measure it against MX instead)"
+        )
 
 
 def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple:
@@ -191,6 +206,7 @@ class NormAffineMonitor(PeriodicMonitor):
         stats = {}
         with torch.no_grad():
             for name, module in _matching(pl_module, is_norm, self.modules):
+                _warn_if_nvfp4(self, name, module, "norm_affine")
                 for stat, v in self._module_stats(module).items():
                     stats[metric(NORM_AFFINE, name, stat)] = v
                 weight = _operand(module, "weight")
@@ -315,6 +331,7 @@ class ActivationMonitor(PeriodicMonitor):
         def hook(module: MxModule, inputs: tuple, output: Any) -> None:
             if module.active_scheme() is None:
                 return
+            _warn_if_nvfp4(self, name, module, "act")
             fmt, scheme, _ = _format_in_use(module, "act", self.reference_format)
             if fmt is None:
                 return

@@ -341,6 +341,7 @@ def check_scheme_change(
 def _snaps_stochastic(module: MxModule, change: str) -> bool:
     before = module.mx_scheme or PrecisionScheme()
     after = before.amend(change)
+    # NVFP4 parameter roles round to nearest-even (only its gradient roles may be stochastic).
     return before.rounding == "stochastic" and any(
         is_mx(getattr(before, role)) and role_quantizer(before, role) != role_quantizer(after, role)
         for role, _ in module.mx_param_roles.values()

@@ -98,6 +98,8 @@ _ALIASES = {
 
 # Elementwise (non-block) formats a role may take instead of an MX format.
 PLAIN_FORMATS = ("bf16", "fp16", "fp32")
+# NVIDIA's FP4 (E2M1 elements, E4M3 scale per 16, FP32 per-tensor scale): mxprobe/nvfp4.py.
+NVFP4 = "nvfp4"
 
 MX_FORMAT_NAMES = tuple(_MX_FORMATS)
 
@@ -119,7 +121,8 @@ def mx_format(name: str | ElementFormat) -> ElementFormat:
 
 
 def canonical_format(name: str | None) -> str:
-    """Canonical name of any role format: an MX format, ``bf16``, ``fp16`` or ``fp32``.
+    """Canonical name of any role format: an MX format, ``nvfp4``, ``bf16``, ``fp16`` or
+    ``fp32``.
 
     ``None``, ``"none"`` and ``"fp32"`` all mean "untouched" and map to ``"fp32"``.
     """
@@ -132,13 +135,20 @@ def canonical_format(name: str | None) -> str:
         return "bf16"
     if key in ("fp16", "float16", "half"):
         return "fp16"
+    if key == NVFP4:
+        return NVFP4
     try:
         return mx_format(key).name
     except ValueError:
-        valid = ", ".join(list(_MX_FORMATS) + list(_ALIASES) + list(PLAIN_FORMATS))
+        valid = ", ".join([*_MX_FORMATS, *_ALIASES, *PLAIN_FORMATS, NVFP4])
         raise ValueError(f"unknown format {name!r}; expected one of {valid}") from None
 
 
 def is_mx(name: str) -> bool:
     """Whether a canonical role format is a block-scaled MX format."""
     return name in _MX_FORMATS
+
+
+def is_block_format(name: str) -> bool:
+    """Whether a canonical role format quantizes in scaled blocks (MX or NVFP4)."""
+    return name in _MX_FORMATS or name == NVFP4

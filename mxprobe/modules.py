@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mxprobe.formats import is_mx
+from mxprobe.formats import NVFP4, is_mx
 from mxprobe.gemm import mx_gemm, tensor_core_exact
+from mxprobe.nvfp4 import quantize_nvfp4
 from mxprobe.quantize import quantize_mx, quantize_operand, round_to, round_to_owned
 from mxprobe.scheme import BACKWARD_ROLES, GEMM_ROLES, PrecisionScheme
 
@@ -41,6 +42,8 @@ def quantize_role(
     fmt = getattr(scheme, role)
     if fmt == "fp32":
         return t
+    if fmt == NVFP4:
+        return _NVFP4StraightThrough.apply(t, *nvfp4_settings(scheme, role, t.dim()), axis)
     if is_mx(fmt):
         quantize = quantize_mx if slot is None else functools.partial(quantize_operand, slot=slot)
         return quantize(
@@ -52,6 +55,35 @@ def quantize_role(
             rounding=scheme.rounding,
         )
     return round_to(t, fmt)
+
+
+WEIGHT_ROLES = ("weight", "weight_bp")
+GRAD_ROLES = ("grad_wgrad", "grad_dgrad")
+
+
+def nvfp4_settings(scheme: PrecisionScheme, role: str, dim: int = 2) -> tuple:
+    """(tensor_scale, tile, rounding) of an NVFP4 ``role`` under ``scheme`` for a tensor of
+    ``dim`` dimensions: 16x16 tiles only for weight roles of matrices, stochastic rounding only
+    for gradient roles."""
+    tile = (
+        (16, 16)
+        if role in WEIGHT_ROLES and scheme.nvfp4_weight_tile == "16x16" and dim >= 2
+        else (1, 16)
+    )
+    rounding = scheme.nvfp4_grad_rounding if role in GRAD_ROLES else "even"
+    return ("amax" if scheme.nvfp4_scale == "amax" else None), tile, rounding
+
+
+class _NVFP4StraightThrough(torch.autograd.Function):
+    """``quantize_nvfp4`` with the gradient passed straight through (as ``quantize_mx``)."""
+
+    @staticmethod
+    def forward(ctx, t, tensor_scale, tile, rounding, axis):
+        return quantize_nvfp4(t, axis=axis, tensor_scale=tensor_scale, tile=tile, rounding=rounding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
 
 
 def gemm(
@@ -295,6 +327,8 @@ def role_quantizer(scheme: PrecisionScheme, role: str) -> tuple:
     if role in BACKWARD_ROLES and not scheme.quantize_backprop:
         return ("fp32",)
     fmt = getattr(scheme, role)
+    if fmt == NVFP4:
+        return (fmt, *nvfp4_settings(scheme, role))
     if is_mx(fmt):
         return fmt, scheme.block_size, scheme.scale_mode, scheme.rounding
     return (fmt,)

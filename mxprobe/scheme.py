@@ -20,16 +20,22 @@ string-form keys below: ``w`` = weight, ``g_dgrad`` = grad_dgrad, ``norm`` = nor
 | `mx_mix`              | e4m3 | e4m3 | e5m2 | e5m2 | e5m2    | e5m2    | e4m3 | bf16 | true     |
 | `w_e4m3_a_bf16`       | e4m3 | bf16 | e4m3 | bf16 | bf16    | bf16    | bf16 | bf16 | true     |
 | `mxfp8_e4m3_fwd_only` | e4m3 | e4m3 | fp32 | fp32 | fp32    | fp32    | e4m3 | bf16 | false    |
+| `nvfp4`               | nvfp4| nvfp4| nvfp4| nvfp4| nvfp4   | nvfp4   | nvfp4| bf16 | true     |
+| `nvfp4_recipe`        | nvfp4| nvfp4| nvfp4| nvfp4| nvfp4   | nvfp4   | bf16 | bf16 | true     |
 
 `w_e4m3_a_bf16` and `mxfp8_e4m3_fwd_only` are the paper's mitigations (e4m3 weights with bf16
-activations; MX in the forward pass only).
+activations; MX in the forward pass only). ``nvfp4`` roles use NVIDIA's FP4 (docs/nvfp4.md), set
+by ``nvscale`` (``amax`` two-level, the default, or ``none``), ``nvtile`` (weight blocks ``1x16``
+or ``16x16`` tiles) and ``nvgrad`` (gradient rounding ``even`` or ``stochastic``);
+``nvfp4_recipe`` is NVIDIA's recipe: ``nvtile=16x16,nvgrad=stochastic``, norms in bf16.
 
 String form (``PrecisionScheme.parse``, ``str(scheme)``): a preset name, comma-separated
 ``key=value`` items, or a preset followed by items that amend it, e.g. ``"mxfp8_e4m3,norm=bf16"``
 or ``"w=e4m3,a=e4m3,bp=e5m2,scale=rceil"``. Keys: ``w``, ``a``, ``w_bp``, ``a_bp``, ``g_wgrad``,
 ``g_dgrad``, ``bp`` (all four backward roles), ``norm``, ``elem``, ``block``, ``scale``,
-``round``, ``backprop``. Roles not named are ``fp32``; each key may be given once, and a later
-item overrides an earlier group key (``"bp=e5m2,g_wgrad=e4m3"``).
+``round``, ``backprop``, ``nvscale``, ``nvtile``, ``nvgrad``. Roles not named are ``fp32``;
+each key may be given once, and a later item overrides an earlier group key
+(``"bp=e5m2,g_wgrad=e4m3"``).
 
 Per-layer overrides are an ordered mapping ``{glob on the qualified module name: scheme or
 partial string}``; the first matching glob wins and a partial string amends the base scheme.
@@ -42,6 +48,7 @@ import fnmatch
 from collections.abc import Mapping
 from typing import Any
 
+from mxprobe.checks import check_choice
 from mxprobe.formats import PLAIN_FORMATS, canonical_format
 from mxprobe.quantize import ROUNDINGS, SCALE_MODES
 
@@ -73,6 +80,14 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "scale": ("scale_mode",),
     "round": ("rounding",),
     "backprop": ("quantize_backprop",),
+    "nvscale": ("nvfp4_scale",),
+    "nvtile": ("nvfp4_weight_tile",),
+    "nvgrad": ("nvfp4_grad_rounding",),
+}
+_NVFP4_SETTINGS = {
+    "nvfp4_scale": ("amax", "none"),
+    "nvfp4_weight_tile": ("1x16", "16x16"),
+    "nvfp4_grad_rounding": ("even", "stochastic"),
 }
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -123,6 +138,15 @@ class PrecisionScheme:
     quantize_backprop: bool = True
     """When false the backward GEMMs see unquantized operands whatever the backward roles say
     (microxcaling's ``quantize_backprop``)."""
+    nvfp4_scale: str = "amax"
+    """NVFP4 roles: ``amax`` (two-level: an FP32 per-tensor scale amax / 2688 on top of the
+    E4M3 block scales, NVIDIA's recipe) or ``none`` (single-level)."""
+    nvfp4_weight_tile: str = "1x16"
+    """NVFP4 weight roles: ``1x16`` blocks along in-features, or ``16x16`` tiles, so that the
+    forward and the grad-input GEMM see the same quantized weight (NVIDIA's recipe)."""
+    nvfp4_grad_rounding: str = "even"
+    """NVFP4 gradient roles (``grad_wgrad``, ``grad_dgrad``): ``even`` or ``stochastic``
+    (NVIDIA's recipe); the other NVFP4 roles round to nearest-even. ``rounding`` is for MX."""
 
     def __post_init__(self) -> None:
         # object.__setattr__ because the dataclass is frozen; canonical names make == meaningful.
@@ -149,6 +173,9 @@ class PrecisionScheme:
             object.__setattr__(self, field, str(value).lower())
         if not isinstance(self.quantize_backprop, bool):
             raise TypeError(f"quantize_backprop must be a bool, got {self.quantize_backprop!r}")
+        for field, choices in _NVFP4_SETTINGS.items():
+            check_choice(str(getattr(self, field)).lower(), choices, field)
+            object.__setattr__(self, field, str(getattr(self, field)).lower())
 
     @classmethod
     def parse(cls, text: str) -> PrecisionScheme:
@@ -192,6 +219,13 @@ class PrecisionScheme:
                 items.append(f"{key}={getattr(self, field)}")
         if not self.quantize_backprop:
             items.append("backprop=false")
+        for key, field, default in (
+            ("nvscale", "nvfp4_scale", "amax"),
+            ("nvtile", "nvfp4_weight_tile", "1x16"),
+            ("nvgrad", "nvfp4_grad_rounding", "even"),
+        ):
+            if getattr(self, field) != default:
+                items.append(f"{key}={getattr(self, field)}")
         return ",".join(items)
 
     def to_dict(self) -> dict[str, Any]:
@@ -317,6 +351,16 @@ def _all_gemm_and_norm(fmt: str) -> PrecisionScheme:
 
 PRESETS: dict[str, PrecisionScheme] = {
     "fp32": PrecisionScheme(),
+    # Every GEMM operand and the norms' affine weights in NVFP4 (two-level), as the MX presets.
+    "nvfp4": _all_gemm_and_norm("nvfp4"),
+    # NVIDIA's NVFP4 pretraining recipe: 16x16 weight tiles, stochastic rounding of gradients,
+    # norms in bf16 (its BF16 layer exceptions are per-model overrides).
+    "nvfp4_recipe": dataclasses.replace(
+        _all_gemm_and_norm("nvfp4"),
+        norm_affine="bf16",
+        nvfp4_weight_tile="16x16",
+        nvfp4_grad_rounding="stochastic",
+    ),
     "bf16": PrecisionScheme(**dict.fromkeys(ROLES, "bf16")),
     "mxfp8_e4m3": _all_gemm_and_norm("fp8_e4m3"),
     "mxfp8_e5m2": _all_gemm_and_norm("fp8_e5m2"),

@@ -39,6 +39,8 @@ EXPECTED_PRESETS = {
     "mx_mix": ((E4M3, E4M3, E5M2, E5M2, E5M2, E5M2, E4M3, "bf16"), True),
     "w_e4m3_a_bf16": ((E4M3, "bf16", E4M3, "bf16", "bf16", "bf16", "bf16", "bf16"), True),
     "mxfp8_e4m3_fwd_only": ((E4M3, E4M3, "fp32", "fp32", "fp32", "fp32", E4M3, "bf16"), False),
+    "nvfp4": (("nvfp4",) * 7 + ("bf16",), True),
+    "nvfp4_recipe": (("nvfp4",) * 6 + ("bf16", "bf16"), True),
 }
 
 
