@@ -36,14 +36,6 @@ class CheckpointError(ValueError):
     message names the file and what is wrong in one line."""
 
 
-def _safe_classes() -> list[type]:
-    # mxprobe's own plain-data classes that a checkpoint's hyperparameters may hold
-    # (``LLMModule(config=LLMConfig(...))``).
-    from mxprobe.models.llm import LLMConfig
-
-    return [LLMConfig]
-
-
 def digest_path(path: str | os.PathLike) -> Path:
     return Path(f"{path}{DIGEST_SUFFIX}")
 
@@ -86,7 +78,8 @@ def load_verified(
     path: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None
 ) -> Any:
     """``torch.load`` of a checkpoint checked by :func:`read_verified`, ``weights_only=True``
-    unless the caller passes ``False`` for a file it trusts.
+    unless the caller passes ``False`` for a file it trusts (classes a module registered with
+    ``torch.serialization.add_safe_globals`` load too: ``LLMConfig``, by ``mxprobe.models``).
 
     Raises:
         CheckpointError: as :func:`read_verified`, or when the file holds objects that plain-data
@@ -95,8 +88,7 @@ def load_verified(
     data = read_verified(path)
     restricted = True if weights_only is None else weights_only
     try:
-        with torch.serialization.safe_globals(_safe_classes()):
-            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=restricted)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=restricted)
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else ""
         raise CheckpointError(

@@ -100,7 +100,7 @@ def test_objects_are_refused_unless_trusted(tmp_path):
 
 
 def test_llm_hyperparameters_load_as_plain_data(tmp_path):
-    from mxprobe.models.llm import LLMConfig
+    from mxprobe.models.lit_llm import LLMConfig  # which allows it to weights_only loading
 
     path = tmp_path / "llm.ckpt"
     VerifiedCheckpointIO().save_checkpoint({"hyper_parameters": {"config": LLMConfig()}}, path)
