@@ -280,6 +280,7 @@ def test_nothing_was_trained_or_written_outside(corpus):
     assert not (tmp.parent / "escape_dir").exists() and not (tmp / "escape_dir").exists()
     assert not list(tmp.rglob("summary.csv")) and not list(tmp.rglob("results.csv"))
     assert not list(tmp.rglob("*.sqlite"))
+    assert not (tmp / "sweep").exists() and not (tmp / "compare").exists()  # not even a folder
 
 
 def _run(*argv: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:

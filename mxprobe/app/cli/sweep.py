@@ -405,10 +405,9 @@ def run(argv: list[str], prog: str) -> int:
     if ns.collect:
         print(collect(spec))
         return 0
+    spec.check()  # before the lock: a refused spec leaves no directory behind
     start = time.perf_counter()
-    with exclusive(spec.out / SWEEP_LOCK, f"sweep directory {spec.out}"):
-        spec.check()
-        failures = _execute(spec, ns.jobs)
+    failures = execute(spec, ns.jobs)
     path = collect(spec)
     print(f"results: {path} ({time.perf_counter() - start:.0f} s)")
     return 1 if failures else 0
