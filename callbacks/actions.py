@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 from mxprobe.callbacks.events import scheme_strings
-from mxprobe.callbacks.kinds import Kinded, set_field
+from mxprobe.callbacks.kinds import YamlKind, from_mapping, set_field
 from mxprobe.callbacks.recorder import RunRecorder
 from mxprobe.callbacks.snapshots import SnapshotStore
 
@@ -31,8 +31,8 @@ class ActionContext:
     snapshots: SnapshotStore
 
 
-class Action(Kinded):
-    """Base of the actions; :attr:`kinds` maps each YAML ``kind`` to its class."""
+class Action(YamlKind):
+    """Base of the actions; :data:`ACTIONS` maps each YAML ``kind`` to its class."""
 
     chainable: ClassVar[bool] = True
     """Whether it may be a rewind's ``then``."""
@@ -55,7 +55,7 @@ class Action(Kinded):
 
 
 def _chainable() -> list[str]:
-    return [kind for kind, cls in Action.kinds.items() if cls.chainable]
+    return [kind for kind, cls in ACTIONS.items() if cls.chainable]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +141,7 @@ class RewindAction(Action):
     def parse_fields(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
         if values.get("then") is None:
             return values
-        then = Action.from_mapping(values["then"], f"{where} then", allowed=_chainable())
+        then = from_mapping(ACTIONS, values["then"], f"{where} then", allowed=_chainable())
         return {**values, "then": then}
 
     def apply(self, context: ActionContext) -> dict[str, Any]:
@@ -155,3 +155,9 @@ class RewindAction(Action):
 
     def followed_by(self) -> Action | None:
         return self.then
+
+
+# The actions by YAML kind, in the order the docs list them.
+ACTIONS: dict[str, type[Action]] = {
+    cls.kind: cls for cls in (SetSchemeAction, ScaleLrAction, RewindAction)
+}

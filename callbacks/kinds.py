@@ -2,8 +2,9 @@
 checks their ``__post_init__`` share.
 
 A family (:class:`~mxprobe.callbacks.rules.Trigger`, :class:`~mxprobe.callbacks.actions.Action`)
-is a direct subclass of :class:`Kinded`; a member is a dataclass that subclasses the family and
-sets ``kind: ClassVar[str]``, which registers it. ``kind`` is a class constant, not a field, so
+subclasses :class:`YamlKind`; a member is a dataclass that subclasses the family, sets
+``kind: ClassVar[str]`` and is listed in its family's table (``rules.TRIGGERS``,
+``actions.ACTIONS``). ``kind`` is a class constant, not a field, so
 ``StepTrigger(at=3, kind="metric")`` is a ``TypeError``.
 """
 
@@ -13,51 +14,14 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, TypeVar
 
-K = TypeVar("K", bound="Kinded")
+K = TypeVar("K", bound="YamlKind")
 
 
-class Kinded:
-    """Base of the families of YAML-selectable dataclasses."""
+class YamlKind:
+    """Base of the families of YAML-selectable dataclasses (no registry: each family lists its
+    members in a plain ``{kind: class}`` table, ``rules.TRIGGERS`` and ``actions.ACTIONS``)."""
 
     kind: ClassVar[str]
-    kinds: ClassVar[dict[str, type[Kinded]]]
-    """The family's members by kind, in definition order."""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "kind" in cls.__dict__:
-            cls.kinds[cls.kind] = cls
-        else:
-            cls.kinds = {}
-
-    @classmethod
-    def from_mapping(cls: type[K], d: Any, where: str, allowed: Iterable[str] | None = None) -> K:
-        """Build the member named by ``d["kind"]`` from a plain dict.
-
-        Raises:
-            ValueError: prefixed with ``where``, for a non-mapping, an unknown kind (the message
-                lists ``allowed``, default: every member), an unknown or missing key, or a value
-                the member's ``__post_init__`` rejects.
-        """
-        choices = {k: cls.kinds[k] for k in (cls.kinds if allowed is None else allowed)}
-        if not isinstance(d, Mapping):
-            raise ValueError(f"{where}: expected a mapping with a 'kind', got {d!r}")
-        kind = d.get("kind")
-        if kind not in choices:
-            raise ValueError(
-                f"{where}: unknown kind {kind!r}; expected one of {', '.join(choices)}"
-            )
-        member = choices[kind]
-        fields = dataclasses.fields(member)
-        check_keys(d, ("kind", *(f.name for f in fields)), f"{where} ({kind})")
-        missing = [f.name for f in fields if _required(f) and f.name not in d]
-        if missing:
-            raise ValueError(f"{where} ({kind}): missing {', '.join(map(repr, missing))}")
-        values = member.parse_fields({k: v for k, v in d.items() if k != "kind"}, where)
-        try:
-            return member(**values)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
 
     @classmethod
     def parse_fields(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -65,12 +29,41 @@ class Kinded:
         return values
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain dict :meth:`from_mapping` reads back."""
+        """The plain dict :func:`from_mapping` reads back."""
         out: dict[str, Any] = {"kind": self.kind}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            out[field.name] = value.to_dict() if isinstance(value, Kinded) else value
+            out[field.name] = value.to_dict() if isinstance(value, YamlKind) else value
         return out
+
+
+def from_mapping(
+    table: Mapping[str, type[K]], d: Any, where: str, allowed: Iterable[str] | None = None
+) -> K:
+    """Build the member of ``table`` named by ``d["kind"]`` from a plain dict.
+
+    Raises:
+        ValueError: prefixed with ``where``, for a non-mapping, an unknown kind (the message
+            lists ``allowed``, default: every member), an unknown or missing key, or a value the
+            member's ``__post_init__`` rejects.
+    """
+    choices = {k: table[k] for k in (table if allowed is None else allowed)}
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected a mapping with a 'kind', got {d!r}")
+    kind = d.get("kind")
+    if kind not in choices:
+        raise ValueError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(choices)}")
+    member = choices[kind]
+    fields = dataclasses.fields(member)
+    check_keys(d, ("kind", *(f.name for f in fields)), f"{where} ({kind})")
+    missing = [f.name for f in fields if _required(f) and f.name not in d]
+    if missing:
+        raise ValueError(f"{where} ({kind}): missing {', '.join(map(repr, missing))}")
+    values = member.parse_fields({k: v for k, v in d.items() if k != "kind"}, where)
+    try:
+        return member(**values)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _required(field: dataclasses.Field) -> bool:

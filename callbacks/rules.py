@@ -25,8 +25,14 @@ import operator
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-from mxprobe.callbacks.actions import Action, RewindAction, ScaleLrAction, SetSchemeAction
-from mxprobe.callbacks.kinds import Kinded, check_keys, set_field
+from mxprobe.callbacks.actions import (
+    ACTIONS,
+    Action,
+    RewindAction,
+    ScaleLrAction,
+    SetSchemeAction,
+)
+from mxprobe.callbacks.kinds import YamlKind, check_keys, from_mapping, set_field
 
 from mxprobe.checks import check_choice, check_int, check_number
 from mxprobe.names import MONITORS, monitor_of
@@ -42,6 +48,7 @@ OPERATORS: dict[str, Callable[[float, float], bool]] = {
 SPIKE_SIGNALS = ("any", "loss", "grad_norm", "nonfinite", "scaler_skip")
 
 __all__ = [
+    "ACTIONS",
     "OPERATORS",
     "SPIKE_SIGNALS",
     "Action",
@@ -52,13 +59,14 @@ __all__ = [
     "SetSchemeAction",
     "SpikeTrigger",
     "StepTrigger",
+    "TRIGGERS",
     "Trigger",
     "parse_rules",
 ]
 
 
-class Trigger(Kinded):
-    """Base of the triggers; :attr:`kinds` maps each YAML ``kind`` to its class."""
+class Trigger(YamlKind):
+    """Base of the triggers; :data:`TRIGGERS` maps each YAML ``kind`` to its class."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +137,10 @@ class MetricTrigger(Trigger):
         return OPERATORS[self.op](value, self.value)
 
 
+# The triggers by YAML kind, in the order the docs list them.
+TRIGGERS: dict[str, type[Trigger]] = {
+    cls.kind: cls for cls in (SpikeTrigger, StepTrigger, MetricTrigger)
+}
 RULE_KEYS = ("name", "trigger", "action", "cooldown", "max_times")
 
 
@@ -154,10 +166,10 @@ class Rule:
         where = f"rule {self.name!r}"
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"{where}: name must be a non-empty string")
-        for field, base in (("trigger", Trigger), ("action", Action)):
+        for field, base, table in (("trigger", Trigger, TRIGGERS), ("action", Action, ACTIONS)):
             if not isinstance(getattr(self, field), base):
                 raise ValueError(
-                    f"{where}: {field} must be one of {', '.join(base.kinds)} "
+                    f"{where}: {field} must be one of {', '.join(table)} "
                     f"({field} kinds), got {getattr(self, field)!r}"
                 )
         try:
@@ -187,8 +199,8 @@ class Rule:
                 raise ValueError(f"{where}: missing '{key}'")
         return cls(
             name=str(name),
-            trigger=Trigger.from_mapping(d["trigger"], f"{where} trigger"),
-            action=Action.from_mapping(d["action"], f"{where} action"),
+            trigger=from_mapping(TRIGGERS, d["trigger"], f"{where} trigger"),
+            action=from_mapping(ACTIONS, d["action"], f"{where} action"),
             cooldown=d.get("cooldown", 0),
             max_times=d.get("max_times", 1),
         )
