@@ -2,7 +2,7 @@
 
 Each action is a frozen dataclass that validates itself, is named in YAML by its ``kind`` and
 applies its own effect (:meth:`Action.apply`, which returns the keys it adds to its event).
-Defining a subclass of :class:`Action` with a ``kind`` registers it: a new action is one class.
+A new action is one subclass of :class:`Action` with a ``kind``, listed in :data:`ACTIONS`.
 """
 
 from __future__ import annotations
