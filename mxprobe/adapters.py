@@ -118,6 +118,16 @@ def register_adapter(cls: type | str, kind: str, *, weight_layout: str = "out_in
     _TWINS.clear()
 
 
+def unregister_adapter(cls: type | str) -> None:
+    """Undo ``register_adapter(cls, ...)``: modules of ``cls`` are converted as before it (a
+    built-in class goes back to being unknown). Raises ``KeyError`` if ``cls`` is not registered.
+    Modules already converted keep their MX class."""
+    if cls not in _REGISTRY:
+        raise KeyError(f"{cls!r} is not registered")
+    del _REGISTRY[cls]
+    _TWINS.clear()
+
+
 def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

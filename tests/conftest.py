@@ -16,13 +16,30 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("MXPROBE_COMPILE", "0")
 
 
+class _Registrations:
+    """``register_adapter`` that remembers what it registered, to undo it after the test."""
+
+    def __init__(self) -> None:
+        self.made: list = []
+
+    def register_adapter(self, cls, kind: str, **kwargs) -> None:
+        from mxprobe import adapters
+
+        adapters.register_adapter(cls, kind, **kwargs)
+        self.made.append(cls)
+
+    def undo(self) -> None:
+        from mxprobe import adapters
+
+        for cls in dict.fromkeys(reversed(self.made)):
+            adapters.unregister_adapter(cls)
+        self.made.clear()
+
+
 @pytest.fixture
 def registry():
-    """Registrations made by a test are undone afterwards."""
-    from mxprobe import adapters
-
-    saved = dict(adapters._REGISTRY)
-    yield adapters
-    adapters._REGISTRY.clear()
-    adapters._REGISTRY.update(saved)
-    adapters._TWINS.clear()
+    """Registrations made through it by a test are undone afterwards (user classes only: a
+    built-in class registered again would be unregistered too)."""
+    made = _Registrations()
+    yield made
+    made.undo()

@@ -154,7 +154,7 @@ def test_experts_or_a_router_registered_as_linear_are_refused_and_the_model_is_u
         implementation = model.config._attn_implementation
         with pytest.raises(ValueError, match=f"{cls.__name__} is registered as a linear"):
             _quiet_convert(model)
-        registry._REGISTRY.pop(cls)
+        registry.undo()
         assert [type(m) for m in model.modules()] == classes
         assert model.config._attn_implementation == implementation
         assert not any(isinstance(m, MxModule) for m in model.modules())
