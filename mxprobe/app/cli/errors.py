@@ -3,8 +3,9 @@ choices, where the raiser knows them), exit status 2, no traceback.
 
 :func:`reported` is the one place that does it, around every subcommand (``main``). A *user
 error* is a :class:`UsageError`, or a ValueError, TypeError, OSError, YAML or argument error,
-or a Lightning ``MisconfigurationException`` — what configuration checks raise; anything else
-is a bug and keeps its traceback. ``--traceback`` (anywhere on the command line) or
+a Lightning ``MisconfigurationException``, or a library's missing requirement (ImportError) —
+what configuration checks raise; anything else (an ImportError in mxprobe itself included) is a
+bug and keeps its traceback. ``--traceback`` (anywhere on the command line) or
 ``MXPROBE_DEBUG=1`` keeps the traceback of user errors too.
 
 Validating values here (``positive_int``, ``positive_float``, ``int_list``) keeps the argparse
