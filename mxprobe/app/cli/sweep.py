@@ -139,11 +139,11 @@ class Spec:
             patience=patience,
         )
 
-    def check(self, build: bool = True) -> None:
+    def check(self) -> None:
         """Refuse, before any run starts, a spec whose runs cannot all be trained: a missing
         config, a bad scheme, two grid points sharing a run directory, a directory outside
-        ``out``; with ``build``, also every grid value the LightningCLI would refuse (each value
-        is built once, in as many runs as the longest list has values, and nothing trained).
+        ``out``, and every grid value the LightningCLI would refuse (each value is built once,
+        in as many runs as the longest list has values, and nothing is trained).
 
         Raises:
             UsageError (or the LightningCLI's own error): naming the bad value.
@@ -161,24 +161,21 @@ class Spec:
                     f"directory {run_dir}"
                 )
             seen[run_dir] = point
-        for key in ("model.scheme",):
-            for value in [
-                *self.grid.get(key, []),
-                *([self.fixed[key]] if key in self.fixed else []),
-            ]:
-                try:
-                    parse_scheme(_text(value))
-                except ValueError as err:
-                    raise UsageError(f"{self.path}: {key}: {err}") from None
-        if build:
-            width = max(map(len, self.grid.values()))
-            for i in range(width):
-                point = {k: v[i % len(v)] for k, v in self.grid.items()}
-                check_run(
-                    str(self.config) if self.config else None,
-                    str(self.run_dir(point)),
-                    self.cli_args(point),
-                )
+        schemes = self.grid.get("model.scheme", []) + (
+            [self.fixed["model.scheme"]] if "model.scheme" in self.fixed else []
+        )
+        for scheme in schemes:
+            try:
+                parse_scheme(_text(scheme))
+            except ValueError as err:
+                raise UsageError(f"{self.path}: model.scheme: {err}") from None
+        for i in range(max(map(len, self.grid.values()))):
+            point = {k: v[i % len(v)] for k, v in self.grid.items()}
+            check_run(
+                str(self.config) if self.config else None,
+                str(self.run_dir(point)),
+                self.cli_args(point),
+            )
 
     @property
     def runs(self) -> list[dict]:
