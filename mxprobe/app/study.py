@@ -208,6 +208,8 @@ def train_cell(job: tuple) -> dict:
 
     out, arm, seed, extra, factor, patience = job
     cell = Cell(Path(out), arm, seed)
+    if is_finished(cell, extra):  # finished since the study listed it (another process)
+        return cell.result()
     shutil.rmtree(cell.run_dir, ignore_errors=True)  # a killed cell's partial record goes
     cell.run_dir.mkdir(parents=True)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
