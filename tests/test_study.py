@@ -77,6 +77,8 @@ def test_seed_lists_and_arm_configs(tmp_path):
     assert st.parse_seeds("1-3,7,2") == [1, 2, 3, 7]
     with pytest.raises(ValueError, match="bad seed list"):
         st.parse_seeds("1-x")
+    with pytest.raises(ValueError, match=r"unknown arm\(s\) \['bogus'\]"):
+        st.rule_paths(tmp_path / "base.yaml", ["mx", "bogus"])
     base = _configs(tmp_path)
     configs = _plan(tmp_path, base).configs
     assert list(configs) == list(st.ARMS)

@@ -68,6 +68,9 @@ def parse_seeds(text: str) -> list[int]:
 
 def rule_paths(base: Path, arms: list[str], given: dict[str, Path] | None = None) -> dict:
     """Each rule arm's config: ``given[arm]`` or ``<base stem>_<suffix>.yaml`` beside ``base``."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
     paths = {}
     for arm in arms:
         suffix = ARMS[arm][1]
@@ -95,6 +98,8 @@ def arm_configs(base: Path, arms: list[str], rules: dict[str, Path]) -> dict[str
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
+    if not Path(base).is_file():
+        raise ValueError(f"base config {base} not found")
     base_config = yaml.safe_load(Path(base).read_text())
     rule_callbacks, detectors = {}, {}
     for arm, path in rules.items():

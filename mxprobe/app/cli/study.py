@@ -58,6 +58,9 @@ def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
     parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
     ns = parser.parse_args(argv)
     arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
+    bad = [item for item in ns.rule if "=" not in item]
+    if bad:
+        raise ValueError(f"--rule {bad[0]!r}: expected ARM=FILE, e.g. mx_placebo=placebo.yaml")
     given = dict(item.split("=", 1) for item in ns.rule)
     base = Path(ns.config)
     configs = st.arm_configs(base, arms, st.rule_paths(base, arms, given))
