@@ -3,10 +3,9 @@
 The configuration is ``examples/configs/proxy_cpu.yaml`` (L=4, d=128, batch 256, Adam lr 8.5e-3
 constant, 1200 steps), the rule that of ``examples/configs/proxy_cpu_intervention.yaml``, the
 control that of ``examples/configs/proxy_cpu_rewind_only.yaml`` (tests/test_demo.py checks that
-these stay equal). Seed 21 is a seed where, on the current code (2026-12-03 scan of seeds 11-25
-in docs/proxy_cpu.md), MX diverges, FP32 trains cleanly, the rule rescues MX and the
-rewind-only control diverges; :data:`BASE_RATES` says how often such outcomes happen at this
-configuration, so nobody reads one seed as a rate. Every rate is computed from the shipped study
+these stay equal). Seed 7 is a seed of the study where FP32 trains cleanly, MX diverges and the
+rule rescues it (:data:`DEMO_OUTCOMES`); :data:`BASE_RATES` says how often such outcomes happen
+at this configuration, so nobody reads one seed as a rate. Every rate is computed from the shipped study
 (``mxprobe study``, docs/study/: ``rates.csv``, ``outcomes.csv``), with its exact interval and
 the command that made it; :data:`STUDY_STATUS` says how far the study got, and
 :func:`seed_in_study` what its arms did on the demo's seed. At the stability edge a seed's
@@ -20,16 +19,18 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-SEED = 21
+SEED = 7
 SOURCE = "docs/study/study.md"
 STUDY_DIR = Path(__file__).resolve().parents[2] / "docs" / "study"
 
-# What the demo seed's four runs did when it was chosen (docs/proxy_cpu.md, the scan of seeds
-# 11-25 and `mxprobe demo --seed 21`): divergence step, None = did not diverge. The slow test
-# of tests/test_demo.py holds the demo to these and to the study's cells for the seed. On
-# commit 3d7d7ab neither MX nor the rewind-only control diverged on seed 21 (docs/study cells,
-# and the demo itself, loss for loss): the seed must be chosen again from the study's table.
-DEMO_OUTCOMES = {"fp32": None, "mx": 270, "mx_intervention": None, "mx_rewind_only": 331}
+# What the demo seed's four runs do: divergence step, None = did not diverge. The slow test of
+# tests/test_demo.py holds the demo to these and to the study's cells for the seed. Seed 7 was
+# chosen from the study's table (docs/study, cells run at 3d7d7ab, whose compiled proxy trains
+# bit for bit as the current code): FP32 stable, MX diverges, the rule keeps it from diverging;
+# the rewind-only control does too, as on every MX-diverging seed of the study so far, so the
+# demo shows a rescue, not that the norm switch is what rescues. Seed 21, the earlier choice,
+# stopped diverging when a change of the compiled graph moved its reduction order.
+DEMO_OUTCOMES = {"fp32": None, "mx": 483, "mx_intervention": None, "mx_rewind_only": None}
 
 MODEL = {
     "depth": 4,
