@@ -7,8 +7,7 @@ these stay equal). Seed 7 is a seed of the study where FP32 trains cleanly, MX d
 rule rescues it (:data:`DEMO_OUTCOMES`); :data:`BASE_RATES` says how often such outcomes happen
 at this configuration, so nobody reads one seed as a rate. Every rate is computed from the
 shipped study (``mxprobe study``, docs/study/: ``rates.csv``, ``outcomes.csv``), with its exact
-interval and
-the command that made it; :data:`STUDY_STATUS` says how far the study got, and
+interval and the command that made it; :data:`STUDY_STATUS` says how far the study got, and
 :func:`seed_in_study` what its arms did on the demo's seed. At the stability edge a seed's
 outcome depends on floating-point reduction order (code version, machine), so re-check the seed
 after changing the compiled graph.
