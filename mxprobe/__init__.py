@@ -13,7 +13,15 @@ from mxprobe.convert import (
     set_scheme,
 )
 from mxprobe.formats import ElementFormat, canonical_format, mx_format
-from mxprobe.modules import MxLayerNorm, MxLinear, MxMatmul, MxRMSNorm, mx_linear, mx_matmul
+from mxprobe.modules import (
+    MxLayerNorm,
+    MxLinear,
+    MxMatmul,
+    MxRMSNorm,
+    NotEmulatedError,
+    mx_linear,
+    mx_matmul,
+)
 from mxprobe.nvfp4 import NVFP4Packed, nvfp4_decode, nvfp4_encode, quantize_nvfp4
 from mxprobe.quantize import mx_decode, mx_encode, quantize_mx, round_to
 from mxprobe.scheme import PRESETS, PrecisionScheme, parse_scheme
@@ -26,6 +34,7 @@ __all__ = [
     "MxMatmul",
     "MxRMSNorm",
     "NVFP4Packed",
+    "NotEmulatedError",
     "PrecisionScheme",
     "amend_scheme",
     "canonical_format",

@@ -18,7 +18,7 @@ import inspect
 import torch
 from torch import nn
 
-from mxprobe.modules import LINEAR_ROLES, MxModule, mx_linear
+from mxprobe.modules import LINEAR_ROLES, MxModule, NotEmulatedError, mx_linear
 
 _PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -64,7 +64,7 @@ class MxExpertsAdapter(MxModule):
         if scheme is None:
             return super().forward(hidden_states, *args, **kwargs)
         if getattr(self, "_is_expert_parallel", False):
-            raise NotImplementedError(
+            raise NotEmulatedError(
                 f"{type(self).__name__}: expert parallelism is not emulated by mxprobe"
             )
         top_k_index, top_k_weights = _routing(super().forward, hidden_states, args, kwargs)
@@ -103,7 +103,7 @@ def _experts_forward(module, scheme, hidden_states, top_k_index, top_k_weights) 
     top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)
     if bool((expert_ids >= module.num_experts).any()):
-        raise NotImplementedError(
+        raise NotEmulatedError(
             f"{type(module).__name__}: routing to experts this rank does not hold (expert "
             "parallelism) is not emulated by mxprobe"
         )

@@ -32,6 +32,12 @@ from mxprobe.quantize import quantize_mx, quantize_operand, round_to, round_to_o
 from mxprobe.scheme import BACKWARD_ROLES, GEMM_ROLES, PrecisionScheme
 
 
+class NotEmulatedError(NotImplementedError):
+    """A computation mxprobe refuses to run because it cannot emulate it on MX operands (a
+    fused product, a weight of unknown role, expert parallelism): raised, never run in full
+    precision behind the user's back. The message names the module and what to do."""
+
+
 def quantize_role(
     t: torch.Tensor, scheme: PrecisionScheme, role: str, axis: int = -1, slot: int | None = None
 ) -> torch.Tensor:

@@ -35,7 +35,7 @@ from torch.nn.modules.module import (
 )
 from torch.overrides import TorchFunctionMode
 
-from mxprobe.modules import MxMatmul, mx_linear, mx_matmul
+from mxprobe.modules import MxMatmul, NotEmulatedError, mx_linear, mx_matmul
 from mxprobe.scheme import PrecisionScheme
 
 PRODUCTS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm)
@@ -103,7 +103,7 @@ class ProductScope(TorchFunctionMode):
         if func in ATTENTION:
             return self._attention(*args, **kwargs)
         if func in REFUSED:
-            raise NotImplementedError(
+            raise NotEmulatedError(
                 f"{type(self.module).__name__} calls {getattr(func, '__name__', func)}, which "
                 "mxprobe does not emulate inside a module's own code; keep this module in full "
                 "precision (an override) or compute the product with torch.matmul"
@@ -128,7 +128,7 @@ class ProductScope(TorchFunctionMode):
 
     def _linear(self, x, weight, bias=None) -> torch.Tensor:
         if _storage(weight) not in self.own:
-            raise NotImplementedError(
+            raise NotEmulatedError(
                 f"{type(self.module).__name__} calls F.linear with a weight that is not one of its "
                 "own parameters; mxprobe cannot tell which role it has: keep this module in full "
                 "precision (an override) or register the weight's module"
