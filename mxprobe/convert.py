@@ -248,9 +248,10 @@ def _apply(model: nn.Module, base: PrecisionScheme, overrides: Overrides) -> int
                 f"{[n for n, _ in modules][:8]}); fix the glob or drop the override"
             )
     for name, module in modules:
-        # A router follows the base scheme only when an override names it.
-        here = PrecisionScheme() if _router_kept(name, module, overrides) else base
-        module.mx_scheme = resolve_scheme(name, here, overrides)
+        # A router follows the base scheme only when an override names it. Kept, it runs its own
+        # code unscoped (None), so its float copies of a bf16 weight (DeepSeek-V3) are not refused.
+        kept = _router_kept(name, module, overrides)
+        module.mx_scheme = None if kept else resolve_scheme(name, base, overrides)
     return len(modules)
 
 

@@ -239,3 +239,21 @@ def test_a_registered_attention_class_gets_mx_products_around_its_own_sdpa_call(
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     y = (qe(probs, -1) @ qe(v, -2)).transpose(1, 2).reshape(2, 6, 32)
     torch.testing.assert_close(got, layer.proj(qe(y, -1)), rtol=1e-5, atol=1e-6)
+
+
+def test_a_kept_router_runs_its_own_code_even_on_a_float_copy_of_a_bf16_weight():
+    # DeepSeek-V3's router computes F.linear(x.float(), weight.float()): with bf16 parameters that
+    # is a copy of its weight, which the product scope refuses. Kept in full precision (the
+    # default) it must run as the unconverted model; named by an override, it is refused loudly.
+    model, reference = pair("deepseek_v3")
+    model, reference = model.to(torch.bfloat16), reference.to(torch.bfloat16)
+    _quiet_convert(model, "mxfp8_e4m3")
+    router = model.model.layers[-1].mlp.gate
+    assert type(router).__name__.endswith("Router") and router.mx_scheme is None
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, want = router(x), reference.model.layers[-1].mlp.gate(x)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        mxprobe.set_scheme(model, "mxfp8_e4m3", {"*.gate": "mxfp8_e4m3"})
+        with pytest.raises(mxprobe.NotEmulatedError, match="not one of its own parameters"):
+            router(x)
