@@ -328,8 +328,6 @@ class PrecisionIntervention(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Checkpoints written before precision_state also hold "schemes" here; load_schemes
-        # reads them in on_load_checkpoint.
         self.timeline = [dict(e) for e in state_dict["timeline"]]
         for name, saved in state_dict["rules"].items():
             if name in self.rule_states:

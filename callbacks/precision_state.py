@@ -4,14 +4,12 @@ Which format each MX module computes in is model state, like its weights: it goe
 checkpoint next to ``state_dict`` as ``checkpoint["mx_precision"] = {qualified module name:
 PrecisionScheme.to_dict() or None}`` (names as in ``mxprobe.schemes_of(pl_module)``), whatever
 changed it (a rule, ``mxprobe.amend_scheme``, ``mxprobe.set_scheme``). mxprobe's
-LightningModules call :func:`save_schemes` / :func:`load_schemes` from their own
-``on_save_checkpoint`` / ``on_load_checkpoint``, so a checkpoint keeps its schemes with no
+LightningModules call :func:`save_schemes` / :func:`load_schemes` from the
+``on_save_checkpoint`` / ``on_load_checkpoint`` of their base
+(:class:`mxprobe.models.lit_base.MxLitModule`), so a checkpoint keeps its schemes with no
 callback; :class:`~mxprobe.callbacks.PrecisionIntervention` calls them too, so any other
 LightningModule's checkpoints keep them as well. Both read the live model at save time, so they
 write the same value.
-
-Older checkpoints are read as well: :func:`saved_schemes` falls back on the scheme strings the
-intervention callback used to keep in its own state.
 """
 
 from __future__ import annotations

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from mxprobe.callbacks.precision_state import load_schemes, save_schemes
-from mxprobe.models.checks import check_adam
+from mxprobe.models.lit_base import SCHEDULES, LrSchedule, MxLitModule, check_adam
 from mxprobe.models.student_teacher import ProxyConfig, build_student
 
 import mxprobe
-from mxprobe.scheme import PrecisionScheme, parse_scheme
-
-SCHEDULES = ("constant", "cosine")
+from mxprobe.checks import check_choice, check_int
 
 
-class ProxyLitModule(pl.LightningModule):
+class ProxyLitModule(MxLitModule):
     """The paper's proxy student trained with MSE against the data module's teacher targets.
 
     Args:
@@ -43,12 +37,13 @@ class ProxyLitModule(pl.LightningModule):
             ~6x, after a first compilation of ~20-60 s (cached on disk); a precision switch
             recompiles once per new scheme. Results equal eager up to the order of reductions.
 
+    The architecture arguments are ``ProxyConfig``'s fields, flat rather than one ``config``,
+    because the data module's teacher takes the same ``width``, ``depth`` and ``activation``:
+    the CLI links ``model.width`` to ``data.width``, and sweeps vary ``model.activation``.
     Gradient clipping is off unless the Trainer's ``gradient_clip_val`` asks for it (the paper
-    does not clip). Modules whose resolved scheme is all-fp32 run PyTorch's own forward
-    (``mx_scheme = None``), so an fp32 run is bit-identical to an unconverted model; every module
-    is still an MX module, so callbacks can switch its precision mid-run. Checkpoints keep the
-    current scheme of every MX module, however it changed (a rule, ``mxprobe.amend_scheme``), and
-    loading one puts them back (``mxprobe.callbacks.precision_state``).
+    does not clip). Conversion (all-fp32 modules run PyTorch's own forward), ``train/loss``,
+    the LR schedule and the schemes in checkpoints are those of the base,
+    :class:`~mxprobe.models.lit_base.MxLitModule`.
 
     Raises:
         ValueError: for an unknown activation, init, schedule, scheme or override, and for a
@@ -80,20 +75,11 @@ class ProxyLitModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         check_adam(lr, betas, eps, min_lr_ratio=min_lr_ratio)
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}"
-            )
+        check_int(warmup_steps, "warmup_steps", minimum=0)
+        check_choice(schedule, SCHEDULES, "schedule")
         self.save_hyperparameters()
         self.config = ProxyConfig(depth, width, activation, layer_norm, init)
-        self.student = build_student(self.config, seed)
-        mxprobe.convert(self.student, scheme, overrides)
-        full = PrecisionScheme()
-        for module in self.student.modules():
-            if isinstance(module, mxprobe.modules.MxModule) and module.mx_scheme == full:
-                module.mx_scheme = None
+        self.student = self.convert_network(build_student(self.config, seed), scheme, overrides)
         # A compiled bound method, not a module attribute: state_dict keys stay the student's.
         self._student_forward = mxprobe.compile_model(self.student.forward) if compiled else None
 
@@ -108,55 +94,18 @@ class ProxyLitModule(pl.LightningModule):
         forward = self._student_forward if compiled else self.student
         return F.mse_loss(forward(x), y)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        return loss
-
     def validation_step(self, batch, batch_idx: int) -> None:
         self.log("val/loss", self.compute_loss(batch), on_step=False, on_epoch=True)
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        return torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+
+    def lr_schedule(self) -> LrSchedule | None:
+        hp = self.hparams
         if hp.schedule == "constant" and hp.warmup_steps == 0:
-            return optimizer
+            return None
         total = self.trainer.max_steps
         if hp.schedule == "cosine" and total <= 0:
             raise ValueError("schedule 'cosine' needs trainer.max_steps > 0 to know where it ends")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _LrFactor(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio)
-        )
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_schemes(self, checkpoint)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_schemes(self, checkpoint)
-
-    @property
-    def scheme(self) -> PrecisionScheme:
-        """The scheme this module was built with (interventions may have changed modules since)."""
-        return parse_scheme(self.hparams.scheme)
-
-
-class _LrFactor:
-    """lr multiplier at a step: linear warmup, then constant or cosine to ``min_ratio``.
-
-    A class, not a lambda, so the scheduler's state pickles into checkpoints.
-    """
-
-    def __init__(self, schedule: str, warmup: int, total: int, min_ratio: float) -> None:
-        self.schedule, self.warmup, self.total, self.min_ratio = schedule, warmup, total, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return LrSchedule(hp.schedule, hp.warmup_steps, total, hp.min_lr_ratio)

@@ -3,36 +3,23 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from mxprobe.callbacks.precision_state import load_schemes, save_schemes
-from mxprobe.models.checks import check_adam
+from mxprobe.models.lit_base import LrSchedule, MxLitModule, check_adam
 from mxprobe.models.llm import LLM, LLMConfig
 from mxprobe.models.text_data import TrainWindows, ValWindows, build_cache, load_cache
 from torch.utils.data import DataLoader
-
-from mxprobe.convert import convert
 
 # A checkpoint's hyperparameters hold the LLMConfig: plain data, allowed to weights_only loading
 # (LightningCLI reads them from a --ckpt_path with torch.load(weights_only=True)).
 torch.serialization.add_safe_globals([LLMConfig])
 
 
-def cosine_with_warmup(step: int, total: int, warmup: int, final: float) -> float:
-    """lr factor: linear warmup to 1 over ``warmup`` steps, then cosine decay to ``final`` at
-    step ``total`` (and ``final`` after it)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class LLMModule(pl.LightningModule):
+class LLMModule(MxLitModule):
     """The OLMo-style byte-level LLM trained as in the paper, MX-emulated by ``scheme``.
 
     Args:
@@ -51,11 +38,9 @@ class LLMModule(pl.LightningModule):
     Logs ``train/loss`` every step and, after each validation pass, ``val/loss`` (nats per
     byte) and ``val/bpb`` (bits per byte = val/loss / ln 2) over the whole validation set,
     reduced exactly across DDP ranks. Gradient clipping is the Trainer's
-    (``gradient_clip_val: 1.0`` in the YAML).
-
-    Checkpoints keep the current scheme of every MX module, however it changed (a rule,
-    ``mxprobe.amend_scheme``, ``mxprobe.set_scheme``), and loading one puts them back
-    (``mxprobe.callbacks.precision_state``).
+    (``gradient_clip_val: 1.0`` in the YAML). Conversion (all-fp32 modules run PyTorch's own
+    forward), ``train/loss``, the LR schedule and the schemes in checkpoints are those of the
+    base, :class:`~mxprobe.models.lit_base.MxLitModule`.
 
     Raises:
         ValueError: for a non-positive lr, betas outside [0, 1), a negative eps or weight decay,
@@ -93,9 +78,7 @@ class LLMModule(pl.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self.save_hyperparameters()
         self.config = config or LLMConfig()
-        self.model = convert(LLM(self.config), scheme, overrides)
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
-        self.warmup_fraction, self.final_lr_fraction = warmup_fraction, final_lr_fraction
+        self.model = self.convert_network(LLM(self.config), scheme, overrides)
         self._val_totals: torch.Tensor | None = None
 
     @property
@@ -110,11 +93,6 @@ class LLMModule(pl.LightningModule):
         inputs, targets = batch
         logits = self.model(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val_totals = torch.zeros(2, device=self.device)
@@ -136,41 +114,29 @@ class LLMModule(pl.LightningModule):
         # Already identical on every rank; sync_dist only keeps Lightning from warning about it.
         self.log_dict({"val/loss": loss, "val/bpb": loss / math.log(2)}, sync_dist=True)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        save_schemes(self, checkpoint)
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            eps=hp.eps,
+        )
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        load_schemes(self, checkpoint)
-
-    def configure_optimizers(self):
+    def lr_schedule(self) -> LrSchedule:
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 "the cosine schedule needs the run's length: set trainer.max_steps "
                 "(the training stream is endless, so epochs never end)"
             )
-        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": self.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=self.lr,
-            betas=self.betas,
-            eps=self.eps,
-        )
-        schedule = functools.partial(
-            cosine_with_warmup,
-            total=int(total),
-            warmup=max(1, round(self.warmup_fraction * total)),
-            final=self.final_lr_fraction,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
-        }
+        warmup = max(1, round(self.hparams.warmup_fraction * total))
+        return LrSchedule("cosine", warmup, int(total), self.hparams.final_lr_fraction)
 
 
 class ByteTextDataModule(pl.LightningDataModule):
