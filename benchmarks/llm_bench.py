@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from mxprobe.models.llm import LLM, LLMConfig, count_parameters
 
-from mxprobe import native
+from mxprobe import kernels
 from mxprobe.convert import convert
 from mxprobe.quantize import set_compile
 
@@ -141,8 +141,9 @@ def main() -> None:
     for label, use_native, compile_on in variants:
         os.environ["MXPROBE_NATIVE"] = "1" if use_native else "0"
         set_compile(compile_on)
-        if use_native and not native.available():
-            label = f"torch path: {native.unavailable_reason()}"
+        state = kernels.status()
+        if use_native and not state.native:
+            label = f"torch path: {state.native_reason}"
         rows.append(
             (
                 f"mxfp8_e4m3 + MX attention ({label})",

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mxprobe import native
+from mxprobe import kernels
 from mxprobe.quantize import quantize_mx
 
 SHAPES = ((4096, 4096), (2048, 2048), (2048, 512), (256, 512), (128, 512))
@@ -26,8 +26,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not native.uses_openmp():
-        raise SystemExit(f"no OpenMP build here: {native.describe()}")
+    state = kernels.status()
+    if state.native_threads != "openmp":
+        raise SystemExit(f"no OpenMP build here: {state.summary()}")
     a = torch.randn(512, 512)
     try:
         for shape in SHAPES:
@@ -35,7 +36,7 @@ def main() -> None:
             for axis in (-1, 0):
                 best = {}
                 for source in ("pool", "openmp") * 2:  # alternated: same machine state
-                    native._state["openmp"] = source == "openmp"
+                    kernels.set_openmp(source == "openmp")
                     for _ in range(args.reps):
                         a @ a
                         t0 = time.perf_counter()
@@ -45,7 +46,7 @@ def main() -> None:
                 print(f"{shape} axis {axis}: pool {best['pool']:.3f} ms, "
                       f"openmp {best['openmp']:.3f} ms")  # fmt: skip
     finally:
-        native._state["openmp"] = True
+        kernels.set_openmp(True)
 
 
 if __name__ == "__main__":

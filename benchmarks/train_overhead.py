@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mxprobe
-from mxprobe import native
+from mxprobe import kernels
 from mxprobe.quantize import set_compile
 
 
@@ -315,8 +315,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _quantizer_label(device: torch.device, compile_on: bool) -> str:
     if device.type == "cuda":
         return "triton"
-    if native.available():
-        return native.describe()
+    state = kernels.status()
+    if state.native:
+        return state.summary()
     return f"torch path, compile {'on' if compile_on else 'off'}"
 
 

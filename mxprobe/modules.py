@@ -19,16 +19,14 @@ GEMM outputs and the bias are rounded by the ``elementwise`` role when set; with
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mxprobe.formats import NVFP4, is_mx
-from mxprobe.gemm import mx_gemm, tensor_core_exact
+from mxprobe.kernels import OperandBuffers, mx_gemm, tensor_core_exact
 from mxprobe.nvfp4 import quantize_nvfp4
-from mxprobe.quantize import quantize_mx, quantize_operand, round_to, round_to_owned
+from mxprobe.quantize import quantize_mx, round_to, round_to_owned
 from mxprobe.scheme import BACKWARD_ROLES, GEMM_ROLES, PrecisionScheme
 
 
@@ -38,27 +36,38 @@ class NotEmulatedError(NotImplementedError):
     precision behind the user's back. The message names the module and what to do."""
 
 
+# The memory of the MX products' quantized operands (index 0 and 1: the two operands of one
+# product), per thread. Each operand is consumed in the forward or backward body that
+# quantizes it; a buffer something still refers to is never reused (OperandBuffers).
+_OPERANDS = OperandBuffers()
+
+
 def quantize_role(
-    t: torch.Tensor, scheme: PrecisionScheme, role: str, axis: int = -1, slot: int | None = None
+    t: torch.Tensor,
+    scheme: PrecisionScheme,
+    role: str,
+    axis: int = -1,
+    operand: int | None = None,
 ) -> torch.Tensor:
     """``t`` in the format ``scheme`` gives ``role``: MX along ``axis``, elementwise, or as is.
 
-    ``slot`` (0 or 1: which operand of a product) marks a GEMM operand used at once and never
-    kept: an MX result may then live in that reusable scratch buffer (``quantize_operand``)."""
+    ``operand`` (0 or 1: which operand of a product) marks a GEMM operand consumed by the body
+    that quantizes it: an MX result is then written into this thread's operand buffer of that
+    index (``mxprobe.kernels.OperandBuffers``) instead of fresh memory."""
     fmt = getattr(scheme, role)
     if fmt == "fp32":
         return t
     if fmt == NVFP4:
         return _NVFP4StraightThrough.apply(t, *nvfp4_settings(scheme, role, t.dim()), axis)
     if is_mx(fmt):
-        quantize = quantize_mx if slot is None else functools.partial(quantize_operand, slot=slot)
-        return quantize(
+        return quantize_mx(
             t,
             fmt,
             block_size=scheme.block_size,
             axis=axis,
             scale_mode=scheme.scale_mode,
             rounding=scheme.rounding,
+            out=None if operand is None else _OPERANDS.out_for(operand, t),
         )
     return round_to(t, fmt)
 
@@ -120,8 +129,8 @@ class _MxLinearFunction(torch.autograd.Function):
         ctx.scheme = scheme
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2d, weight)
-        xq = quantize_role(x2d, scheme, "act", -1, slot=0)
-        wq = quantize_role(weight, scheme, "weight", -1, slot=1)
+        xq = quantize_role(x2d, scheme, "act", -1, operand=0)
+        wq = quantize_role(weight, scheme, "weight", -1, operand=1)
         if scheme.elementwise == "fp32":
             # bias fused as nn.Linear does (same fp32 rounding)
             return gemm(xq, wq.t(), scheme, ("act", "weight"), bias)
@@ -138,16 +147,16 @@ class _MxLinearFunction(torch.autograd.Function):
         if s.quantize_backprop:
             if ctx.needs_input_grad[0]:
                 dx = gemm(
-                    quantize_role(dy, s, "grad_dgrad", -1, slot=0),
-                    quantize_role(weight, s, "weight_bp", 0, slot=1),
+                    quantize_role(dy, s, "grad_dgrad", -1, operand=0),
+                    quantize_role(weight, s, "weight_bp", 0, operand=1),
                     s,
                     ("grad_dgrad", "weight_bp"),
                 )
                 dx = round_fresh(dx, s)
             if ctx.needs_input_grad[1]:
                 dw = gemm(
-                    quantize_role(dy, s, "grad_wgrad", 0, slot=0).t(),
-                    quantize_role(x2d, s, "act_bp", 0, slot=1),
+                    quantize_role(dy, s, "grad_wgrad", 0, operand=0).t(),
+                    quantize_role(x2d, s, "act_bp", 0, operand=1),
                     s,
                     ("grad_wgrad", "act_bp"),
                 )
@@ -197,8 +206,8 @@ class _MxMatmulFunction(torch.autograd.Function):
     def forward(ctx, a, b, scheme):
         ctx.scheme = scheme
         ctx.save_for_backward(a, b)
-        aq = quantize_role(a, scheme, "act", -1, slot=0)
-        bq = quantize_role(b, scheme, "act", -2, slot=1)
+        aq = quantize_role(a, scheme, "act", -1, operand=0)
+        bq = quantize_role(b, scheme, "act", -2, operand=1)
         y = gemm(aq, bq, scheme, ("act", "act"))
         return round_fresh(y, scheme)
 
@@ -210,14 +219,14 @@ class _MxMatmulFunction(torch.autograd.Function):
             return dy @ b.transpose(-1, -2), a.transpose(-1, -2) @ dy, None
         # dA = dY @ B^T contracts over B's columns; dB = A^T @ dY contracts over A's rows.
         da = gemm(
-            quantize_role(dy, s, "grad_dgrad", -1, slot=0),
-            quantize_role(b, s, "act_bp", -1, slot=1).transpose(-1, -2),
+            quantize_role(dy, s, "grad_dgrad", -1, operand=0),
+            quantize_role(b, s, "act_bp", -1, operand=1).transpose(-1, -2),
             s,
             ("grad_dgrad", "act_bp"),
         )
         db = gemm(
-            quantize_role(a, s, "act_bp", -2, slot=0).transpose(-1, -2),
-            quantize_role(dy, s, "grad_wgrad", -2, slot=1),
+            quantize_role(a, s, "act_bp", -2, operand=0).transpose(-1, -2),
+            quantize_role(dy, s, "grad_wgrad", -2, operand=1),
             s,
             ("act_bp", "grad_wgrad"),
         )

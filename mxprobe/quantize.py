@@ -2,10 +2,10 @@
 
 ``quantize_mx`` fake-quantizes a tensor (same shape and dtype out) following docs/numerics.md:
 blocks of ``block_size`` elements along ``axis`` share an E8M0 power-of-two scale, elements are
-rounded to the element format, saturating. This module checks the arguments, picks the backend
-(the torch block numerics of ``mx_blocks``, compiled for large CPU tensors by
-``compile_cache``, or the Triton kernel) and makes the gradient pass straight through; all
-backends agree to the bit. ``round_to`` emulates elementwise bf16/fp16 rounding.
+rounded to the element format, saturating. This module checks the arguments and makes the
+gradient pass straight through; ``mxprobe.kernels`` picks the backend (the native C kernel, the
+torch block numerics of ``mx_blocks``, compiled for large CPU tensors, or the Triton kernel),
+and all backends agree to the bit. ``round_to`` emulates elementwise bf16/fp16 rounding.
 
 The packed form (``mx_encode`` / ``mx_decode``, from ``packing``), ``block_scale_exponent`` and
 ``set_compile`` are importable from here too.
@@ -17,20 +17,11 @@ import functools
 
 import torch
 
-from mxprobe import native
+from mxprobe import kernels
 from mxprobe.checks import check_choice
-from mxprobe.compile_cache import compiled_call, set_compile
 from mxprobe.formats import ElementFormat
-from mxprobe.mx_blocks import (
-    ROUNDINGS,
-    SCALE_MODES,
-    block_scale_exponent,
-    check_args,
-    from_blocks,
-    quantize_blocks,
-    stochastic_noise,
-    to_blocks,
-)
+from mxprobe.kernels import BACKENDS, set_compile
+from mxprobe.mx_blocks import ROUNDINGS, SCALE_MODES, block_scale_exponent, check_args
 from mxprobe.packing import mx_decode, mx_encode
 
 __all__ = [
@@ -45,55 +36,13 @@ __all__ = [
     "set_compile",
 ]
 
-BACKENDS = ("auto", "torch", "native", "triton")
-
-
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
-    if backend == "auto":
-        if x.is_cuda:
-            return "triton"
-        # Under torch.compile the torch block numerics are traced and fused into the graph.
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and native.available():
-            return "native"
-        return "torch"
-    if backend == "native" and (x.device.type != "cpu" or not native.available()):
-        raise RuntimeError(
-            f"backend='native' needs a CPU tensor and a built native quantizer; got a tensor on "
-            f"{x.device} ({native.unavailable_reason() or 'native quantizer available'}); use "
-            "backend='auto' or 'torch'"
-        )
-    return backend
-
-
-def _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator):
-    """The dequantized tensor, in ``x``'s dtype and shape."""
-    resolved = _resolve_backend(backend, x)
-    if resolved == "native":
-        return native.quantize(x, fmt, block_size, axis, scale_mode, rounding, generator)
-    if resolved == "triton":
-        from mxprobe.triton_kernels import quantize_mx_triton
-
-        return quantize_mx_triton(x, fmt, block_size, axis, scale_mode, rounding, generator)
-    xb, layout = to_blocks(x, axis, block_size)
-    noise = stochastic_noise(xb, generator) if rounding == "stochastic" else None
-    out = compiled_call(
-        quantize_blocks,
-        xb,
-        fmt=fmt,
-        scale_mode=scale_mode,
-        rounding=rounding,
-        noise=noise,
-        out_dtype=x.dtype,
-    )
-    return from_blocks(out, layout)
-
 
 class _StraightThrough(torch.autograd.Function):
     """Quantize in the forward pass; pass the gradient through unchanged (STE)."""
 
     @staticmethod
     def forward(ctx, x, fmt, block_size, axis, scale_mode, rounding, backend, generator):
-        return _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
+        return kernels.quantize(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
 
     @staticmethod
     def backward(ctx, grad):
@@ -110,6 +59,7 @@ def quantize_mx(
     rounding: str = "even",
     backend: str = "auto",
     generator: torch.Generator | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to an MX format: same shape and dtype, values on the MX grid.
 
@@ -125,6 +75,10 @@ def quantize_mx(
             built at first use, or the torch path under ``torch.compile`` and where no C
             compiler is found), ``native``, ``torch`` (the reference) or ``triton``.
         generator: random source for stochastic rounding.
+        out: where to write the result (returned): a contiguous tensor of ``x``'s shape, dtype
+            and device that shares no memory with ``x``; the caller owns it, so it is
+            overwritten only when the caller passes it again (e.g. an
+            ``mxprobe.kernels.OperandBuffers`` buffer). Not for an input autograd tracks.
 
     A block holding a NaN or ±Inf comes out all NaN; other values saturate at the element's
     max normal (and at the dtype's largest finite value), never Inf; -0 stays -0. When ``x``
@@ -132,45 +86,41 @@ def quantize_mx(
 
     Raises:
         TypeError: non-tensor input or a dtype other than fp32/bf16/fp16.
-        ValueError: unknown format, scale mode, rounding or backend; ``block_size < 1``.
+        ValueError: unknown format, scale mode, rounding or backend; ``block_size < 1``; an
+            ``out`` of another shape, dtype or device, not contiguous, or sharing ``x``'s memory.
         IndexError: ``axis`` out of range.
+        RuntimeError: ``out`` with an input autograd tracks, as torch's own ``out=``.
     """
     fmt, axis = check_args(x, fmt, block_size, axis, scale_mode, rounding)
     check_choice(backend, BACKENDS, "backend")
+    tracked = torch.is_grad_enabled() and x.requires_grad
+    if out is not None:
+        _check_out(out, x, tracked)
     if x.numel() == 0:
-        return x.clone()
-    if torch.is_grad_enabled() and x.requires_grad:
+        return x.clone() if out is None else out
+    if tracked:
         return _StraightThrough.apply(
             x, fmt, block_size, axis, scale_mode, rounding, backend, generator
         )
-    return _quantize_impl(x, fmt, block_size, axis, scale_mode, rounding, backend, generator)
+    return kernels.quantize(x, fmt, block_size, axis, scale_mode, rounding, backend, generator, out)
 
 
-def quantize_operand(
-    x: torch.Tensor,
-    fmt: str,
-    *,
-    slot: int,
-    block_size: int = 32,
-    axis: int = -1,
-    scale_mode: str = "floor",
-    rounding: str = "even",
-) -> torch.Tensor:
-    """``quantize_mx`` of a GEMM operand that the caller consumes at once and never keeps
-    (an MX module's forward or backward body): on the native CPU path the result lives in
-    scratch buffer ``slot`` of this thread (``native.scratch``), reused by the next operand of
-    that slot, so the two operands of one product take different slots. Elsewhere, and when
-    autograd would keep the result, exactly ``quantize_mx``."""
-    if (
-        x.numel()
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and _resolve_backend("auto", x) == "native"
+def _check_out(out: torch.Tensor, x: torch.Tensor, tracked: bool) -> None:
+    if tracked:
+        raise RuntimeError(
+            "quantize_mx(out=...) does not support automatic differentiation: x requires grad; "
+            "call it under torch.no_grad() or leave out out="
+        )
+    if x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("out shares memory with x; pass a buffer of its own")
+    if (out.shape, out.dtype, out.device) != (x.shape, x.dtype, x.device) or not (
+        out.is_contiguous()
     ):
-        fmt, axis = check_args(x, fmt, block_size, axis, scale_mode, rounding)
-        return native.quantize(x, fmt, block_size, axis, scale_mode, rounding, None, slot=slot)
-    return quantize_mx(
-        x, fmt, block_size=block_size, axis=axis, scale_mode=scale_mode, rounding=rounding
-    )
+        raise ValueError(
+            f"out must be a contiguous tensor of x's shape {tuple(x.shape)}, dtype {x.dtype} "
+            f"and device {x.device}; got shape {tuple(out.shape)}, dtype {out.dtype}, device "
+            f"{out.device}, {'' if out.is_contiguous() else 'not '}contiguous"
+        )
 
 
 @functools.cache
@@ -185,16 +135,9 @@ def _saturation_limit(target: torch.dtype, dtype: torch.dtype) -> float:
     return float(v)
 
 
-def _round_cast(x: torch.Tensor, target: torch.dtype, top: float) -> torch.Tensor:
-    # Saturating: a finite value past the range becomes ``top``, the largest value both dtypes
-    # hold (65504 for fp16), never Inf; ±Inf and NaN inputs stay what they are.
-    clamped = torch.where(x.isinf(), x, x.clamp(-top, top))
-    return clamped.to(target).to(x.dtype)
-
-
 @torch.library.custom_op("mxprobe::round_to", mutates_args=())
 def _round_op(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
-    return compiled_call(_round_cast, x, target=target, top=_saturation_limit(target, x.dtype))
+    return kernels.round_cast(x, target, _saturation_limit(target, x.dtype))
 
 
 @_round_op.register_fake
@@ -211,14 +154,7 @@ def _round(x: torch.Tensor, target: torch.dtype) -> torch.Tensor:
     """
     if torch.compiler.is_compiling():
         return _round_op(x, target)
-    top = _saturation_limit(target, x.dtype)
-    if _native_round_applies(x):
-        return native.round_cast(x, target, top, inplace=False)
-    return compiled_call(_round_cast, x, target=target, top=top)
-
-
-def _native_round_applies(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and x.device.type == "cpu" and native.available()
+    return kernels.round_cast(x, target, _saturation_limit(target, x.dtype))
 
 
 class _RoundStraightThrough(torch.autograd.Function):
@@ -236,11 +172,10 @@ class _RoundStraightThrough(torch.autograd.Function):
 def round_to_owned(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """``round_to`` for a tensor the caller owns outright (e.g. a GEMM output it just made):
     rounded in place on the native CPU path, saving an allocation and a pass over memory."""
-    if fmt in ("bf16", "fp16") and x.is_contiguous() and not x.requires_grad:
-        # is_compiling first: Dynamo must not trace into the library's build and ctypes calls.
-        if not torch.compiler.is_compiling() and _native_round_applies(x):
-            target = torch.bfloat16 if fmt == "bf16" else torch.float16
-            return native.round_cast(x, target, _saturation_limit(target, x.dtype), inplace=True)
+    owned = x.dtype == torch.float32 and x.is_contiguous() and not x.requires_grad
+    if fmt in ("bf16", "fp16") and owned and not torch.compiler.is_compiling():
+        target = torch.bfloat16 if fmt == "bf16" else torch.float16
+        return kernels.round_cast(x, target, _saturation_limit(target, x.dtype), reuse_input=True)
     return round_to(x, fmt)
 
 

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import torch
 
-from mxprobe.compile_cache import compiled_call
 from mxprobe.formats import ElementFormat, mx_format
+from mxprobe.kernels import compiled_call
 from mxprobe.mx_blocks import (
     block_scale_exponent,
     check_args,

@@ -2,7 +2,7 @@
 
 The predicates are checked against two independent facts: torch's own fp32 -> bf16 round trip,
 and a float64 count of significant bits and of the lowest representable bit. The per-format
-edges below are the ones the ``mxprobe.gemm`` docstring derives.
+edges below are the ones the ``mxprobe.kernels.gemm`` docstring derives.
 """
 
 import pytest
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mxprobe.formats import MX_FORMAT_NAMES
-from mxprobe.gemm import bf16_exact, mx_gemm, tensor_core_exact, tf32_exact
+from mxprobe.kernels import bf16_exact, mx_gemm, tensor_core_exact, tf32_exact
 from mxprobe.quantize import quantize_mx
 from tests.helpers_numerics import bits_equal, heavy_tailed
 from tests.mx_reference import reference_format

@@ -85,6 +85,39 @@ def test_layers_import_only_downward():
     assert not violations, "\n".join(violations)
 
 
+# The quantizer backends' room: code outside it imports only the package's public names.
+ROOM = "mxprobe.kernels"
+
+
+def _room_violations(path: Path, module: str) -> list[str]:
+    if module == ROOM or module.startswith(ROOM + "."):
+        return []
+    backends = {p.stem for p in (REPO / "mxprobe" / "kernels").glob("*.py")} - {"__init__"}
+    found = [(line, name) for line, name in _imports(path, module) if name.startswith(ROOM + ".")]
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == ROOM:
+            found += [(node.lineno, f"{ROOM}.{a.name}") for a in node.names if a.name in backends]
+    where = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return [f"{where}:{line} imports {name}" for line, name in found]
+
+
+def test_only_the_kernels_room_reaches_into_its_backends():
+    """Everything outside ``mxprobe/kernels/`` (the package, the benchmarks, the examples)
+    imports from ``mxprobe.kernels`` itself, never from one of its backend modules."""
+    files = [(path, module) for path, module, _ in _source_files()]
+    for folder in ("benchmarks", "examples"):
+        files += [(path, f"{folder}.{path.stem}") for path in sorted((REPO / folder).rglob("*.py"))]
+    violations = [v for path, module in files for v in _room_violations(path, module)]
+    assert not violations, "\n".join(violations)
+
+
+def test_the_room_check_sees_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from mxprobe.kernels import native\nfrom mxprobe.kernels.native import x\n")
+    assert len(_room_violations(bad, "mxprobe.bad")) == 2
+    assert _room_violations(bad, "mxprobe.kernels.dispatch") == []
+
+
 def test_the_layer_check_sees_a_violation(tmp_path):
     """The check above must fail on an upward import (here: core importing callbacks)."""
     bad = tmp_path / "bad.py"

@@ -1,6 +1,6 @@
 """The native C quantizer against the independent reference and the torch path, bit for bit.
 
-The kernel is built by ``mxprobe.native`` with the machine's C compiler; on a machine with a
+The kernel is built by ``mxprobe.kernels.native`` with the machine's C compiler; on a machine with a
 compiler, an unavailable kernel is a failure (it would silently cost users the fast path).
 """
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from mxprobe import native, quantize
+from mxprobe import kernels, quantize
 from mxprobe.formats import MX_FORMAT_NAMES
+from mxprobe.kernels import native
 from mxprobe.quantize import SCALE_MODES, quantize_mx
 from tests.helpers_numerics import (
     DETERMINISTIC,
@@ -37,7 +38,8 @@ def nq(x, fmt, **kw):
 
 
 def test_the_kernel_builds_and_is_what_auto_uses_on_cpu(monkeypatch):
-    assert native.available(), native.unavailable_reason()
+    state = kernels.status()
+    assert state.native, state.native_reason
     calls = []
     real = native.quantize
     monkeypatch.setattr(native, "quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -89,12 +91,18 @@ def test_stochastic_draws_the_torch_paths_noise(axis, dtype):
 
 
 @pytest.fixture(params=["openmp", "pool"])
-def thread_source(request, monkeypatch):
+def thread_source(request):
     """Both ways the kernel gets threads: torch's OpenMP team (where built) and the pool."""
-    if request.param == "openmp" and not native.uses_openmp():
+    if request.param == "openmp" and kernels.status().native_threads != "openmp":
         pytest.skip("the kernel was not built with OpenMP here")
-    monkeypatch.setitem(native._state, "openmp", request.param == "openmp")
-    return request.param
+    previous = kernels.set_openmp(request.param == "openmp")
+    yield request.param
+    kernels.set_openmp(previous)
+
+
+def _torch_round(x, target, top):
+    """Elementwise rounding with torch's own casts, saturating at ``top`` (Inf stays Inf)."""
+    return torch.where(x.isinf(), x, x.clamp(-top, top)).to(target).to(x.dtype)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -102,7 +110,7 @@ def thread_source(request, monkeypatch):
 def test_threaded_large_tensors_and_non_contiguous_input(axis, threads, thread_source):
     # Above PARALLEL_MIN_NUMEL the block-rows are split between threads mid-slice. The kernel's
     # threads write disjoint ranges of one output; the process-wide settings changed here (torch's
-    # thread count, native._state) are put back, and no other test runs meanwhile.
+    # thread count, the thread source) are put back, and no other test runs meanwhile.
     x = heavy_tailed(3, 300, 170, seed=3)
     assert x.numel() >= max(native.PARALLEL_MIN_NUMEL.values())
     old = torch.get_num_threads()
@@ -114,8 +122,8 @@ def test_threaded_large_tensors_and_non_contiguous_input(axis, threads, thread_s
                 want = quantize_mx(t, fmt, axis=axis, backend="torch")
                 assert bits_equal(got, want)
         y = x.reshape(-1)[:150_001]  # an odd length: uneven thread ranges
-        top = quantize._saturation_limit(torch.bfloat16, torch.float32)
-        want = quantize._round_cast(y, torch.bfloat16, top)
+        top = torch.finfo(torch.bfloat16).max
+        want = _torch_round(y, torch.bfloat16, top)
         assert bits_equal(native.round_cast(y, torch.bfloat16, top, inplace=False), want)
     finally:
         torch.set_num_threads(old)
@@ -126,10 +134,10 @@ def test_the_openmp_build_shares_torchs_runtime():
     # right after torch's GEMMs (a second runtime's team would spin against it).
     if not native._gomp_loaded():
         pytest.skip("torch holds no plain libgomp.so.1 here (not a Linux GNU OpenMP build)")
-    assert native.available()
-    assert native.uses_openmp()
+    state = kernels.status()
+    assert state.native and state.native_threads == "openmp"
     assert len(native._gomp_paths()) == 1
-    assert "OpenMP" in native.describe()
+    assert "OpenMP" in state.summary()
 
 
 def test_straight_through_gradient_on_the_native_path():
@@ -154,7 +162,6 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_torch_path(tmp_path):
         """
         import warnings, torch
         warnings.simplefilter("always")
-        from mxprobe import native
         from mxprobe.quantize import quantize_mx
         x = torch.randn(8, 64)
         with warnings.catch_warnings(record=True) as seen:
@@ -179,9 +186,9 @@ def test_a_failed_build_warns_once_and_falls_back_to_the_torch_path(tmp_path):
 def test_turned_off_by_the_environment():
     done = _run(
         """
-        import torch
-        from mxprobe import native
-        print(native.available(), native.unavailable_reason())
+        from mxprobe import kernels
+        state = kernels.status()
+        print(state.native, state.native_reason)
         """,
         MXPROBE_NATIVE="0",
     )
@@ -195,7 +202,7 @@ def test_the_self_check_rejects_a_fast_math_build(tmp_path):
     done = _run(
         """
         import warnings
-        from mxprobe import native
+        from mxprobe.kernels import native
         native._FLAGS = [*native._FLAGS, "-ffast-math"]
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -242,8 +249,8 @@ def test_elementwise_rounding_matches_the_torch_cast(target):
     edges = torch.tensor([65504.0, 65519.0, 65520.0, 3.4e38, -3.39e38, float("inf"), -0.0])
     snan = torch.tensor([0x7F800001, 0xFFC00001 - 2**32], dtype=torch.int32).view(torch.float32)
     x = torch.cat([x, ties, -ties, ties11, edges, snan])
-    top = quantize._saturation_limit(target, torch.float32)
-    want = quantize._round_cast(x, target, top)
+    top = torch.finfo(target).max
+    want = _torch_round(x, target, top)
     assert bits_equal(native.round_cast(x, target, top, inplace=False), want)
     y = x.clone()
     assert native.round_cast(y, target, top, inplace=True) is y and bits_equal(y, want)
@@ -282,10 +289,10 @@ def test_a_first_call_under_torch_compile_leaves_the_kernel_available():
         import warnings, torch
         warnings.simplefilter("error", RuntimeWarning)
         import mxprobe
-        from mxprobe import native
+        from mxprobe import kernels
         layer = mxprobe.convert(torch.nn.Sequential(torch.nn.Linear(64, 64)), "mxfp8_e4m3")
         torch.compile(layer)(torch.randn(8, 64)).sum()
-        print("native", native.available())
+        print("native", kernels.status().native)
         """
     )
     assert done.returncode == 0, done.stderr[-2000:]

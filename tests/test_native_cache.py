@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mxprobe import native_cache
+from mxprobe.kernels import native_cache
 
 CC = shutil.which(os.environ.get("CC") or "cc") or shutil.which("gcc")
 pytestmark = pytest.mark.skipif(CC is None, reason="no C compiler on this machine")
@@ -44,12 +44,12 @@ def _quantize(cache: Path) -> subprocess.CompletedProcess:
         """
         import warnings, torch
         warnings.simplefilter("always")
-        from mxprobe import native
+        from mxprobe import kernels
         from mxprobe.quantize import quantize_mx
         with warnings.catch_warnings(record=True) as seen:
             x = torch.randn(4, 64)
             same = torch.equal(quantize_mx(x, "e4m3"), quantize_mx(x, "e4m3", backend="torch"))
-        print("available", native.available(), "same", same)
+        print("available", kernels.status().native, "same", same)
         for w in seen:
             print("warning:", w.message)
         """

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-import mxprobe.compile_cache as compile_cache
+from mxprobe.kernels import compile_cache
 from mxprobe.quantize import quantize_mx, set_compile
 from mxprobe.stats import quantization_sums
 from tests.helpers_numerics import adversarial, bits_equal
@@ -184,7 +184,7 @@ def test_the_quantizer_leaves_dynamo_config_alone(tmp_path):
         "os.environ['MXPROBE_NATIVE'] = '0'  # round_to on the torch path, through the cache\n"
         "before = torch._dynamo.config.get_config_copy()\n"
         "from mxprobe.quantize import quantize_mx, round_to, set_compile\n"
-        "import mxprobe.compile_cache as compile_cache\n"
+        "from mxprobe.kernels import compile_cache\n"
         "set_compile(True)\n"
         "x = torch.randn(2048, 32)\n"
         "quantize_mx(x, 'fp8_e4m3', backend='torch')\n"

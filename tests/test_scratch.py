@@ -1,18 +1,17 @@
-"""GEMM operands quantized into per-thread scratch buffers (native.scratch): same results as
-fresh tensors, memory really reused, and no sharing between threads."""
+"""GEMM operands quantized into reused buffers (mxprobe.kernels.OperandBuffers, passed as
+``quantize_mx(out=...)``): same results as fresh tensors, memory really reused, no sharing
+between threads, and never a buffer that something still refers to."""
 
 import threading
-import types
 
 import pytest
 import torch
 from torch import nn
 
-from mxprobe import convert, mx_matmul, native
-from mxprobe import modules as mx_modules
+from mxprobe import convert, kernels, mx_matmul
 from mxprobe.quantize import quantize_mx
 
-pytestmark = pytest.mark.skipif(not native.available(), reason="no native CPU quantizer here")
+pytestmark = pytest.mark.skipif(not kernels.status().native, reason="no native CPU quantizer here")
 
 
 class Net(nn.Module):
@@ -46,20 +45,16 @@ def _grads(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [x.grad] + [p.grad for p in net.parameters()]
 
 
-def _fresh(x, fmt, *, slot, **kwargs):
-    return quantize_mx(x, fmt, **kwargs)
-
-
-def test_scratch_operands_give_the_fresh_tensors_results(monkeypatch):
-    native.free_scratch()
+def test_buffered_operands_give_the_fresh_tensors_results(monkeypatch):
+    kernels.free_scratch()
     net, x = _case(0)
     got = _grads(net, x)
-    buffers = native._scratch.buffers
-    assert {(0, torch.float32), (1, torch.float32)} <= set(buffers)
-    ptrs = {k: b.data_ptr() for k, b in buffers.items()}
+    held = kernels.status().scratch_bytes
+    assert held > 0
     again = _grads(net, x)  # a second step reuses the same memory
-    assert {k: b.data_ptr() for k, b in native._scratch.buffers.items()} == ptrs
-    monkeypatch.setattr(mx_modules, "quantize_operand", _fresh)
+    assert kernels.status().scratch_bytes == held
+    # The torch path takes no buffers: fresh tensors throughout, bitwise the same numerics.
+    monkeypatch.setenv("MXPROBE_NATIVE", "0")
     want = _grads(net, x)
     for g, a, w in zip(got, again, want, strict=True):
         assert torch.equal(g, w) and torch.equal(a, w)
@@ -105,24 +100,42 @@ def test_threads_have_buffers_of_their_own():
     assert _same(want, got)
 
 
-def test_one_buffer_shared_by_threads_is_caught(monkeypatch):
-    # The check above can fail: with one scratch store for every thread (the bug it guards
-    # against) the threads overwrite each other's operands and some gradient comes out wrong.
-    monkeypatch.setattr(native, "_scratch", types.SimpleNamespace())
-    # A race, so try until it shows: each try caught it 36 times in 40 here (2 cores).
-    assert any(not _same(*_grads_on_two_threads()) for _ in range(20))
-
-
-def test_a_result_autograd_keeps_is_never_a_scratch_buffer():
-    # With grad enabled and an input that requires grad, quantize_operand must behave as
-    # quantize_mx (a fresh tensor), since autograd may keep what it returns.
-    from mxprobe.quantize import quantize_operand
-
-    native.free_scratch()
+def test_a_result_autograd_keeps_is_never_a_buffer():
+    # An input autograd tracks gets no buffer (autograd keeps what quantize_mx returns), and
+    # quantize_mx refuses out= for it, as torch's own out= does.
+    buffers = kernels.OperandBuffers()
     x = torch.randn(8, 64, requires_grad=True)
-    y = quantize_operand(x, "e4m3", slot=0)
-    assert y.requires_grad and not hasattr(native._scratch, "buffers")
+    assert buffers.out_for(0, x) is None
+    with pytest.raises(RuntimeError, match="automatic differentiation"):
+        quantize_mx(x, "e4m3", out=torch.empty(8, 64))
     with torch.no_grad():
-        z = quantize_operand(x, "e4m3", slot=0)
-    assert z.data_ptr() == native._scratch.buffers[(0, torch.float32)].data_ptr()
-    assert torch.equal(y.detach(), z)
+        out = buffers.out_for(0, x)
+        assert torch.equal(quantize_mx(x, "e4m3", out=out), quantize_mx(x, "e4m3"))
+
+
+def test_a_kept_operand_keeps_its_values():
+    # Whoever keeps a quantized operand must still hold its values after the next operand of
+    # the same shape is quantized (the old per-slot scratch overwrote it silently).
+    buffers = kernels.OperandBuffers()
+    x, y = torch.randn(64, 96), torch.randn(64, 96)
+    want = quantize_mx(x, "e4m3")
+    kept = quantize_mx(x, "e4m3", out=buffers.out_for(0, x))
+    view = quantize_mx(x, "e4m3", out=buffers.out_for(1, x)).t()  # a view keeps it too
+    quantize_mx(y, "e4m3", out=buffers.out_for(0, y))
+    quantize_mx(y, "e4m3", out=buffers.out_for(1, y))
+    assert torch.equal(kept, want) and torch.equal(view.t(), want)
+
+
+def test_a_buffer_nobody_holds_is_reused():
+    buffers = kernels.OperandBuffers()
+    x = torch.randn(64, 96)
+    first = quantize_mx(x, "e4m3", out=buffers.out_for(0, x)).data_ptr()
+    assert quantize_mx(x, "e4m3", out=buffers.out_for(0, x)).data_ptr() == first
+
+
+def test_out_is_checked():
+    x = torch.randn(4, 64)
+    wrong_dtype, strided = torch.empty(4, 64, dtype=torch.bfloat16), torch.empty(64, 4).t()
+    for bad in (torch.empty(4, 32), wrong_dtype, strided, x):
+        with pytest.raises(ValueError, match="out"):
+            quantize_mx(x, "e4m3", out=bad)

@@ -1,7 +1,7 @@
 """The Triton kernel against the torch path: bit for bit, on adversarial and random inputs.
 
 Without CUDA the kernel runs in Triton's interpreter, which must be switched on before
-``triton.jit`` decorates the kernel, i.e. before ``mxprobe.triton_kernels`` is imported:
+``triton.jit`` decorates the kernel, i.e. before ``mxprobe.kernels.triton_kernels`` is imported:
 tests/conftest.py sets ``TRITON_INTERPRET=1`` before anything imports triton. The interpreter is
 slow, so tensors here stay at a few thousand elements.
 """
@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
-from mxprobe import triton_kernels  # noqa: E402
 from mxprobe.formats import MX_FORMAT_NAMES  # noqa: E402
+from mxprobe.kernels import triton_kernels  # noqa: E402
 from mxprobe.quantize import SCALE_MODES, quantize_mx  # noqa: E402
 from tests.helpers_numerics import (  # noqa: E402
     DETERMINISTIC,
@@ -271,7 +271,7 @@ import torch
 saved = sys.modules.pop("triton", None)
 sys.modules["triton"] = None
 try:
-    import mxprobe.triton_kernels
+    import mxprobe.kernels.triton_kernels
 except ImportError as err:
     assert "pip install triton" in str(err), err
 else:
@@ -304,7 +304,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mxprobe import triton_kernels
+from mxprobe.kernels import triton_kernels
 from mxprobe.formats import mx_format
 from mxprobe.mx_blocks import fp32
 

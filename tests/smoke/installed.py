@@ -16,11 +16,12 @@ from mxprobe.callbacks import GradientBiasMonitor, LossSpikeDetector, NormAffine
 from torch import nn
 
 import mxprobe
-from mxprobe import native
+from mxprobe import kernels
 
 here = Path(mxprobe.__file__).resolve()
 assert "site-packages" in here.parts, f"mxprobe imported from {here}, not the installed wheel"
-assert native.available(), f"native kernel unavailable: {native.unavailable_reason()}"
+state = kernels.status()
+assert state.native, f"native kernel unavailable: {state.native_reason}"
 
 
 class Tiny(pl.LightningModule):
@@ -59,4 +60,4 @@ with tempfile.TemporaryDirectory() as root:
     ).fit(module)  # fmt: skip
     record = read_record(root)
     assert len(record.losses[0]) == 8 and any("grad_bias" in k for k in record.readings)
-print(f"installed mxprobe OK: {here.parent}, native kernel: {native.describe()}", file=sys.stderr)
+print(f"installed mxprobe OK: {here.parent}, native kernel: {state.summary()}", file=sys.stderr)

@@ -6,9 +6,9 @@ Prints Melem/s for each (dtype, format) on a size x size tensor along the last a
 to the same-dtype ``clone()`` measured in the same run (issue 18's goals on 2 CPU threads: fp32
 e4m3 >= 0.8, every format and dtype >= 0.6), the same ratio for blocks along axis 0 (the
 weight_bp / act_bp / grad_wgrad operands), ``reused``: the same ratio with the output memory
-already mapped on both sides (``out.copy_(x)`` against the native kernel writing its scratch
-buffer, as MX layers' GEMM operands do; CPU only), and, when torchao is installed, its eager
-``MXTensor.to_mx(...).dequantize()`` throughput. ``clone`` and ``quantize_mx`` both fault in
+already mapped on both sides (``out.copy_(x)`` against the native kernel writing into an
+``out=`` buffer, as MX layers' GEMM operands do; CPU only), and, when torchao is installed, its
+eager ``MXTensor.to_mx(...).dequantize()`` throughput. ``clone`` and ``quantize_mx`` both fault in
 fresh pages for a large tensor when the allocator maps new memory, which can hide up to 3x of
 the kernel's own cost: read ``ratio`` and ``reused`` together. The first call of each variant
 (the native kernel's build, or torch.compile of the torch path) is timed separately as warm-up.
@@ -22,9 +22,10 @@ import time
 
 import torch
 
+from mxprobe import kernels
 from mxprobe.app.cli.errors import ArgumentParser, positive_int
 from mxprobe.formats import MX_FORMAT_NAMES
-from mxprobe.quantize import quantize_mx, quantize_operand
+from mxprobe.quantize import quantize_mx
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -48,28 +49,23 @@ def _torchao_fn(x: torch.Tensor, fmt: str):
 
 
 def _reused_ratio(x: torch.Tensor, fmt: str, reps: int) -> str:
-    """``out.copy_(x)`` time / quantize time into memory that is already mapped (the native
-    kernel's scratch buffer), interleaved; "-" where the native kernel does not apply."""
-    from mxprobe import native
-
-    if x.is_cuda or not native.available():
+    """``out.copy_(x)`` time / quantize time into memory that is already mapped (an ``out=``
+    buffer), interleaved; "-" where the native kernel does not apply."""
+    if x.is_cuda or not kernels.status().native:
         return "-"
-    out = torch.empty_like(x)
-    quantize_operand(x, fmt, slot=0)
+    out, quantized = torch.empty_like(x), torch.empty_like(x)
+    quantize_mx(x, fmt, out=quantized)
     t_copy, t_q = [], []
     for _ in range(reps):
         t_copy.append(_median_seconds(lambda: out.copy_(x), 1))
-        t_q.append(_median_seconds(lambda: quantize_operand(x, fmt, slot=0), 1))
-    native.free_scratch()
+        t_q.append(_median_seconds(lambda: quantize_mx(x, fmt, out=quantized), 1))
     return f"{statistics.median(t_copy) / statistics.median(t_q):.2f}"
 
 
 def _backend_label(device: str) -> str:
-    from mxprobe import native
-
     if device.startswith("cuda"):
         return "triton"
-    return native.describe()
+    return kernels.status().summary()
 
 
 def _device(text: str) -> str:

@@ -8,7 +8,7 @@ path per quantized tensor. ``quantize_mx(backend="auto")`` uses it for CPU tenso
 
 The build (``cc -O3 -march=native -ffp-contract=off``, ~1 s) is cached under
 ``$MXPROBE_CACHE_DIR`` (default ``~/.cache/mxprobe``), keyed by the source, the compiler and the
-CPU; a cached library is loaded only if this user built it (:mod:`mxprobe.native_cache`: a
+CPU; a cached library is loaded only if this user built it (:mod:`.native_cache`: a
 private directory, the SHA-256 recorded at build time), else it is rebuilt, saying why once.
 Where torch ships GNU libgomp (its Linux wheels) the build adds ``-fopenmp`` and so
 runs its threads on torch's own OpenMP team, awake right after torch's GEMMs; elsewhere,
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from mxprobe import native_cache
 from mxprobe.formats import ElementFormat, mx_format
+from mxprobe.kernels import native_cache
 from mxprobe.mx_blocks import fp32, from_blocks, quantize_blocks, to_blocks
 
 SOURCE = Path(__file__).with_name("native_quantize.c")
@@ -70,7 +70,14 @@ class _Args(ctypes.Structure):
 
 
 _lock = threading.Lock()
-_state: dict = {"lib": None, "tried": False, "error": None, "forked": False, "openmp": False}
+_state: dict = {
+    "lib": None,
+    "path": None,
+    "tried": False,
+    "error": None,
+    "forked": False,
+    "openmp": False,
+}
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -174,6 +181,7 @@ def _load() -> ctypes.CDLL:
     if data is None:  # changed since it was built or checked a moment ago
         raise RuntimeError(f"not loading {target}: {distrust or 'it disappeared'}")
     lib = native_cache.load_bytes(data, target.parent)
+    _state["path"] = str(target)
     if lib.mx_abi_version() != ABI_VERSION:
         raise RuntimeError(f"library ABI {lib.mx_abi_version()} != {ABI_VERSION}")
     # Two OpenMP runtimes would each keep a team spinning on the same cores: if loading brought
@@ -275,12 +283,27 @@ def uses_openmp() -> bool:
     return library() is not None and _openmp_now()
 
 
-def describe() -> str:
-    """One line for benchmark headers: the kernel and where its threads come from."""
-    if not available():
-        return f"torch path ({unavailable_reason()})"
-    threads = "torch's OpenMP team" if uses_openmp() else "a Python thread pool"
-    return f"native C kernel, threads from {threads}"
+def library_path() -> str | None:
+    """Where the loaded library was built (in the cache), or None when none is loaded."""
+    return _state["path"] if library() is not None else None
+
+
+def set_openmp(enabled: bool) -> bool:
+    """Split work over torch's OpenMP team (True; only where the build has it) or the Python
+    pool (False); returns the previous setting. For side-by-side timings of the two.
+
+    Raises:
+        RuntimeError: ``enabled`` where the library was built without OpenMP.
+    """
+    previous = uses_openmp()
+    if enabled and not (library() is not None and bool(_state["lib"].mx_openmp())):
+        raise RuntimeError(f"the native kernel has no OpenMP build here ({_build_note()})")
+    _state["openmp"] = bool(enabled)
+    return previous
+
+
+def _build_note() -> str:
+    return unavailable_reason() or "built without -fopenmp: no libgomp.so.1 in the process"
 
 
 def _openmp_now() -> bool:
@@ -335,28 +358,6 @@ def _forget_pool_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-_scratch = threading.local()
-
-
-def scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor shaped and typed as ``like``, on memory this thread reuses for every
-    request of the same ``slot``: a GEMM operand quantized into it costs no fresh pages (a
-    training step otherwise faults in a new 4-16 MiB operand six times per linear layer, and
-    glibc's heap trimming makes that cost vary from step to step). Valid until the next request
-    of the slot on this thread; the buffer keeps the largest size asked for."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    key = (slot, like.dtype)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = buffers[key] = torch.empty(like.numel(), dtype=like.dtype)
-    return buf[: like.numel()].view(like.shape)
-
-
-def free_scratch() -> None:
-    """Drop this thread's scratch buffers (the next request allocates afresh)."""
-    _scratch.__dict__.pop("buffers", None)
-
-
 def quantize(
     x: torch.Tensor,
     fmt: ElementFormat,
@@ -365,12 +366,13 @@ def quantize(
     scale_mode: str,
     rounding: str,
     generator: torch.Generator | None,
+    out: torch.Tensor | None = None,
     _lib: ctypes.CDLL | None = None,
-    slot: int | None = None,
 ) -> torch.Tensor:
     """``quantize_mx`` of a CPU tensor on the native kernel (arguments already validated,
-    ``axis`` non-negative). Stochastic rounding draws the same noise as the torch path. With a
-    ``slot`` the result is written into that :func:`scratch` buffer."""
+    ``axis`` non-negative, ``out`` checked: contiguous, ``x``'s shape and dtype). Stochastic
+    rounding draws the same noise as the torch path. The result is ``out`` when given, else a
+    new tensor."""
     lib = _lib or library()
     x = x.detach().contiguous()
     shape = x.shape
@@ -379,7 +381,7 @@ def quantize(
     noise = None
     if rounding == "stochastic":
         noise = torch.rand((outer, nblocks, block_size, inner), generator=generator)
-    out = torch.empty_like(x) if slot is None else scratch(slot, x)
+    out = torch.empty_like(x) if out is None else out
     out_max = torch.finfo(x.dtype).max
     # Only the non-floor scale modes need the saturating pass (clamp_out): a floor-scaled value
     # is at most max_norm * 2^(floor(log2 amax) - emax) <= 1.984 * 2^floor(log2 amax) (int8; the

@@ -46,6 +46,11 @@ def set_compile(enabled: bool) -> bool:
     return previous
 
 
+def compile_enabled() -> bool:
+    """Whether large CPU tensors take the compiled twins (see :func:`set_compile`)."""
+    return _enabled
+
+
 def compiled_variants() -> list[str]:
     """Names of the variants that have a compiled twin in use."""
     return [_names[key] for key in _compiled]

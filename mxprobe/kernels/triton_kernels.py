@@ -254,7 +254,7 @@ def quantize_mx_triton(
     if not MODES_AGREE:
         raise RuntimeError(
             "TRITON_INTERPRET changed between `import triton` and the import of "
-            "mxprobe.triton_kernels; set it before anything imports triton (Lightning and "
+            "mxprobe.kernels.triton_kernels; set it before anything imports triton (Lightning and "
             "torch.compile do)"
         )
     if not x.is_cuda and not _INTERPRETED:
