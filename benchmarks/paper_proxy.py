@@ -18,7 +18,6 @@ script cannot rot before a GPU is at hand)::
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import proxy_search  # noqa: E402  (a sibling script, not a package)
+
+from mxprobe.atomic import write_csv  # noqa: E402
 
 SCHEMES = {
     "fp32": "fp32",
@@ -71,10 +72,7 @@ def main() -> int:
         rows = list(pool.map(_one, jobs))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "summary.csv", rows, COLUMNS)
     lines = [
         f"# Paper-scale proxy: {size}, device {device}, {time.perf_counter() - start:.0f} s",
         "",
@@ -83,7 +81,7 @@ def main() -> int:
     ]
     for n in names:
         mine = [r for r in rows if r["run"] == n]
-        diverged = [r for r in mine if r["diverged"] == "true"]
+        diverged = [r for r in mine if r["diverged"]]
         finals = sorted(r["final_loss"] for r in mine)
         steps = ", ".join(str(r["divergence_step"]) for r in diverged) or "-"
         median = finals[len(finals) // 2]

@@ -59,11 +59,11 @@ def measure(seed: int, at: int, work: Path) -> list[dict]:
     _, row = _losses(search, [*CONFIG, "--seed", str(seed), "--steps", str(at),
                               "--save-state", str(at), "--state-file", str(state)],
                      work / "pre.pt")  # fmt: skip
-    if row["diverged"] == "true" or not state.is_file():
+    if row["diverged"] or not state.is_file():
         return [{"seed": seed, "at": at, "skipped": "diverged before t"}]
     resume = ["--resume", str(state), "--steps", str(at + WINDOW), "--threads", "1"]
     base, row = _losses(search, resume, work / "base.pt")
-    if row["diverged"] == "true" or any(not math.isfinite(v) for v in base[at:]):
+    if row["diverged"] or any(not math.isfinite(v) for v in base[at:]):
         return [{"seed": seed, "at": at, "skipped": "unswitched run diverged in the window"}]
     rows = []
     for name, (change, glob) in CANDIDATES.items():

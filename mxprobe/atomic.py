@@ -10,9 +10,10 @@ final path and says what is left there.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -65,6 +66,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_open`)."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[dict], columns: Iterable[str]) -> None:
+    """Write ``rows`` as a CSV table with the header ``columns`` (keys not in ``columns`` are
+    ignored) atomically (:func:`atomic_open`): a reader never sees half a table.
+
+    Values are rendered once, here: booleans as ``true``/``false``, None as an empty field,
+    anything else as ``str`` does (floats keep their repr, so they read back exactly).
+    """
+    with atomic_open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _csv_text(v) for k, v in row.items()} for row in rows)
+
+
+def _csv_text(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
 
 
 def _temporary(path: Path) -> tuple[int, str]:

@@ -69,12 +69,14 @@ class DivergenceTracker:
         return self.divergence_step is not None
 
     def summary(self) -> dict:
+        """``final_loss``, ``min_loss`` (smallest finite loss), ``diverged`` (a bool),
+        ``divergence_step`` (None when the run did not diverge) and ``recovered_spikes``."""
         finite = [v for v in self.losses if math.isfinite(v)]
         return {
             "final_loss": self.losses[-1] if self.losses else math.nan,
             "min_loss": min(finite) if finite else math.nan,
-            "diverged": "true" if self.divergence_step is not None else "false",
-            "divergence_step": "" if self.divergence_step is None else self.divergence_step,
+            "diverged": self.divergence_step is not None,
+            "divergence_step": self.divergence_step,
             "recovered_spikes": self.recovered_spikes,
         }
 
@@ -97,6 +99,15 @@ def divergence_summary(
     for value in losses:
         tracker.update(value)
     return tracker.summary()
+
+
+def read_diverged(value) -> bool | None:
+    """A ``diverged`` value read back from a table or result file: a bool as is, the text
+    ``true``/``false`` (any case) of a CSV table or of a result file written before summaries
+    held bools as that bool, anything else (an unfinished run's empty field) None."""
+    if isinstance(value, bool):
+        return value
+    return {"true": True, "false": False}.get(str(value).strip().lower())
 
 
 def general_patience(steps_trained: int) -> int:

@@ -5,8 +5,8 @@ import pytest
 
 from mxprobe import atomic
 from mxprobe.app.cli import main
-from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, write_csv
 from mxprobe.app.report import build_report
+from mxprobe.app.results import SUMMARY_COLUMNS
 from tests.helpers_faults import full_disk, leftovers
 from tests.test_report_hostile import _legacy_run
 
@@ -26,11 +26,11 @@ def test_write_text_is_all_or_nothing(tmp_path, monkeypatch):
 def test_a_full_disk_keeps_the_previous_summary(tmp_path, monkeypatch):
     path = tmp_path / "summary.csv"
     row = {"scheme": "fp32", "seed": 0, "final_loss": 1.0, "diverged": False}
-    write_csv(path, [row], SUMMARY_COLUMNS)
+    atomic.write_csv(path, [row], SUMMARY_COLUMNS)
     before = path.read_bytes()
     full_disk(monkeypatch)
     with pytest.raises(atomic.WriteError, match="previous file is unchanged"):
-        write_csv(path, [row, {**row, "seed": 1}], SUMMARY_COLUMNS)
+        atomic.write_csv(path, [row, {**row, "seed": 1}], SUMMARY_COLUMNS)
     assert path.read_bytes() == before and leftovers(tmp_path) == []
 
 

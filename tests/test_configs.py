@@ -63,8 +63,8 @@ def _check_llm(path: Path) -> None:
 
 
 def _check_proxy(path: Path, tmp_path: Path) -> None:
-    proxy = _import("mxprobe.app.cli.proxy")
-    cli = proxy.make_cli(
+    training = _import("mxprobe.app.training")
+    cli = training.proxy_cli(
         ["--config", str(path), f"--trainer.default_root_dir={tmp_path}"], run=False
     )
     assert cli.model is not None and cli.trainer is not None
@@ -72,10 +72,10 @@ def _check_proxy(path: Path, tmp_path: Path) -> None:
 
 def _check_sweep(path: Path, tmp_path: Path) -> None:
     sweep = _import("mxprobe.app.cli.sweep")
-    proxy = _import("mxprobe.app.cli.proxy")
+    training = _import("mxprobe.app.training")
     spec = sweep.Spec.load(path)
     base = ["--config", str(spec.config)] if spec.config else []
-    cli = proxy.make_cli([*base, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = training.proxy_cli([*base, f"--trainer.default_root_dir={tmp_path}"], run=False)
     # Each grid value at least once: combining them adds no type information.
     keys = list(spec.grid)
     for i in range(max(len(values) for values in spec.grid.values())):

@@ -11,7 +11,9 @@ import yaml
 
 from mxprobe.app.cli import proxy
 from mxprobe.app.cli.sweep import Spec
-from mxprobe.outcome import divergence_summary
+from mxprobe.app.results import SUMMARY_COLUMNS
+from mxprobe.app.training import proxy_cli
+from mxprobe.outcome import divergence_summary, read_diverged
 from tests.proxy_tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +48,10 @@ def test_compare_writes_run_dirs_and_summary(tmp_path, tiny_config):
     assert code == 0
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0])[:7] == proxy.SUMMARY_COLUMNS
+    assert tuple(rows[0]) == SUMMARY_COLUMNS
     assert [(r["scheme"], r["seed"]) for r in rows] == [("fp32", "0"), ("mxfp8_e4m3", "0")]
-    assert all(r["diverged"] in ("true", "false") and int(r["steps"]) == 3 for r in rows)
+    assert all(r["diverged"] == "false" and int(r["steps"]) == 3 for r in rows)
+    assert all(r["divergence_step"] == "" for r in rows)
     with open(out / "rates.csv") as f:
         rates = list(csv.DictReader(f))
     assert [(r["arm"], r["n"]) for r in rates] == [("fp32", "1"), ("mxfp8_e4m3", "1")]
@@ -73,23 +76,33 @@ def test_compare_writes_run_dirs_and_summary(tmp_path, tiny_config):
 
 def test_divergence_rule():
     stable = [1.0, 0.5, 0.2, 0.1] + [0.1] * 20
-    assert divergence_summary(stable, factor=10, patience=5)["diverged"] == "false"
+    assert divergence_summary(stable, factor=10, patience=5)["diverged"] is False
     spike = [1.0, 0.1, 0.1, 2.0, 3.0, 0.1, 0.1]
     summary = divergence_summary(spike, factor=10, patience=5)
-    assert summary["diverged"] == "false" and summary["recovered_spikes"] == 1
+    assert summary["diverged"] is False and summary["recovered_spikes"] == 1
     blowup = [1.0, 0.1, 0.1] + [5.0] * 5 + [0.1]
     summary = divergence_summary(blowup, factor=10, patience=5)
-    assert summary["diverged"] == "true" and summary["divergence_step"] == 3
+    assert summary["diverged"] is True and summary["divergence_step"] == 3
     nan = divergence_summary([1.0, 0.5, math.nan, 0.4], factor=10, patience=5)
-    assert nan["diverged"] == "true" and nan["divergence_step"] == 2
+    assert nan["diverged"] is True and nan["divergence_step"] == 2
     assert nan["min_loss"] == 0.4
+
+
+def test_tables_read_back_the_flags_they_wrote():
+    """A table's diverged field reads back as the bool written, whether it came from a CSV
+    (text, any case), a result file written before summaries held bools, or JSON; an empty
+    field is an unfinished run."""
+    for value, flag in ((True, True), ("true", True), ("False", False), (False, False)):
+        assert read_diverged(value) is flag
+    for value in ("", None, "maybe", 1):
+        assert read_diverged(value) is None
 
 
 @pytest.mark.parametrize("config", PROXY_CONFIGS, ids=lambda p: p.name)
 def test_shipped_proxy_configs_parse(config):
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
-        proxy.make_cli(["fit", f"--config={config}", "--print_config"])
+        proxy_cli(["fit", f"--config={config}", "--print_config"])
     assert exit_info.value.code == 0
     printed = yaml.safe_load(out.getvalue())
     assert "width" not in printed["data"]  # linked from model.width
@@ -102,7 +115,7 @@ def test_shipped_sweep_spec_parses():
     args = spec.cli_args(spec.runs[0])
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-        proxy.make_cli(["fit", f"--config={spec.config}", *args, "--print_config"])
+        proxy_cli(["fit", f"--config={spec.config}", *args, "--print_config"])
     printed = yaml.safe_load(out.getvalue())
     assert printed["model"]["activation"] == "gelu" and printed["data"]["seed"] == 0
 

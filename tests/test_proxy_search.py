@@ -22,7 +22,7 @@ def _run(*args: str) -> dict:
 def test_search_loop_reports_the_compare_summary_and_applies_a_switch(tmp_path):
     plain, switched = tmp_path / "plain.pt", tmp_path / "switched.pt"
     row = _run("--scheme", "mxfp8_e4m3", "--steps", "6", "--save-losses", str(plain))
-    assert row["diverged"] == "false" and row["steps_run"] == 6
+    assert row["diverged"] is False and row["steps_run"] == 6
     _run(
         "--scheme",
         "mxfp8_e4m3",

@@ -13,6 +13,7 @@ from scipy.stats import binomtest
 
 from mxprobe.app import study as st
 from mxprobe.app import study_report
+from mxprobe.app.results import RunResult
 from mxprobe.outcome import DivergenceTracker
 from tests.proxy_tiny import tiny_config
 
@@ -32,19 +33,19 @@ DIVERGING = {
 JUMP, ALARM = 20, 15
 
 
-def synthetic_cell(job: tuple) -> dict:
+def synthetic_cell(job: st.CellJob) -> dict:
     """A worker that writes a cell from the known stream instead of training (module level, so
     the spawned workers import it)."""
-    out, arm, seed, extra, factor, patience = job
-    tracker = DivergenceTracker(factor, patience)
-    bad = seed in DIVERGING[arm]
+    cell = job.cell
+    tracker = DivergenceTracker(job.factor, job.patience)
+    bad = cell.seed in DIVERGING[cell.arm]
     for step in range(STEPS):
         if tracker.update(100.0 if bad and step >= JUMP else 1.0 - step / 1000):
             break
-    row = {**tracker.summary(), "steps": tracker.step, "wall_s": 0.0}
-    alarms = [ALARM] if bad or arm.startswith("mx_") else []
-    alarms += [30] if (arm, seed) == ("fp32", 1) else []
-    return st.finish_cell(st.Cell(Path(out), arm, seed), row, alarms, len(alarms), extra)
+    result = RunResult.of(tracker, wall_s=0.0, cpu_s=0.0)
+    alarms = [ALARM] if bad or cell.arm.startswith("mx_") else []
+    alarms += [30] if (cell.arm, cell.seed) == ("fp32", 1) else []
+    return st.finish_cell(cell, result, alarms, len(alarms), list(job.extra))
 
 
 def _configs(tmp_path: Path, max_steps: int = 2, lr: float = 1e-3) -> Path:
@@ -147,8 +148,8 @@ def test_a_rerun_skips_finished_cells_and_redoes_broken_or_stale_ones(tmp_path):
     broken.result_path.write_text('{"seed": 2, "arm": "mx", "diver')  # killed mid-write
     gone.result_path.unlink()
     partial = plan.out / "study.md"
-    study_report.write(plan.out, study_report.load(plan.out, plan.arms, plan.seeds,
-                       plan.finished), "c", "m", _write)  # fmt: skip
+    found = study_report.load(plan.out, plan.arms, plan.seeds, plan.finished)
+    study_report.write(plan.out, found, "c", "m")
     assert "PARTIAL" in partial.read_text() and "fp32 1/2" in partial.read_text()
     log = []
     plan.run(0, log.append, train=synthetic_cell)
@@ -162,12 +163,6 @@ def test_a_rerun_skips_finished_cells_and_redoes_broken_or_stale_ones(tmp_path):
     stale.run(0, log.append, train=synthetic_cell)
     assert log[0].startswith("10 cells, 0 finished, 10 to run")
     assert json.loads(broken.result_path.read_text())["diverged"] is True
-
-
-def _write(path, rows, columns):
-    from mxprobe.app.cli.proxy import write_csv
-
-    write_csv(path, rows, columns)
 
 
 @pytest.mark.slow
@@ -186,11 +181,11 @@ def test_real_cells_train_and_read_their_alarms_from_the_run_record(tmp_path):
 
 
 def _train_losses(config: dict, run_dir: Path) -> list[float]:
-    from mxprobe.app.cli.proxy import train_run
+    from mxprobe.app.training import TrainJob, train_run
 
     path = run_dir.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config))
-    train_run(str(path), str(run_dir), threads=1)
+    train_run(TrainJob(str(path), str(run_dir), threads=1))
     with open(next(run_dir.rglob("metrics.csv")), newline="") as f:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 

@@ -63,7 +63,7 @@ def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     assert all(r["finished"] == "true" and r["steps"] == "2" for r in rows)
     assert {r["model.scheme"] for r in rows} == {"fp32", "mxfp8_e4m3"}
     result = json.loads((spec.run_dir(spec.runs[3]) / sweep.RESULT_FILE).read_text())
-    assert result["diverged"] == "false"
+    assert result["diverged"] is False and result["divergence_step"] is None
     # One arm per scheme, its two seeds paired with the other arm's.
     with open(spec.out / "rates.csv") as f:
         rates = [(r["arm"], r["n"], r["diverged"]) for r in csv.DictReader(f)]

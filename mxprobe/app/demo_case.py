@@ -1,9 +1,10 @@
 """The case ``mxprobe demo`` shows, and what is known about it beyond its one seed.
 
-The configuration is ``examples/configs/proxy_cpu.yaml`` (L=4, d=128, batch 256, Adam lr 8.5e-3
-constant, 1200 steps), the rule that of ``examples/configs/proxy_cpu_intervention.yaml``, the
-control that of ``examples/configs/proxy_cpu_rewind_only.yaml`` (tests/test_demo.py checks that
-these stay equal). Seed 7 is a seed of the study where FP32 trains cleanly, MX diverges and the
+The demo trains the study's arms (:func:`mxprobe.app.study.arm_configs`) of the shipped configs
+(:mod:`mxprobe.configs`, ``examples/configs/`` in the repository): ``proxy_cpu.yaml`` (L=4,
+d=128, batch 256, Adam lr 8.5e-3 constant, 1200 steps), the rule of
+``proxy_cpu_intervention.yaml`` and the control of ``proxy_cpu_rewind_only.yaml``, read from the
+files themselves. Seed 7 is a seed of the study where FP32 trains cleanly, MX diverges and the
 rule rescues it (:data:`DEMO_OUTCOMES`); :data:`BASE_RATES` says how often such outcomes happen
 at this configuration, so nobody reads one seed as a rate. Every rate is computed from the
 shipped study (``mxprobe study``, docs/study/: ``rates.csv``, ``outcomes.csv``), with its exact
@@ -19,6 +20,11 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from mxprobe import configs
+from mxprobe.app import study as st
+
 SEED = 7
 SOURCE = "docs/study/study.md"
 STUDY_DIR = Path(__file__).resolve().parents[2] / "docs" / "study"
@@ -32,51 +38,20 @@ STUDY_DIR = Path(__file__).resolve().parents[2] / "docs" / "study"
 # stopped diverging when a change of the compiled graph moved its reduction order.
 DEMO_OUTCOMES = {"fp32": None, "mx": 483, "mx_intervention": None, "mx_rewind_only": None}
 
-MODEL = {
-    "depth": 4,
-    "width": 128,
-    "activation": "gelu",
-    "layer_norm": True,
-    "init": "default",
-    "lr": 0.0085,
-    "betas": [0.9, 0.999],
-    "eps": 1.0e-8,
-    "schedule": "constant",
-    "compiled": True,
-}
-DATA = {"batch_size": 256, "teacher_seed": 1234, "noise": 0.005, "teacher_gain": 1.0}
-STEPS = 1200
-MX_SCHEME = "mxfp8_e4m3"
+BASE_CONFIG = "proxy_cpu.yaml"  # in mxprobe.configs, its rule configs beside it
 
 # --quick: the same runs and report on a model small enough for a smoke test (eager: compiling
-# alone would take the minute).
-QUICK_MODEL = {**MODEL, "depth": 2, "width": 32, "compiled": False}
-QUICK_DATA = {**DATA, "batch_size": 64}
+# alone would take the minute), over QUICK_STEPS steps with a shorter detector warm-up.
+QUICK = {"model": {"depth": 2, "width": 32, "compiled": False}, "data": {"batch_size": 64}}
 QUICK_STEPS = 80
+QUICK_DETECTOR_WINDOW = 20
 
-SPIKE_DETECTOR = {"method": "ema_ratio", "threshold": 3.0, "window": 50}
-QUICK_SPIKE_DETECTOR = {**SPIKE_DETECTOR, "window": 20}
-SNAPSHOTS = {"snapshot_every": 25, "keep_snapshots": 8}
 
-RULE = {
-    "name": "spike-rewind-norms-bf16",
-    "trigger": {"kind": "spike", "signal": "loss"},
-    "action": {
-        "kind": "rewind",
-        "steps": 50,
-        # snap: the switch keeps the function (docs/proxy_cpu.md: an unsnapped switch can blow
-        # the run up by itself).
-        "then": {"kind": "set_scheme", "scheme": "norm=bf16", "snap": True},
-    },
-    "max_times": 3,
-    "cooldown": 100,
-}
-# The control: same detector, snapshots, rewind and counters; no precision change.
-CONTROL_RULE = {
-    **RULE,
-    "name": "spike-rewind-only",
-    "action": {**RULE["action"], "then": {"kind": "scale_lr", "factor": 1.0}},
-}
+def arm_configs(arms: list[str]) -> dict[str, dict]:
+    """The full LightningCLI config of each of ``arms``, as the study builds it from the shipped
+    base config and its rule configs (seeds are set per run)."""
+    base = configs.path(BASE_CONFIG)
+    return st.arm_configs(base, arms, st.rule_paths(base, arms))
 
 
 @dataclass(frozen=True)
@@ -114,7 +89,7 @@ def study_rates(folder: Path = STUDY_DIR) -> tuple[tuple[Rate, ...], str]:
         return (), f"no study table in {folder} ({err})"
     command = meta["command"]
     rates = []
-    for arm, what in (("mx", f"MX ({MX_SCHEME}) diverged"), ("fp32", "FP32 diverged")):
+    for arm, what in (("mx", f"MX ({st.MX_SCHEME}) diverged"), ("fp32", "FP32 diverged")):
         row = by_arm.get(arm)
         if row is not None:
             n, k = int(row["n"]), int(row["diverged"])
@@ -163,14 +138,17 @@ BASE_RATES, STUDY_STATUS = study_rates()
 def framing(seed: int, quick: bool) -> list[str]:
     """What the demo's four runs are, and why one seed is not a rate."""
     if quick:
+        model = QUICK["model"]
         case = (
-            f"--quick: a {QUICK_MODEL['depth']}-layer d={QUICK_MODEL['width']} smoke test of "
-            f"the same path, seed {seed}; nothing is known about its rates"
+            f"--quick: a {model['depth']}-layer d={model['width']} smoke test of the same path, "
+            f"seed {seed}; nothing is known about its rates"
         )
     else:
+        config = yaml.safe_load(configs.path(BASE_CONFIG).read_text())
+        model, steps = config["model"], config["trainer"]["max_steps"]
         case = (
-            f"examples/configs/proxy_cpu.yaml (L={MODEL['depth']}, d={MODEL['width']}, "
-            f"lr {MODEL['lr']}, {STEPS} steps), seed {seed}: one seed, chosen because MX "
+            f"examples/configs/{BASE_CONFIG} (L={model['depth']}, d={model['width']}, "
+            f"lr {model['lr']}, {steps} steps), seed {seed}: one seed, chosen because MX "
             f"diverges there and FP32 does not; {seed_in_study(seed)}"
         )
     short = "; ".join(f"{r.what} {r.count}/{r.total}" for r in BASE_RATES)

@@ -7,7 +7,8 @@ compare's ``summary.csv``, a sweep's ``results.csv``).
   discordant seeds (diverged in one arm only) against 1/2.
 - Two arms on different seeds: Fisher's exact test on the 2×2 table of diverged / not.
 
-Rows whose ``diverged`` is not ``true``/``false`` (unfinished runs) are left out and counted.
+Rows whose ``diverged`` is neither true nor false (:func:`mxprobe.outcome.read_diverged`:
+unfinished runs) are left out and counted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import itertools
 from dataclasses import dataclass
 
 from scipy.stats import binomtest, fisher_exact
+
+from mxprobe.atomic import write_csv
+from mxprobe.outcome import read_diverged
 
 RATE_COLUMNS = ("arm", "n", "diverged", "rate", "ci_low", "ci_high", "unfinished")
 TEST_COLUMNS = (
@@ -62,18 +66,13 @@ def rate(arm: str, diverged: int, n: int, unfinished: int = 0) -> Rate:
     return Rate(arm, n, diverged, float(ci.low), float(ci.high), unfinished)
 
 
-def _finished(row: dict) -> bool | None:
-    value = str(row.get("diverged", "")).strip().lower()
-    return {"true": True, "false": False}.get(value)
-
-
 def by_arm(rows: list[dict], arm_of, seed_of=None) -> dict[str, dict[str, bool | None]]:
     """``{arm: {seed: diverged (None: unfinished)}}`` in the order arms first appear; the
     seed is the row's ``seed`` unless ``seed_of`` says otherwise."""
     seed_of = seed_of or (lambda row: str(row.get("seed", "")))
     arms: dict[str, dict[str, bool | None]] = {}
     for row in rows:
-        arms.setdefault(arm_of(row), {})[seed_of(row)] = _finished(row)
+        arms.setdefault(arm_of(row), {})[seed_of(row)] = read_diverged(row.get("diverged"))
     return arms
 
 
@@ -119,8 +118,8 @@ def arm_tests(arms: dict[str, dict[str, bool | None]]) -> list[dict]:
     return rows
 
 
-def write_tables(out, arms: dict[str, dict[str, bool | None]], write_csv) -> list[Rate]:
-    """``rates.csv`` and ``tests.csv`` in ``out`` (written by ``write_csv``, atomically)."""
+def write_tables(out, arms: dict[str, dict[str, bool | None]]) -> list[Rate]:
+    """``rates.csv`` and ``tests.csv`` in ``out`` (each atomically); the rates."""
     found = rates(arms)
     write_csv(out / "rates.csv", [r.row() for r in found], RATE_COLUMNS)
     write_csv(out / "tests.csv", arm_tests(arms), TEST_COLUMNS)

@@ -23,9 +23,11 @@ from mxprobe.app.headlines import RunOutcome, headline, lead_time_line, outcome
 from mxprobe.app.mechanism import Mechanism, find_mechanism
 from mxprobe.app.page import Block, Bullets, Figure, Heading, Paragraph, Table, html_page, markdown
 from mxprobe.app.rates import by_arm, rates
+from mxprobe.app.results import RESULT_COLUMNS
 from mxprobe.app.runs import Run, find_runs
 from mxprobe.events import plain
 from mxprobe.names import GRAD_BIAS, NONFINITE, REWIND, SCALE_LR, SET_SCHEME, SPIKE
+from mxprobe.outcome import read_diverged
 from mxprobe.record import RECORD_FILE
 
 _TABLE_NAMES = ("summary.csv", "results.csv")
@@ -66,7 +68,7 @@ def _rates(rows: list[dict]) -> list[str]:
 def _outcome_label(row: dict) -> str:
     if row.get("outcome"):
         return row["outcome"]
-    if str(row.get("diverged", "")).lower() == "true":
+    if read_diverged(row.get("diverged")):
         return "diverged"
     try:
         if float(row.get("recovered_spikes") or 0) > 0:
@@ -110,23 +112,9 @@ def _table_rows(table: Path, notes: list[str]) -> list[dict]:
     return rows
 
 
-# Columns that are results, not configuration: never an axis of the stability map.
-_RESULT_COLUMNS = {
-    "outcome",
-    "final_loss",
-    "min_loss",
-    "diverged",
-    "divergence_step",
-    "recovered_spikes",
-    "wall_s",
-    "wall_time",
-    "time_s",
-    "cpu_s",
-    "status",
-    "run_dir",
-    "steps",
-    "seed",
-}
+# Columns that are results, not configuration: never an axis of the stability map (mxprobe's
+# own, and the names other tools give a run's time and state).
+_RESULT_COLUMNS = {*RESULT_COLUMNS, "outcome", "wall_time", "time_s", "status", "run_dir", "seed"}
 
 
 def _map_axes(rows: list[dict]) -> tuple[str, str] | None:

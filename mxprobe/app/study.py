@@ -11,7 +11,7 @@ same batches (model seed = data seed = ``seed_everything`` = the seed).
 
 Each arm's full config is written to ``configs/<arm>.yaml`` under the output folder; a rule
 config must equal the base config apart from its callbacks (checked). A *cell* is one
-(arm, seed): it trains into ``runs/<arm>/seed<S>`` with :func:`mxprobe.app.cli.proxy.train_run`
+(arm, seed): it trains into ``runs/<arm>/seed<S>`` with :func:`mxprobe.app.training.train_run`
 and writes ``cells/<arm>/seed<S>.json`` atomically when it ends. A cell is finished when that
 file exists and names the arm config's current hash, so a rerun skips finished cells and redoes
 cells whose arm config changed. Cells run ``jobs`` at a time, each in a fresh process with one
@@ -35,6 +35,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
+
+from mxprobe import atomic
+from mxprobe.app.results import RunResult
 
 MX_SCHEME = "mxfp8_e4m3"
 # arm -> (model scheme, suffix of its rule config beside the base config; None: no rule)
@@ -204,48 +207,55 @@ def alarm_steps(run_dir: Path) -> tuple[list[int], int]:
     return alarms, sum(e.get("kind") in ACTION_KINDS for e in events)
 
 
-def train_cell(job: tuple) -> dict:
+@dataclass(frozen=True)
+class CellJob:
+    """A cell to train with the study's settings: ``extra`` LightningCLI arguments and the
+    divergence rule (``factor``, ``patience``); picklable, for the spawned workers."""
+
+    cell: Cell
+    extra: tuple[str, ...]
+    factor: float
+    patience: int
+
+
+def train_cell(job: CellJob) -> dict:
     """Train one cell in this (fresh) process and write its result file atomically."""
-    import logging
-    import warnings
+    from mxprobe.app.training import TrainJob, quiet_lightning, train_run  # Lightning from here
 
-    from mxprobe.app.cli.proxy import train_run  # Lightning from here
-
-    out, arm, seed, extra, factor, patience = job
-    cell = Cell(Path(out), arm, seed)
+    cell, extra = job.cell, list(job.extra)
     if is_finished(cell, extra):  # finished since the study listed it (another process)
         return cell.result()
     shutil.rmtree(cell.run_dir, ignore_errors=True)  # a killed cell's partial record goes
     cell.run_dir.mkdir(parents=True)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", module="lightning")
+    quiet_lightning()
+    train = TrainJob(
+        str(cell.config_path),
+        str(cell.run_dir),
+        tuple(cell.args(extra)),
+        stop_on_divergence=True,
+        factor=job.factor,
+        patience=job.patience,
+        threads=1,
+    )
     with (
         open(cell.run_dir / "stdout.log", "w") as log,
         contextlib.redirect_stdout(log),
         contextlib.redirect_stderr(log),
     ):
-        row = train_run(
-            str(cell.config_path),
-            str(cell.run_dir),
-            cell.args(extra),
-            True,
-            factor,
-            patience,
-            threads=1,
-        )
+        result = train_run(train)
     alarms, actions = alarm_steps(cell.run_dir)
-    return finish_cell(cell, row, alarms, actions, extra)
+    return finish_cell(cell, result, alarms, actions, extra)
 
 
-def finish_cell(cell: Cell, row: dict, alarms: list[int], actions: int, extra: list[str]) -> dict:
-    """Write the cell's result (``row``: a divergence summary with ``steps``) atomically."""
-    result = {
+def finish_cell(
+    cell: Cell, result: RunResult, alarms: list[int], actions: int, extra: list[str]
+) -> dict:
+    """Write the cell's result file atomically: the run's ``result``, its detector's alarms and
+    its rules' actions, the arm config's hash and the code's version; returns what it wrote."""
+    written = {
         "seed": cell.seed,
         "arm": cell.arm,
-        **row,
-        "diverged": row["diverged"] == "true",
-        "divergence_step": row["divergence_step"] if row["divergence_step"] != "" else None,
+        **result.to_row(),
         "first_alarm_step": alarms[0] if alarms else None,
         "alarm_steps": alarms,
         "actions": actions,
@@ -253,10 +263,8 @@ def finish_cell(cell: Cell, row: dict, alarms: list[int], actions: int, extra: l
         "code": _code_version(),
     }
     cell.result_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cell.result_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, cell.result_path)
-    return result
+    atomic.write_text(cell.result_path, json.dumps(written, indent=1))
+    return written
 
 
 def prepare(out: Path, configs: dict[str, dict]) -> None:
@@ -276,17 +284,18 @@ def execute(
     factor: float,
     patience: int,
     on_done: Callable[[Cell, dict | None, str | None], None],
-    train: Callable[[tuple], dict] = train_cell,
+    train: Callable[[CellJob], dict] = train_cell,
 ) -> int:
     """Train the cells ``jobs`` at a time, each in a fresh process (one thread); ``on_done``
     after each with its result or error. Returns the number of failed cells. ``train`` (a
-    module-level function, for the spawned workers) trains one job tuple; ``jobs=0`` trains in
-    this process, one cell after the other (for tests: cells then share torch.compile caches)."""
+    module-level function, for the spawned workers) trains one :class:`CellJob`; ``jobs=0``
+    trains in this process, one cell after the other (for tests: cells then share
+    torch.compile caches)."""
     failures = 0
     if jobs < 1:
         for c in cells:
             try:
-                result = train((str(c.out), c.arm, c.seed, extra, factor, patience))
+                result = train(CellJob(c, tuple(extra), factor, patience))
             except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
                 failures += 1
                 on_done(c, None, f"{type(err).__name__}: {err}")
@@ -296,10 +305,7 @@ def execute(
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {
-            pool.submit(train, (str(c.out), c.arm, c.seed, extra, factor, patience)): c
-            for c in cells
-        }
+        futures = {pool.submit(train, CellJob(c, tuple(extra), factor, patience)): c for c in cells}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -342,10 +348,9 @@ class Plan:
     def rebuild(self) -> None:
         """outcomes.csv, rates.csv, tests.csv and study.md from the finished cells."""
         from mxprobe.app import study_report
-        from mxprobe.app.cli.proxy import write_csv
 
         found = study_report.load(self.out, self.arms, self.seeds, self.finished)
-        study_report.write(self.out, found, self.command, self.machine, write_csv)
+        study_report.write(self.out, found, self.command, self.machine)
 
     def run(self, jobs: int, log: Callable[[str], None], train=train_cell) -> int:
         """Train the unfinished cells, rebuilding the tables after each; the failure count."""

@@ -17,7 +17,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from mxprobe.app.rates import TEST_COLUMNS, arm_tests, rate, rates
+from mxprobe import atomic
+from mxprobe.app.rates import RATE_COLUMNS, TEST_COLUMNS, arm_tests, rate, rates
+from mxprobe.outcome import read_diverged
 
 OUTCOME_COLUMNS = (
     "seed",
@@ -69,7 +71,7 @@ class Study:
                     rows.append(
                         {
                             **{k: r.get(k) for k in OUTCOME_COLUMNS},
-                            "diverged": str(bool(r["diverged"])).lower(),
+                            "diverged": bool(r["diverged"]),
                             "alarms": _alarm_count(r),
                         }
                     )
@@ -303,7 +305,7 @@ def from_tables(folder: Path) -> tuple[Study, dict]:
             step = row["divergence_step"]
             results.setdefault(row["arm"], {})[int(row["seed"])] = {
                 **row,
-                "diverged": row["diverged"] == "true",
+                "diverged": read_diverged(row["diverged"]),
                 "divergence_step": int(step) if step else None,
                 "final_loss": float(row["final_loss"]),
                 "first_alarm_step": int(row["first_alarm_step"])
@@ -314,21 +316,15 @@ def from_tables(folder: Path) -> tuple[Study, dict]:
     return Study(meta["arms"], meta["seeds"], results), meta
 
 
-def write(out: Path, study: Study, command: str, machine: str, write_csv) -> None:
+def write(out: Path, study: Study, command: str, machine: str) -> None:
     """outcomes.csv, rates.csv, tests.csv, study.json (command, machine, seeds, arms) and
     study.md in ``out`` (each atomically)."""
-    from mxprobe.app.rates import RATE_COLUMNS
-
     meta = {"command": command, "machine": machine, "seeds": study.seeds, "arms": study.arms,
             "complete_seeds": len(study.complete_seeds),
             "finished": {a: len(study.done(a)) for a in study.arms}}  # fmt: skip
-    tmp = out / "study.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / "study.json")
-    write_csv(out / "outcomes.csv", study.outcome_rows(), OUTCOME_COLUMNS)
+    atomic.write_text(out / "study.json", json.dumps(meta, indent=1))
+    atomic.write_csv(out / "outcomes.csv", study.outcome_rows(), OUTCOME_COLUMNS)
     arms = {a: study.diverged(a) for a in study.arms}
-    write_csv(out / "rates.csv", [r.row() for r in rates(arms)], RATE_COLUMNS)
-    write_csv(out / "tests.csv", paired_tests(study), TEST_COLUMNS)
-    tmp = out / "study.md.tmp"
-    tmp.write_text(render(study, command, machine))
-    tmp.replace(out / "study.md")
+    atomic.write_csv(out / "rates.csv", [r.row() for r in rates(arms)], RATE_COLUMNS)
+    atomic.write_csv(out / "tests.csv", paired_tests(study), TEST_COLUMNS)
+    atomic.write_text(out / "study.md", render(study, command, machine))

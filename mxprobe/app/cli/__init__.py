@@ -13,6 +13,10 @@ import sys
 
 from mxprobe.app.cli import errors
 
+DESCRIPTION = (
+    "Emulate Microscaling (MX) training exactly, watch how quantization biases it, and switch "
+    "precision mid-run by rules. 'mxprobe COMMAND --help' says what each command takes."
+)
 # subcommand -> (module in this package, one-line help)
 SUBCOMMANDS = {
     "formats": (
@@ -32,7 +36,7 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv, debug = errors.debug_requested(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
-        parser = argparse.ArgumentParser(prog="mxprobe", description=__doc__.split("\n")[0])
+        parser = argparse.ArgumentParser(prog="mxprobe", description=DESCRIPTION)
         sub = parser.add_subparsers(title="subcommands", metavar="COMMAND")
         for name, (_, help_text) in SUBCOMMANDS.items():
             sub.add_parser(name, help=help_text)

@@ -77,11 +77,17 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def run(argv: list[str], prog: str = "mxprobe formats") -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(
+        prog=prog,
+        description="Print the MX element formats, the SQNR and saturated-block fraction of each "
+        "format and scale mode on Gaussian data, and plot the gap between consecutive E4M3 codes.",
+    )
     parser.add_argument("--out", default="out/formats", help="directory for the PNG and CSVs")
     parser.add_argument("--numel", type=positive_int, default=1 << 20, help="Gaussian sample size")
-    parser.add_argument("--block-size", type=positive_int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--block-size", type=positive_int, default=32, help="MX block size (default 32)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Gaussian sample")
     args = parser.parse_args(argv)
     if args.block_size > args.numel:
         raise UsageError(

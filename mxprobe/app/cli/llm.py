@@ -95,7 +95,7 @@ def run(argv: list[str], prog: str) -> int:
     if argv[:1] == ["sizes"]:
         return _sizes(argv[1:], prog)
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__.replace("mxprobe llm", prog))
+        print(__doc__.replace("mxprobe llm", prog).replace("``", ""))
         return 0
     if not argv or argv[0] not in LIGHTNING_SUBCOMMANDS:
         got = repr(argv[0]) if argv else "nothing"

@@ -6,158 +6,32 @@
 - ``mxprobe proxy compare --config FILE.yaml --schemes fp32,mxfp8_e4m3 [--seeds 0,1,2]
   [--out DIR] [--jobs N]`` — trains every (scheme, seed) from the same initial weights on the same
   batches (seed = model seed = data seed), one run directory each with its CSVLogger
-  ``metrics.csv``, and writes ``summary.csv`` (columns :data:`SUMMARY_COLUMNS`), ``rates.csv``
-  (each scheme's divergence rate with its exact interval) and ``tests.csv`` (each pair of
-  schemes: exact McNemar over the seeds; :mod:`mxprobe.app.rates`).
+  ``metrics.csv``, and writes ``summary.csv`` (columns
+  :data:`mxprobe.app.results.SUMMARY_COLUMNS`), ``rates.csv`` (each scheme's divergence rate
+  with its exact interval) and ``tests.csv`` (each pair of schemes: exact McNemar over the
+  seeds; :mod:`mxprobe.app.rates`).
 
-Divergence is defined once, in :mod:`mxprobe.outcome` (docs/proxy.md).
+The runs are trained by :mod:`mxprobe.app.training`; divergence is defined once, in
+:mod:`mxprobe.outcome` (docs/proxy.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
-import logging
 import math
 import os
 import sys
-import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from mxprobe.app.cli.errors import (
-    ArgumentParser,
-    UsageError,
-    inside,
-    int_list,
-    positive_int,
-    raising_parser_kwargs,
-)
+from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, int_list, positive_int
 from mxprobe.app.rates import by_arm, write_tables
-from mxprobe.atomic import atomic_open
-from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE, DivergenceTracker
+from mxprobe.app.results import SUMMARY_COLUMNS
+from mxprobe.atomic import write_csv
+from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
 
-SUMMARY_COLUMNS = (
-    "scheme",
-    "seed",
-    "final_loss",
-    "min_loss",
-    "diverged",
-    "divergence_step",
-    "recovered_spikes",
-)
-
-
-def _divergence_callback(tracker: DivergenceTracker, stop: bool):
-    import lightning.pytorch as pl
-
-    class DivergenceWatch(pl.Callback):
-        """Feeds every training loss to the tracker; stops the run once it diverged if asked."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            if tracker.update(float(loss)) and stop:
-                trainer.should_stop = True
-
-    return DivergenceWatch()
-
-
-def _cli_class():
-    from mxprobe.app.cli.lightning_parts import CheckedCheckpointPath
-    from mxprobe.callbacks import RunRecorder
-
-    class ProxyCLI(CheckedCheckpointPath):
-        def add_arguments_to_parser(self, parser) -> None:
-            for key in ("width", "depth", "activation"):
-                parser.link_arguments(f"model.{key}", f"data.{key}")
-
-        def instantiate_trainer(self, **kwargs):
-            # Every proxy run keeps its record, whatever callbacks its YAML lists.
-            trainer = super().instantiate_trainer(**kwargs)
-            RunRecorder.of(trainer)
-            return trainer
-
-    return ProxyCLI
-
-
-def make_cli(args: list[str], run: bool = True, **kwargs):
-    """The LightningCLI of the proxy for ``args`` (subcommand first when ``run``); a bad
-    argument raises ``argparse.ArgumentError`` (the CLI's main says it in one line)."""
-    from mxprobe.app.cli import lightning_parts
-    from mxprobe.models.data import ProxyDataModule
-    from mxprobe.models.lit import ProxyLitModule
-
-    # LightningCLI warns when it gets args while sys.argv holds a command line: mxprobe passes
-    # the tail of that same command line, or a run's own arguments.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    return _cli_class()(
-        ProxyLitModule,
-        ProxyDataModule,
-        args=args,
-        run=run,
-        save_config_callback=lightning_parts.AtomicSaveConfig,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs=raising_parser_kwargs(kwargs.pop("parser_kwargs", {}), ("fit", "validate")),
-        **kwargs,
-    )
-
-
-def train_run(
-    config: str | None,
-    run_dir: str,
-    args: list[str] = (),
-    stop_on_divergence: bool = True,
-    factor: float = DIVERGENCE_FACTOR,
-    patience: int = DIVERGENCE_PATIENCE,
-    threads: int | None = None,
-) -> dict:
-    """Train one proxy run into ``run_dir`` (its run record and a CSVLogger ``metrics.csv``
-    there) and return its divergence summary plus ``steps``, ``wall_s`` and ``cpu_s``;
-    ``args`` are extra LightningCLI arguments such as ``--model.scheme=mxfp8_e4m3``."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    run_path = Path(run_dir)
-    run_path.mkdir(parents=True, exist_ok=True)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    cli = make_cli(_run_args(config, run_path, args), run=False)
-    tracker = DivergenceTracker(factor, patience)
-    cli.trainer.callbacks.append(_divergence_callback(tracker, stop_on_divergence))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    row = tracker.summary()
-    row.update(
-        steps=tracker.step,
-        wall_s=round(time.perf_counter() - start, 1),
-        cpu_s=round(time.process_time() - cpu_start, 1),
-    )
-    return row
-
-
-def _run_args(config: str | None, run_path: Path, args) -> list[str]:
-    logger = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(run_path), "name": "", "version": ""},
-    }
-    cli_args = ([f"--config={config}"] if config else []) + list(args)
-    return cli_args + [
-        f"--trainer.logger={json.dumps(logger)}",
-        f"--trainer.default_root_dir={run_path}",
-    ]
-
-
-def check_run(config: str | None, run_dir: str, args: list[str] = ()) -> None:
-    """Build, without training or writing anything, the run :func:`train_run` would train:
-    raises what a bad config, scheme, rule or number raises, before any run starts."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)  # the runs themselves say what Lightning finds (GPUs, seeds)
-    try:
-        make_cli(_run_args(config, Path(run_dir), args), run=False)
-    finally:
-        logging.disable(previous)
+DESCRIPTION = "Train each scheme and seed from the same initial weights on the same batches."
 
 
 def check_config(config: str | None) -> None:
@@ -179,25 +53,8 @@ def compare_run_dir(out: Path, scheme: str, seed: int) -> Path:
     return inside(out, out / name, f"--schemes {scheme!r}: run directory")
 
 
-def _compare_one(job: tuple) -> dict:
-    config, out, scheme, seed, extra, stop, factor, patience, threads = job
-    run_dir = compare_run_dir(Path(out), scheme, seed)
-    args = _compare_args(scheme, seed, extra)
-    row = train_run(config, str(run_dir), args, stop, factor, patience, threads)
-    return {"scheme": scheme, "seed": seed, **row, "run_dir": str(run_dir)}
-
-
 def _compare_args(scheme: str, seed: int, extra: list[str]) -> list[str]:
     return [f"--model.scheme={scheme}", f"--model.seed={seed}", f"--data.seed={seed}", *extra]
-
-
-def write_csv(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
-    """Write ``rows`` (extra keys ignored) atomically: a reader never sees half a table, and a
-    failed write leaves the previous table (:mod:`mxprobe.atomic`)."""
-    with atomic_open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def parse_schemes(text: str) -> list[str]:
@@ -220,10 +77,9 @@ def parse_schemes(text: str) -> list[str]:
 
 
 def compare(argv: list[str], prog: str) -> int:
-    parser = ArgumentParser(
-        prog=f"{prog} compare",
-        description="Train each scheme from the same initial weights on the same batches.",
-    )
+    from mxprobe.app.training import TrainJob, check_run, train_run
+
+    parser = ArgumentParser(prog=f"{prog} compare", description=DESCRIPTION)
     parser.add_argument("--config", required=True, help="LightningCLI YAML (trainer/model/data)")
     parser.add_argument(
         "--schemes",
@@ -250,8 +106,19 @@ def compare(argv: list[str], prog: str) -> int:
         action="store_true",
         help="keep training after divergence (default: stop there)",
     )
-    parser.add_argument("--factor", type=float, default=DIVERGENCE_FACTOR)
-    parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
+    parser.add_argument(
+        "--factor",
+        type=float,
+        default=DIVERGENCE_FACTOR,
+        help=f"a step is high when its loss exceeds this times the running minimum "
+        f"(default {DIVERGENCE_FACTOR:g})",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=DIVERGENCE_PATIENCE,
+        help=f"consecutive high steps that make a divergence (default {DIVERGENCE_PATIENCE})",
+    )
     ns = parser.parse_args(argv)
     # Everything the runs need is checked before the first one trains.
     check_config(ns.config)
@@ -259,43 +126,43 @@ def compare(argv: list[str], prog: str) -> int:
     schemes, seeds = parse_schemes(ns.schemes), ns.seeds
     extra = [f"--{item}" for item in ns.set]
     out = Path(ns.out)
-    for scheme in schemes:
-        check_run(
-            ns.config,
-            str(compare_run_dir(out, scheme, seeds[0])),
-            _compare_args(scheme, seeds[0], extra),
-        )
-    out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // ns.jobs) if ns.jobs > 1 else None
-    jobs = [
-        (ns.config, str(out), scheme, seed, extra, not ns.no_stop, ns.factor, ns.patience, threads)
-        for seed in seeds
-        for scheme in schemes
-    ]
-    columns = (*SUMMARY_COLUMNS, "steps", "wall_s", "cpu_s")
+
+    def job(scheme: str, seed: int) -> TrainJob:
+        run_dir = str(compare_run_dir(out, scheme, seed))
+        args = tuple(_compare_args(scheme, seed, extra))
+        return TrainJob(ns.config, run_dir, args, not ns.no_stop, ns.factor, ns.patience, threads)
+
+    for scheme in schemes:
+        check_run(job(scheme, seeds[0]))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [(scheme, seed) for seed in seeds for scheme in schemes]
+    jobs = [job(scheme, seed) for scheme, seed in runs]
     rows: list[dict] = []
     with contextlib.ExitStack() as stack:
         if ns.jobs > 1:
             pool = stack.enter_context(
                 ProcessPoolExecutor(ns.jobs, mp_context=get_context("spawn"))
             )
-            finished = pool.map(_compare_one, jobs)
+            finished = pool.map(train_run, jobs)
         else:
-            finished = map(_compare_one, jobs)
-        for row in finished:  # summary.csv keeps every finished run, whatever fails later
-            rows.append(row)
-            write_csv(out / "summary.csv", rows, columns)
+            finished = map(train_run, jobs)
+        # summary.csv keeps every finished run, whatever fails later
+        for (scheme, seed), j, result in zip(runs, jobs, finished, strict=True):
+            rows.append({"scheme": scheme, "seed": seed, **result.to_row(), "run_dir": j.run_dir})
+            write_csv(out / "summary.csv", rows, SUMMARY_COLUMNS)
     width = max(len(r["scheme"]) for r in rows)
     print(f"{'scheme':<{width}}  seed  diverged  step   final_loss  min_loss    wall_s  cpu_s")
     for r in rows:
+        step = "" if r["divergence_step"] is None else r["divergence_step"]
         print(
-            f"{r['scheme']:<{width}}  {r['seed']:<4}  {r['diverged']:<8}  "
-            f"{str(r['divergence_step']):<5}  {r['final_loss']:<10.4g}  {r['min_loss']:<10.4g}  "
+            f"{r['scheme']:<{width}}  {r['seed']:<4}  {str(r['diverged']).lower():<8}  "
+            f"{step!s:<5}  {r['final_loss']:<10.4g}  {r['min_loss']:<10.4g}  "
             f"{r['wall_s']:<6}  {r['cpu_s']}"
         )
     arms = by_arm(rows, lambda r: r["scheme"])
     print("divergence rate (95 % exact interval):")
-    for found in write_tables(out, arms, write_csv):
+    for found in write_tables(out, arms):
         print(f"  {found.arm:<{width}}  {found.words()}")
     print(f"summary: {out / 'summary.csv'}; rates: {out / 'rates.csv'}; tests: {out / 'tests.csv'}")
     return 0
@@ -318,5 +185,7 @@ def run(argv: list[str], prog: str) -> int:
             file=sys.stderr,
         )
         return 2
-    make_cli(argv, run=True, parser_kwargs={"prog": prog})
+    from mxprobe.app.training import proxy_cli
+
+    proxy_cli(argv, run=True, parser_kwargs={"prog": prog})
     return 0

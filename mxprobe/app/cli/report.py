@@ -9,7 +9,11 @@ from mxprobe.app.report import NoRunsError, build_report
 
 
 def run(argv: list[str], prog: str = "mxprobe report") -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(
+        prog=prog,
+        description="Write figures, report.md and report.html for the runs below the given "
+        "directories.",
+    )
     parser.add_argument(
         "runs",
         nargs="+",

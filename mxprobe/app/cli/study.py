@@ -33,7 +33,11 @@ def _machine() -> str:
 
 def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
     """The study ``argv`` asks for. Raises ValueError/OSError for a bad arm, seed list or config."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train the spike rule against its rewind-only and placebo controls and the "
+        "fp32 and mx arms over many seeds; rerunning the same command resumes.",
+    )
     parser.add_argument("--config", required=True, help="base LightningCLI YAML (the fp32/mx arms)")
     parser.add_argument("--seeds", default="1-40", help="e.g. 1-40 or 1,2,5 (default 1-40)")
     parser.add_argument("--arms", default=",".join(st.ARMS), help="comma-separated arms")
@@ -54,8 +58,19 @@ def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
         help="extra LightningCLI argument for every cell, e.g. trainer.max_steps=100",
     )
     parser.add_argument("--collect", action="store_true", help="only rebuild the tables")
-    parser.add_argument("--factor", type=float, default=DIVERGENCE_FACTOR)
-    parser.add_argument("--patience", type=int, default=DIVERGENCE_PATIENCE)
+    parser.add_argument(
+        "--factor",
+        type=float,
+        default=DIVERGENCE_FACTOR,
+        help=f"a step is high when its loss exceeds this times the running minimum "
+        f"(default {DIVERGENCE_FACTOR:g})",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=DIVERGENCE_PATIENCE,
+        help=f"consecutive high steps that make a divergence (default {DIVERGENCE_PATIENCE})",
+    )
     ns = parser.parse_args(argv)
     arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
     bad = [item for item in ns.rule if "=" not in item]

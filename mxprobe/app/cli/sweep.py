@@ -44,21 +44,25 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.thread import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mxprobe import atomic
 from mxprobe.app.cli.children import child_env, end_with_parent, exclusive, holder
 from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, positive_int
-from mxprobe.app.cli.proxy import SUMMARY_COLUMNS, check_divergence_rule, write_csv
+from mxprobe.app.cli.proxy import check_config, check_divergence_rule
 from mxprobe.app.rates import by_arm, write_tables
+from mxprobe.app.results import RESULT_COLUMNS
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
+
+if TYPE_CHECKING:
+    from mxprobe.app.training import TrainJob
 
 RESULT_FILE = "result.json"
 SWEEP_LOCK = ".mxprobe-sweep.lock"  # in ``out``: held by the sweep that runs there
 RUN_LOCK = ".mxprobe-run.lock"  # in a run's directory: held by the process training it
 SEED_KEYS = ("seed", "model.seed", "data.seed")
-RESULT_COLUMNS = ("run", "finished") + SUMMARY_COLUMNS[2:] + ("steps", "wall_s", "cpu_s")
 
 
 @dataclass
@@ -148,7 +152,7 @@ class Spec:
         Raises:
             UsageError (or the LightningCLI's own error): naming the bad value.
         """
-        from mxprobe.app.cli.proxy import check_config, check_run
+        from mxprobe.app.training import check_run
         from mxprobe.scheme import parse_scheme
 
         check_config(str(self.config) if self.config else None)
@@ -171,11 +175,7 @@ class Spec:
                 raise UsageError(f"{self.path}: model.scheme: {err}") from None
         for i in range(max(map(len, self.grid.values()))):
             point = {k: v[i % len(v)] for k, v in self.grid.items()}
-            check_run(
-                str(self.config) if self.config else None,
-                str(self.run_dir(point)),
-                self.cli_args(point),
-            )
+            check_run(self.job(point))
 
     @property
     def runs(self) -> list[dict]:
@@ -190,6 +190,19 @@ class Spec:
 
     def run_dir(self, point: dict) -> Path:
         return self.out / self.run_name(point)
+
+    def job(self, point: dict) -> TrainJob:
+        """The run of grid point ``point``, to train or to check."""
+        from mxprobe.app.training import TrainJob  # Lightning from here
+
+        return TrainJob(
+            str(self.config) if self.config else None,
+            str(self.run_dir(point)),
+            tuple(self.cli_args(point)),
+            self.stop_on_divergence,
+            self.factor,
+            self.patience,
+        )
 
     def cli_args(self, point: dict) -> list[str]:
         args = []
@@ -243,19 +256,12 @@ def is_finished(spec: Spec, point: dict) -> bool:
 
 def run_one(spec: Spec, index: int) -> dict:
     """Train run ``index`` of the grid and write its ``result.json`` (atomically)."""
-    from mxprobe.app.cli.proxy import train_run
+    from mxprobe.app.training import train_run
 
     point = spec.runs[index]
     run_dir = spec.run_dir(point)
     with exclusive(run_dir / RUN_LOCK, f"run directory {run_dir}"):
-        row = train_run(
-            str(spec.config) if spec.config else None,
-            str(run_dir),
-            spec.cli_args(point),
-            spec.stop_on_divergence,
-            spec.factor,
-            spec.patience,
-        )
+        row = train_run(spec.job(point)).to_row()
         result = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}, **row}
         atomic.write_text(run_dir / RESULT_FILE, json.dumps(result, indent=1))
     return result
@@ -266,14 +272,13 @@ def collect(spec: Spec) -> Path:
     rows = []
     for point in spec.runs:
         row = {"run": spec.run_name(point), **{k: _text(v) for k, v in point.items()}}
-        if is_finished(spec, point):
-            row.update(json.loads((spec.run_dir(point) / RESULT_FILE).read_text()), finished="true")
-        else:
-            row["finished"] = "false"
-        rows.append(row)
+        finished = is_finished(spec, point)
+        if finished:
+            row.update(json.loads((spec.run_dir(point) / RESULT_FILE).read_text()))
+        rows.append({**row, "finished": finished})
     spec.out.mkdir(parents=True, exist_ok=True)
     path = spec.out / "results.csv"
-    write_csv(path, rows, (RESULT_COLUMNS[0], *spec.grid, *RESULT_COLUMNS[1:]))
+    atomic.write_csv(path, rows, ("run", *spec.grid, "finished", *RESULT_COLUMNS))
     # An arm is a grid point less its seeds: the arms' seeds pair up for the tests.
     seed_keys = [k for k in spec.grid if k in SEED_KEYS]
     arm_keys = [k for k in spec.grid if k not in SEED_KEYS]
@@ -282,7 +287,7 @@ def collect(spec: Spec) -> Path:
         lambda r: ",".join(f"{k}={r[k]}" for k in arm_keys) or "all",
         lambda r: ",".join(str(r[k]) for k in seed_keys),
     )
-    write_tables(spec.out, arms, write_csv)
+    write_tables(spec.out, arms)
     return path
 
 
@@ -354,7 +359,12 @@ def _execute(spec: Spec, jobs: int) -> int:
 
 
 def run(argv: list[str], prog: str) -> int:
-    parser = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser = ArgumentParser(
+        prog=prog,
+        description="Train an ablation grid of proxy runs from a sweep spec (YAML: a base config, "
+        "fixed settings and a grid); a rerun resumes, and results.csv, rates.csv and tests.csv "
+        "are rebuilt after every run.",
+    )
     parser.add_argument("spec", help="sweep spec YAML")
     parser.add_argument(
         "--jobs", type=positive_int, default=1, help="parallel local processes (default 1)"
