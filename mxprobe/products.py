@@ -187,5 +187,12 @@ def run_scoped(module: nn.Module, forward, *args, **kwargs):
     schemes = [module.active_scheme(), *(p.active_scheme() for p in products)]
     if all(s is None for s in schemes):
         return forward(*args, **kwargs)
+    return _scoped(module, products, forward, *args, **kwargs)
+
+
+# Dynamo cannot trace a module's own code under the scope (its hooks and product count run at
+# trace time): inside a compiled model the scoped module runs eagerly, a graph break, exact.
+@torch.compiler.disable
+def _scoped(module: nn.Module, products: list, forward, *args, **kwargs):
     with ProductScope(module, products):
         return forward(*args, **kwargs)
