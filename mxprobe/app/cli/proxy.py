@@ -40,6 +40,23 @@ def check_config(config: str | None) -> None:
         raise UsageError(f"config {config!r}: no such file")
 
 
+def add_divergence_arguments(parser) -> None:
+    """``--factor`` and ``--patience``: the divergence rule of :mod:`mxprobe.outcome`."""
+    parser.add_argument(
+        "--factor",
+        type=float,
+        default=DIVERGENCE_FACTOR,
+        help=f"a step is high when its loss exceeds this times the running minimum "
+        f"(default {DIVERGENCE_FACTOR:g})",
+    )
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=DIVERGENCE_PATIENCE,
+        help=f"consecutive high steps that make a divergence (default {DIVERGENCE_PATIENCE})",
+    )
+
+
 def check_divergence_rule(factor: float, patience: int) -> None:
     """A UsageError unless ``factor`` > 1 (finite) and ``patience`` >= 1 (mxprobe.outcome)."""
     if not (isinstance(factor, (int, float)) and math.isfinite(factor) and factor > 1):
@@ -106,19 +123,7 @@ def compare(argv: list[str], prog: str) -> int:
         action="store_true",
         help="keep training after divergence (default: stop there)",
     )
-    parser.add_argument(
-        "--factor",
-        type=float,
-        default=DIVERGENCE_FACTOR,
-        help=f"a step is high when its loss exceeds this times the running minimum "
-        f"(default {DIVERGENCE_FACTOR:g})",
-    )
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=DIVERGENCE_PATIENCE,
-        help=f"consecutive high steps that make a divergence (default {DIVERGENCE_PATIENCE})",
-    )
+    add_divergence_arguments(parser)
     ns = parser.parse_args(argv)
     # Everything the runs need is checked before the first one trains.
     check_config(ns.config)

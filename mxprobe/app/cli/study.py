@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mxprobe.app import study as st
-from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE
+from mxprobe.app.cli.proxy import add_divergence_arguments
 
 
 def _machine() -> str:
@@ -58,19 +58,7 @@ def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
         help="extra LightningCLI argument for every cell, e.g. trainer.max_steps=100",
     )
     parser.add_argument("--collect", action="store_true", help="only rebuild the tables")
-    parser.add_argument(
-        "--factor",
-        type=float,
-        default=DIVERGENCE_FACTOR,
-        help=f"a step is high when its loss exceeds this times the running minimum "
-        f"(default {DIVERGENCE_FACTOR:g})",
-    )
-    parser.add_argument(
-        "--patience",
-        type=int,
-        default=DIVERGENCE_PATIENCE,
-        help=f"consecutive high steps that make a divergence (default {DIVERGENCE_PATIENCE})",
-    )
+    add_divergence_arguments(parser)
     ns = parser.parse_args(argv)
     arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
     bad = [item for item in ns.rule if "=" not in item]
