@@ -109,7 +109,7 @@ def gemm(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``a @ b`` of operands quantized by ``roles``: on TF32 tensor cores (CUDA) when both
-    roles' formats make that exact, see ``mxprobe.gemm``."""
+    roles' formats make that exact, see ``mxprobe.kernels.gemm``."""
     exact = all(tensor_core_exact(getattr(scheme, r), scheme.scale_mode) for r in roles)
     return mx_gemm(a, b, bias, exact_tf32=exact)
 

@@ -24,6 +24,7 @@ from mxprobe.kernels.dispatch import writes_in_place
 # Every buffer any OperandBuffers holds, on any thread, by id (what status() counts; tensors
 # compare elementwise, so they cannot be set members).
 _HELD: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HELD_LOCK = threading.Lock()  # threads add and drop buffers while status() counts them
 _OWNERS: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -59,18 +60,21 @@ class OperandBuffers(threading.local):
         key = (index, like.dtype)
         held = self._buffers.get(key)
         if held is not None and (held[0].numel() < like.numel() or _use_count(held[0]) > held[1]):
-            _HELD.pop(id(held[0]), None)
+            with _HELD_LOCK:
+                _HELD.pop(id(held[0]), None)
             held = None
         if held is None:
             buf = torch.empty(like.numel(), dtype=like.dtype)
             held = self._buffers[key] = (buf, _use_count(buf))
-            _HELD[id(buf)] = buf
+            with _HELD_LOCK:
+                _HELD[id(buf)] = buf
         return held[0][: like.numel()].view(like.shape)
 
     def clear(self) -> None:
         """Drop this thread's buffers (memory still referenced elsewhere stays with its holder)."""
-        for buf, _ in self._buffers.values():
-            _HELD.pop(id(buf), None)
+        with _HELD_LOCK:
+            for buf, _ in self._buffers.values():
+                _HELD.pop(id(buf), None)
         self._buffers.clear()
 
 
@@ -83,4 +87,6 @@ def free_scratch() -> None:
 
 def scratch_bytes() -> int:
     """Bytes of operand buffers held now, over every thread."""
-    return sum(buf.numel() * buf.element_size() for buf in list(_HELD.values()))
+    with _HELD_LOCK:
+        held = list(_HELD.values())
+    return sum(buf.numel() * buf.element_size() for buf in held)

@@ -1,7 +1,7 @@
 /* The CPU twin of mx_blocks.quantize_blocks: the same function, bit for bit, in one pass.
 
-   Built by mxprobe/native.py with the machine's C compiler at first use. It must be compiled
-   without -ffast-math and with -ffp-contract=off: every step below relies on IEEE fp32
+   Built by mxprobe/kernels/native.py with the machine's C compiler at first use. It must be
+   compiled without -ffast-math and with -ffp-contract=off: every step below relies on IEEE fp32
    arithmetic rounding exactly once (no FMA contraction, subnormals kept).
 
    A tensor is seen as (outer, length, inner); a block is block_size consecutive elements along
