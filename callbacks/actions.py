@@ -2,13 +2,15 @@
 
 Each action is a frozen dataclass that validates itself, is named in YAML by its ``kind`` and
 applies its own effect (:meth:`Action.apply`, which returns the keys it adds to its event).
-A new action is one subclass of :class:`Action` with a ``kind``, listed in :data:`ACTIONS`.
+A new action is one subclass of :class:`Action` with a ``kind`` field, listed in
+:data:`AnyAction` (and in :data:`ChainedAction` if it may follow a rewind); :data:`ACTIONS` is
+built from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import lightning.pytorch as pl
 from mxprobe.callbacks.events import scheme_strings
@@ -31,11 +33,10 @@ class ActionContext:
     snapshots: SnapshotStore
 
 
+@dataclasses.dataclass(frozen=True)
 class Action(YamlKind):
     """Base of the actions; :data:`ACTIONS` maps each YAML ``kind`` to its class."""
 
-    chainable: ClassVar[bool] = True
-    """Whether it may be a rewind's ``then``."""
     needs_snapshots: ClassVar[bool] = False
     """Whether the callback must take snapshots for it."""
 
@@ -54,23 +55,26 @@ class Action(YamlKind):
         return [self, *rest] if isinstance(self, SetSchemeAction) else rest
 
 
-def _chainable() -> list[str]:
-    return [kind for kind, cls in ACTIONS.items() if cls.chainable]
-
-
 @dataclasses.dataclass(frozen=True)
 class SetSchemeAction(Action):
-    """Amend the scheme of the MX modules matching the glob ``modules`` with ``scheme`` (a
-    partial string amends, a leading preset replaces; see ``mxprobe.amend_scheme``). With
-    ``snap`` the switched weights first take the values the old scheme's forward used, so
-    the switch does not change the network's output (see ``mxprobe.modules.snap_parameters``)."""
+    """Amend the scheme of the MX modules matching a glob.
+
+    Args:
+        scheme: the change, e.g. ``norm=bf16`` (a partial string amends each module's current
+            scheme; a leading preset replaces it; see ``mxprobe.amend_scheme``).
+        modules: glob on the qualified module names; ``*``: every MX module.
+        snap: first set each switched weight to the value the old scheme's forward used, so
+            the switch does not change the network's output (``mxprobe.modules.snap_parameters``).
+        kind: ``set_scheme``.
+    """
 
     scheme: str
     modules: str = "*"
     snap: bool = False
-    kind: ClassVar[str] = "set_scheme"
+    kind: Literal["set_scheme"] = "set_scheme"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:
             PrecisionScheme().amend(self.scheme)
         except (ValueError, TypeError) as exc:
@@ -93,13 +97,21 @@ class SetSchemeAction(Action):
 
 @dataclasses.dataclass(frozen=True)
 class ScaleLrAction(Action):
-    """Multiply ``lr`` (and ``initial_lr``) of every parameter group of every optimizer and the
-    ``base_lrs`` of every LR scheduler, so a closed-form schedule keeps the change."""
+    """Multiply the learning rate.
+
+    ``lr`` (and ``initial_lr``) of every parameter group of every optimizer and the
+    ``base_lrs`` of every LR scheduler, so a closed-form schedule keeps the change.
+
+    Args:
+        factor: the multiplier, > 0.
+        kind: ``scale_lr``.
+    """
 
     factor: float
-    kind: ClassVar[str] = "scale_lr"
+    kind: Literal["scale_lr"] = "scale_lr"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         set_field(self, "factor", check_number(self.factor, "factor"))
         if not self.factor > 0:
             raise ValueError(f"factor must be positive, got {self.factor!r}")
@@ -121,27 +133,36 @@ class ScaleLrAction(Action):
 
 @dataclasses.dataclass(frozen=True)
 class RewindAction(Action):
-    """Restore the newest snapshot at least ``steps`` before now (model weights and buffers,
-    optimizer state), then apply ``then`` (a ``set_scheme`` or ``scale_lr`` action)."""
+    """Restore an earlier snapshot, then apply ``then``.
+
+    The snapshot is the newest taken at least ``steps`` before now: model weights and buffers,
+    optimizer state; not the LR schedule nor the schemes.
+
+    Args:
+        steps: how far back the snapshot must be, in optimizer steps (>= 1).
+        then: the action applied right after, with its own event: a ``set_scheme`` or
+            ``scale_lr`` action; ``null``: none.
+        kind: ``rewind``.
+    """
 
     steps: int
-    then: Action | None = None
-    kind: ClassVar[str] = "rewind"
-    chainable: ClassVar[bool] = False
+    then: ChainedAction | None = None
+    kind: Literal["rewind"] = "rewind"
     needs_snapshots: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_int(self.steps, "steps", minimum=1)
-        if self.then is not None and not (isinstance(self.then, Action) and self.then.chainable):
+        if self.then is not None and not isinstance(self.then, get_args(ChainedAction)):
             raise ValueError(
-                f"then must be an action of kind {' or '.join(_chainable())}, got {self.then!r}"
+                f"then must be an action of kind {' or '.join(_chained_kinds())}, got {self.then!r}"
             )
 
     @classmethod
     def parse_fields(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
         if values.get("then") is None:
             return values
-        then = from_mapping(ACTIONS, values["then"], f"{where} then", allowed=_chainable())
+        then = from_mapping(ACTIONS, values["then"], f"{where} then", allowed=_chained_kinds())
         return {**values, "then": then}
 
     def apply(self, context: ActionContext) -> dict[str, Any]:
@@ -157,7 +178,12 @@ class RewindAction(Action):
         return self.then
 
 
-# The actions by YAML kind, in the order the docs list them.
-ACTIONS: dict[str, type[Action]] = {
-    cls.kind: cls for cls in (SetSchemeAction, ScaleLrAction, RewindAction)
-}
+# The actions, in the order the docs list them: the type of a rule's action, and by YAML kind.
+AnyAction = SetSchemeAction | ScaleLrAction | RewindAction
+ACTIONS: dict[str, type[Action]] = {cls.kind: cls for cls in get_args(AnyAction)}
+# The actions a rewind may be followed by (its ``then``).
+ChainedAction = SetSchemeAction | ScaleLrAction
+
+
+def _chained_kinds() -> list[str]:
+    return [cls.kind for cls in get_args(ChainedAction)]

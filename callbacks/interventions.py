@@ -52,8 +52,11 @@ class RuleCheck(NamedTuple):
 class PrecisionIntervention(Callback):
     r"""Change precision, rewind or scale the learning rate mid-run when a rule's trigger fires.
 
-    Rules are plain dicts (YAML) or :class:`~mxprobe.callbacks.rules.Rule` objects (grammar in
-    :mod:`mxprobe.callbacks.rules`, actions in :mod:`mxprobe.callbacks.actions`).
+    Rules are :class:`~mxprobe.callbacks.rules.Rule` objects or their plain dicts (grammar in
+    :mod:`mxprobe.callbacks.rules`, actions in :mod:`mxprobe.callbacks.actions`). In a
+    LightningCLI YAML they are typed: ``--trainer.callbacks.help PrecisionIntervention`` and
+    ``--trainer.callbacks.rules.help Rule`` show them, and a misspelt key or kind is refused
+    when the config is parsed.
 
     When rules are checked: once per optimizer step, in ``on_train_batch_start`` of its first
     micro-batch, i.e. between optimizer steps, after every hook of the previous step has run
@@ -92,7 +95,10 @@ class PrecisionIntervention(Callback):
     (snapshots and rewinds included); only rank 0 writes events.
 
     Args:
-        rules: the rules, in the order they are checked.
+        rules: the rules, in the order they are checked. Each: name, trigger (kind spike:
+            signal; step: at; metric: name, op, value, for_steps, after), action (kind
+            set_scheme: scheme, modules, snap; scale_lr: factor; rewind: steps, then), cooldown,
+            max_times (``mxprobe.callbacks.Rule``).
         snapshot_every: steps between snapshots for ``rewind``.
         keep_snapshots: snapshots kept in memory (the newest).
         checkpoint_snapshots: also store the snapshots in checkpoints, so a rewind after a
@@ -126,7 +132,7 @@ class PrecisionIntervention(Callback):
 
     def __init__(
         self,
-        rules: list[dict[str, Any]] | None = None,
+        rules: list[Rule] | None = None,
         snapshot_every: int = 100,
         keep_snapshots: int = 3,
         checkpoint_snapshots: bool = False,

@@ -2,26 +2,43 @@
 checks their ``__post_init__`` share.
 
 A family (:class:`~mxprobe.callbacks.rules.Trigger`, :class:`~mxprobe.callbacks.actions.Action`)
-subclasses :class:`YamlKind`; a member is a dataclass that subclasses the family, sets
-``kind: ClassVar[str]`` and is listed in its family's table (``rules.TRIGGERS``,
-``actions.ACTIONS``). ``kind`` is a class constant, not a field, so
-``StepTrigger(at=3, kind="metric")`` is a ``TypeError``.
+subclasses :class:`YamlKind`; a member is a dataclass that subclasses the family, has the field
+``kind: Literal["<its kind>"] = "<its kind>"`` and is listed in its family's union
+(``rules.AnyTrigger``, ``actions.AnyAction``), from which the ``{kind: class}`` tables
+(``rules.TRIGGERS``, ``actions.ACTIONS``) are built. ``kind`` is a field, typed by its one
+value, so that jsonargparse (LightningCLI) shows every member's fields in ``--help``, tells the
+members of a union apart in YAML by it, and writes it back in a saved ``config.yaml``;
+``StepTrigger(at=3, kind="metric")`` is a ``ValueError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 K = TypeVar("K", bound="YamlKind")
 
 
+@dataclasses.dataclass(frozen=True)
 class YamlKind:
     """Base of the families of YAML-selectable dataclasses (no registry: each family lists its
-    members in a plain ``{kind: class}`` table, ``rules.TRIGGERS`` and ``actions.ACTIONS``)."""
+    members in a union and a plain ``{kind: class}`` table built from it).
 
-    kind: ClassVar[str]
+    A dataclass without fields, as its families are: jsonargparse reads a class whose bases are
+    all dataclasses from its fields, and any other class as a ``class_path`` + ``init_args``.
+    Not annotated here: a member's own ``kind`` field would then keep this position, first,
+    ahead of the member's required fields.
+    """
+
+    def __post_init__(self) -> None:
+        """Refuses an instance whose ``kind`` is not its class's (members call it first)."""
+        own = type(self).kind
+        if self.kind != own:
+            raise ValueError(
+                f"kind of a {type(self).__name__} is {own!r}, got {self.kind!r}; "
+                f"another kind is another class"
+            )
 
     @classmethod
     def parse_fields(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -29,7 +46,7 @@ class YamlKind:
         return values
 
     def to_dict(self) -> dict[str, Any]:
-        """The plain dict :func:`from_mapping` reads back."""
+        """The plain dict :func:`from_mapping` reads back (``kind`` first)."""
         out: dict[str, Any] = {"kind": self.kind}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
@@ -55,7 +72,7 @@ def from_mapping(
         raise ValueError(f"{where}: unknown kind {kind!r}; expected one of {', '.join(choices)}")
     member = choices[kind]
     fields = dataclasses.fields(member)
-    check_keys(d, ("kind", *(f.name for f in fields)), f"{where} ({kind})")
+    check_keys(d, (f.name for f in fields), f"{where} ({kind})")
     missing = [f.name for f in fields if _required(f) and f.name not in d]
     if missing:
         raise ValueError(f"{where} ({kind}): missing {', '.join(map(repr, missing))}")

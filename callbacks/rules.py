@@ -1,5 +1,7 @@
 """Intervention rules: what to watch (trigger), what to do (action), how often (cooldown,
-max_times). Frozen dataclasses that validate themselves, built from plain dicts (YAML) with
+max_times). Frozen dataclasses that validate themselves. LightningCLI (jsonargparse) reads a
+YAML rule into them by their types, ``kind`` telling the members of a union apart, and shows
+their fields in ``--help``; :meth:`Rule.from_dict` builds them from plain dicts in Python, with
 every mistake reported by rule name, key, bad value and the valid choices.
 
 A rule as YAML::
@@ -23,11 +25,12 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, Literal, get_args
 
 from mxprobe.callbacks.actions import (
     ACTIONS,
     Action,
+    AnyAction,
     RewindAction,
     ScaleLrAction,
     SetSchemeAction,
@@ -37,21 +40,24 @@ from mxprobe.callbacks.kinds import YamlKind, check_keys, from_mapping, set_fiel
 from mxprobe.checks import check_choice, check_int, check_number
 from mxprobe.names import MONITORS, monitor_of
 
-OPERATORS: dict[str, Callable[[float, float], bool]] = {
-    ">": operator.gt,
-    ">=": operator.ge,
-    "<": operator.lt,
-    "<=": operator.le,
-    "==": operator.eq,
-    "!=": operator.ne,
-}
-SPIKE_SIGNALS = ("any", "loss", "grad_norm", "nonfinite", "scaler_skip")
+Operator = Literal[">", ">=", "<", "<=", "==", "!="]
+OPERATORS: dict[str, Callable[[float, float], bool]] = dict(
+    zip(
+        get_args(Operator),
+        (operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne),
+        strict=True,
+    )
+)
+SpikeSignal = Literal["any", "loss", "grad_norm", "nonfinite", "scaler_skip"]
+SPIKE_SIGNALS = get_args(SpikeSignal)
 
 __all__ = [
     "ACTIONS",
     "OPERATORS",
     "SPIKE_SIGNALS",
     "Action",
+    "AnyAction",
+    "AnyTrigger",
     "MetricTrigger",
     "RewindAction",
     "Rule",
@@ -65,20 +71,27 @@ __all__ = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
 class Trigger(YamlKind):
     """Base of the triggers; :data:`TRIGGERS` maps each YAML ``kind`` to its class."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SpikeTrigger(Trigger):
-    """Fires at the step after a ``LossSpikeDetector`` event of ``signal`` (``any``, ``loss``,
-    ``grad_norm``, ``nonfinite`` or ``scaler_skip``). ``any`` is every event except a
-    GradScaler's skipped step, which is the scaler working as designed."""
+    """Fires at the step after a ``LossSpikeDetector`` event of ``signal``.
 
-    signal: str = "any"
-    kind: ClassVar[str] = "spike"
+    Args:
+        signal: ``any``, ``loss``, ``grad_norm``, ``nonfinite`` or ``scaler_skip``. ``any`` is
+            every event except a GradScaler's skipped step, which is the scaler working as
+            designed.
+        kind: ``spike``.
+    """
+
+    signal: SpikeSignal = "any"
+    kind: Literal["spike"] = "spike"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice(self.signal, SPIKE_SIGNALS, "signal")
 
     def matches(self, event: Mapping[str, Any]) -> bool:
@@ -94,28 +107,45 @@ class SpikeTrigger(Trigger):
 
 @dataclasses.dataclass(frozen=True)
 class StepTrigger(Trigger):
-    """Fires before optimizer step ``at`` (``trainer.global_step == at``)."""
+    """Fires before one optimizer step.
+
+    Args:
+        at: the step (``trainer.global_step == at``), >= 0.
+        kind: ``step``.
+    """
 
     at: int
-    kind: ClassVar[str] = "step"
+    kind: Literal["step"] = "step"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_int(self.at, "at", minimum=0)
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricTrigger(Trigger):
-    """Fires when the logged metric ``name`` satisfies ``<value> op value`` at ``for_steps``
-    consecutive measurements; not checked before ``global_step >= after``."""
+    """Fires when an mxprobe reading compares with a threshold for some measurements.
+
+    ``<reading> op value`` must hold at ``for_steps`` consecutive measurements.
+
+    Args:
+        name: the reading, ``mx/<monitor>/<module>/<stat>`` (e.g. ``mx/grad_bias/total/zeta``).
+        op: ``>``, ``>=``, ``<``, ``<=``, ``==`` or ``!=``.
+        value: the threshold.
+        for_steps: consecutive measurements the condition must hold (>= 1).
+        after: not checked before ``global_step >= after``.
+        kind: ``metric``.
+    """
 
     name: str
-    op: str
+    op: Operator
     value: float
     for_steps: int = 1
     after: int = 0
-    kind: ClassVar[str] = "metric"
+    kind: Literal["metric"] = "metric"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"name must be a metric name, got {self.name!r}")
         check_choice(self.op, OPERATORS, "operator")
@@ -137,16 +167,25 @@ class MetricTrigger(Trigger):
         return OPERATORS[self.op](value, self.value)
 
 
-# The triggers by YAML kind, in the order the docs list them.
-TRIGGERS: dict[str, type[Trigger]] = {
-    cls.kind: cls for cls in (SpikeTrigger, StepTrigger, MetricTrigger)
-}
-RULE_KEYS = ("name", "trigger", "action", "cooldown", "max_times")
+# The triggers, in the order the docs list them: the type of a rule's trigger, and by YAML kind.
+AnyTrigger = SpikeTrigger | StepTrigger | MetricTrigger
+TRIGGERS: dict[str, type[Trigger]] = {cls.kind: cls for cls in get_args(AnyTrigger)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One intervention rule; build it directly or with :meth:`from_dict`.
+    """One intervention rule: when it fires, what it does, how often.
+
+    Built directly, by LightningCLI from YAML, or from a plain dict with :meth:`from_dict`.
+
+    Args:
+        name: unique among a callback's rules: it keys the rule's state in checkpoints.
+        trigger: when it fires: ``{kind: spike, ...}``, ``{kind: step, ...}`` or
+            ``{kind: metric, ...}``.
+        action: what it does: ``{kind: set_scheme, ...}``, ``{kind: scale_lr, ...}`` or
+            ``{kind: rewind, ...}``.
+        cooldown: steps after firing during which the rule cannot fire again.
+        max_times: how often the rule may fire in the whole run; ``null``: no limit.
 
     Raises:
         ValueError: for a trigger or action of the wrong type, a bad ``cooldown`` or
@@ -154,13 +193,10 @@ class Rule:
     """
 
     name: str
-    """Unique among a callback's rules: it keys the rule's state in checkpoints."""
-    trigger: Trigger
-    action: Action
+    trigger: AnyTrigger
+    action: AnyAction
     cooldown: int = 0
-    """Steps after firing during which the rule cannot fire again."""
     max_times: int | None = 1
-    """How often the rule may fire in the whole run; ``None``: no limit."""
 
     def __post_init__(self) -> None:
         where = f"rule {self.name!r}"
@@ -193,7 +229,7 @@ class Rule:
         where = f"rule {name!r}"
         if not isinstance(d, Mapping):
             raise ValueError(f"{where}: expected a mapping, got {d!r}")
-        check_keys(d, RULE_KEYS, where)
+        check_keys(d, (f.name for f in dataclasses.fields(cls)), where)
         for key in ("trigger", "action"):
             if key not in d:
                 raise ValueError(f"{where}: missing '{key}'")

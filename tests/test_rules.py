@@ -1,11 +1,14 @@
-"""Rules, triggers and actions: self-validation, errors of YAML rules, ``kind`` as a class
-constant, round trips through plain dicts, and actions registered by their definition alone."""
+"""Rules, triggers and actions: self-validation, errors of YAML rules, ``kind`` as a field typed
+by its one value, round trips through plain dicts, typed parsing and help through jsonargparse,
+and a new action as one class and a table entry."""
 
 import dataclasses
 import re
-from typing import Any, ClassVar
+import typing
+from typing import Any, Literal
 
 import pytest
+from jsonargparse import ArgumentParser
 from mxprobe.callbacks import PrecisionIntervention, Rule, read_events
 from mxprobe.callbacks.actions import Action, ActionContext
 from mxprobe.callbacks.rules import (
@@ -26,16 +29,18 @@ MEMBERS = [SpikeTrigger, StepTrigger, MetricTrigger, SetSchemeAction, ScaleLrAct
 
 
 @pytest.mark.parametrize("cls", MEMBERS)
-def test_kind_is_a_class_constant_not_a_field(cls):
-    assert "kind" not in {f.name for f in dataclasses.fields(cls)}
+def test_kind_is_a_field_typed_by_its_one_value(cls):
+    kind = {f.name: f for f in dataclasses.fields(cls)}["kind"]
+    assert kind.default == cls.kind
+    assert typing.get_args(typing.get_type_hints(cls)["kind"]) == (cls.kind,)
     table = TRIGGERS if issubclass(cls, Trigger) else ACTIONS
     assert table[cls.kind] is cls
 
 
 def test_a_trigger_cannot_be_given_another_kind():
-    with pytest.raises(TypeError, match="kind"):
+    with pytest.raises(ValueError, match="kind of a StepTrigger is 'step', got 'metric'"):
         StepTrigger(at=3, kind="metric")
-    with pytest.raises(TypeError, match="kind"):
+    with pytest.raises(ValueError, match="kind of a SetSchemeAction is 'set_scheme'"):
         SetSchemeAction(scheme="norm=bf16", kind="rewind")
     assert StepTrigger(at=3).kind == "step"
 
@@ -264,32 +269,90 @@ def test_rule_objects_are_validated_like_dicts():
 
 
 @pytest.fixture
-def note_action():
+def note_action(monkeypatch):
     """A test-only action, in the ACTIONS table only while the test runs: adds ``text`` to its
-    event."""
+    event. (In the package, listing it in ``actions.AnyAction`` also types it for YAML.)"""
 
     @dataclasses.dataclass(frozen=True)
     class NoteAction(Action):
         text: str
-        kind: ClassVar[str] = "note"
+        kind: Literal["note"] = "note"
 
         def apply(self, context: ActionContext) -> dict[str, Any]:
             return {"text": self.text, "at_step": context.step}
 
-    ACTIONS["note"] = NoteAction
-    yield NoteAction
-    del ACTIONS["note"]
+    monkeypatch.setitem(ACTIONS, "note", NoteAction)
+    return NoteAction
 
 
 def test_a_new_action_is_one_class_and_a_table_entry(tmp_path, note_action):
     rule = {
         "name": "n",
         "trigger": {"kind": "step", "at": 1},
-        "action": {"kind": "rewind", "steps": 1, "then": {"kind": "note", "text": "hello"}},
+        "action": {"kind": "note", "text": "hi"},
     }
     intervention = PrecisionIntervention(rules=[rule])
-    assert intervention.rules[0].action.then == note_action(text="hello")
+    assert intervention.rules[0].action == note_action(text="hi")
     trainer(tmp_path, 2, [intervention]).fit(TinyMx())
-    rewind, note = read_events(tmp_path)
-    assert (rewind["kind"], note["kind"]) == ("rewind", "note")
-    assert (note["text"], note["at_step"], note["rule"]) == ("hello", 1, "n")
+    (note,) = read_events(tmp_path)
+    assert (note["kind"], note["text"], note["at_step"], note["rule"]) == ("note", "hi", 1, "n")
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(PrecisionIntervention, "intervention")
+    return parser
+
+
+YAML_RULES = """
+intervention:
+  rules:
+    - name: zeta
+      trigger: {kind: metric, name: mx/grad_bias/total/zeta, op: ">", value: 1}
+      action: {kind: rewind, steps: 5, then: {kind: set_scheme, scheme: "norm=bf16", snap: true}}
+    - name: at-3
+      trigger: {kind: step, at: 3}
+      action: {kind: scale_lr, factor: 2}
+      max_times: null
+"""
+
+
+def test_yaml_rules_parse_into_their_types():
+    parser = _parser()
+    intervention = parser.instantiate(parser.parse_string(YAML_RULES)).intervention
+    assert isinstance(intervention, PrecisionIntervention)
+    zeta, at_3 = intervention.rules
+    assert zeta.trigger == MetricTrigger(name="mx/grad_bias/total/zeta", op=">", value=1.0)
+    assert zeta.action == RewindAction(steps=5, then=SetSchemeAction("norm=bf16", snap=True))
+    assert (at_3.trigger, at_3.action, at_3.max_times) == (
+        STEP.__class__(at=3),
+        ScaleLrAction(2),
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "bad"),
+    [
+        (("kind: step, at: 3", "kind: stepp, at: 3"), "stepp"),
+        (("kind: step, at: 3", "kind: step, att: 3"), "att"),
+        (('op: ">"', 'op: "=>"'), "=>"),
+        (("factor: 2", "factor: big"), "big"),
+        (("max_times: null", "max_time: null"), "max_time"),
+    ],
+)
+def test_yaml_rules_are_checked_against_their_types_when_parsed(change, bad):
+    with pytest.raises(Exception, match=re.escape(bad)):
+        _parser().parse_string(YAML_RULES.replace(*change))
+
+
+def test_help_shows_the_fields_of_rules_triggers_and_actions(capsys):
+    for option in ("--intervention.rules.help", "--intervention.rules.trigger.help=MetricTrigger"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args([option])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "SpikeTrigger | StepTrigger | MetricTrigger" in shown
+    assert "SetSchemeAction | ScaleLrAction | RewindAction" in shown
+    assert "how often the rule may fire in the whole run" in shown
+    assert "consecutive measurements the condition must hold" in shown
+    assert "Literal['>', '>=', '<', '<=', '==', '!=']" in shown
