@@ -19,6 +19,7 @@ import functools
 import importlib.util
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -110,7 +111,7 @@ def message(err: BaseException) -> str:
         text = f"{chosen.filename}: {chosen.strerror}"
     else:
         text = str(chosen) or type(chosen).__name__
-    lines = _first_alternative([line.strip() for line in text.splitlines() if line.strip()])
+    lines = _innermost([line for line in text.splitlines() if line.strip()])
     lines = [line if len(line) <= _MAX_LINE else line[:_MAX_LINE] + " ..." for line in lines]
     return "\n  ".join(lines[:_MAX_LINES] + (["..."] if len(lines) > _MAX_LINES else []))
 
@@ -119,21 +120,44 @@ def message(err: BaseException) -> str:
 _GENERIC_ALTERNATIVES = ("Not a valid subclass of", "Expected a <class 'NoneType'>")
 
 
-def _first_alternative(lines: list[str]) -> list[str]:
+# jsonargparse's reason when a value is not a Literal's one value (a rule's ``kind``, say).
+_LITERAL = re.compile(r"Expected a typing\.Literal\['(.*)'\]\. Got value: (.*)")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def _innermost(lines: list[str]) -> list[str]:
     """For jsonargparse's "Does not validate against any of the Union subtypes ... Errors:"
-    message, its first line and the first specific reason (a bad class path, say)."""
-    if "Errors:" not in lines:
-        return lines
+    message (lines with their indentation): its first line and the first specific reason,
+    descending into the unions nested in that reason (a rule's trigger inside the callback's
+    rules inside the trainer's callbacks) down to the reason at the bottom. When every member
+    of a union refuses the same key's value as not its one Literal value (a ``kind``), that
+    value and the members' values instead."""
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Errors:"]
+    if not starts:
+        return [line.strip() for line in lines]
+    at = starts[0]
+    depth = _indent(lines[at])
     reasons: list[list[str]] = []
-    for line in lines[lines.index("Errors:") + 1 :]:
-        if line.startswith("- "):
-            reasons.append([line[2:]])
-        elif reasons and not line.startswith(("Given value", "Subtypes")):
-            reasons[-1].append(line)
-        else:
+    for line in lines[at + 1 :]:
+        if _indent(line) <= depth:
             break
-    specific = [r for r in reasons if not r[0].startswith(_GENERIC_ALTERNATIVES)]
-    return [lines[0], *(specific or reasons or [[]])[0]]
+        if line.strip().startswith("- ") and _indent(line) == depth + 2:
+            reasons.append([" " * (_indent(line) + 2) + line.strip()[2:]])
+        elif reasons:
+            reasons[-1].append(line)
+    specific = [r for r in reasons if not r[0].strip().startswith(_GENERIC_ALTERNATIVES)]
+    inner = [i for i in (_innermost(r) for r in specific or reasons) if i]
+    literals = [_LITERAL.fullmatch(i[-1]) if len(i) > 1 else None for i in inner]
+    same_key_and_value = len({(i[-2], m[2]) for i, m in zip(inner, literals, strict=True) if m})
+    if len(literals) > 1 and all(literals) and same_key_and_value == 1:
+        key = re.sub(r'Parser key "(.*)":', r"\1", inner[0][-2])
+        choices = ", ".join(m[1] for m in literals)
+        return [lines[0].strip(), f"unknown {key} {literals[0][2]!r}; expected one of {choices}"]
+    chosen = inner[0] if inner else []
+    return [lines[0].strip(), *chosen[-2:]]
 
 
 def reported(work: Callable[[], int | None], prog: str, debug: bool = False) -> int:
