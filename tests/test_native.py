@@ -4,6 +4,7 @@ The kernel is built by ``mxprobe.kernels.native`` with the machine's C compiler;
 compiler, an unavailable kernel is a failure (it would silently cost users the fast path).
 """
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -138,6 +139,19 @@ def test_the_openmp_build_shares_torchs_runtime():
     assert state.native and state.native_threads == "openmp"
     assert len(native._gomp_paths()) == 1
     assert "OpenMP" in state.summary()
+
+
+def test_status_says_what_runs_here():
+    state = kernels.status()
+    assert state.native and state.native_reason is None and os.path.exists(state.native_library)
+    assert state.native_threads in ("openmp", "pool") and state.threads >= 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.native = False
+    previous = kernels.set_compile(not state.compile)
+    try:
+        assert kernels.status().compile is not state.compile
+    finally:
+        kernels.set_compile(previous)
 
 
 def test_straight_through_gradient_on_the_native_path():

@@ -103,7 +103,7 @@ def _train(
     quiet_lightning()
     if not compile_quantizer:
         # --quick: compiling the quantizer's variants would cost more than the tiny runs.
-        from mxprobe.compile_cache import set_compile
+        from mxprobe.kernels import set_compile
 
         set_compile(False)
     return name, train_run(TrainJob(str(config), str(run_dir), threads=1))
