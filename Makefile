@@ -40,7 +40,8 @@ test: $(VENV)/.installed-dev
 # outside the source tree (tests/smoke/installed.py, then the quick demo).
 SMOKE := build/smoke
 smoke: $(VENV)/.installed-dev
-	rm -rf $(SMOKE) && mkdir -p $(SMOKE)
+	# build/lib is setuptools' staging area: a module deleted from the tree must not ride along
+	rm -rf $(SMOKE) build/lib && mkdir -p $(SMOKE)
 	$(PIP) wheel -q --no-deps -w $(SMOKE)/wheel .
 	python3 -m venv $(SMOKE)/venv
 	$(SMOKE)/venv/bin/pip install -q torch==2.13.0
