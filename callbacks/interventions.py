@@ -17,6 +17,7 @@ from mxprobe.callbacks.recorder import RunRecorder
 from mxprobe.callbacks.rules import MetricTrigger, Rule, SpikeTrigger, StepTrigger, parse_rules
 from mxprobe.callbacks.snapshots import Snapshot, SnapshotStore
 
+from mxprobe import nvfp4_random
 from mxprobe.convert import check_scheme_change
 from mxprobe.names import MONITOR_CALLBACKS, SPIKES, monitor_prefix
 
@@ -199,6 +200,9 @@ class PrecisionIntervention(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
+        # NVFP4's random signs and stochastic rounding are keyed by the batch, so a resumed run
+        # draws what the uninterrupted one drew, whatever module the user trains.
+        nvfp4_random.set_iteration(step, batch_idx)
         if self._should_skip_check(step):
             return
         self._checked_step = step

@@ -11,7 +11,9 @@ tokens on axis 0):
 
 - forward      ``Y  = Q_act(X, -1) @ Q_weight(W, -1)^T``
 - grad input   ``dX = Q_grad_dgrad(dY, -1) @ Q_weight_bp(W, 0)``
-- grad weight  ``dW = Q_grad_wgrad(dY, 0)^T @ Q_act_bp(X, 0)``
+- grad weight  ``dW = Q_grad_wgrad(dY, 0)^T @ Q_act_bp(X, 0)`` (with ``nvrht=on`` and an NVFP4
+  role there, ``dY`` and ``X`` are first multiplied by this step's random Hadamard matrix along
+  the token axis: :mod:`mxprobe.hadamard`)
 
 GEMM outputs and the bias are rounded by the ``elementwise`` role when set; with
 ``quantize_backprop=False`` the backward pass is left in full precision.
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mxprobe import nvfp4_random
 from mxprobe.formats import NVFP4, is_mx
+from mxprobe.hadamard import random_hadamard
 from mxprobe.kernels import OperandBuffers, mx_gemm, tensor_core_exact
 from mxprobe.nvfp4 import quantize_nvfp4
 from mxprobe.quantize import quantize_mx, round_to, round_to_owned
@@ -94,7 +98,11 @@ class _NVFP4StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, tensor_scale, tile, rounding, axis):
-        return quantize_nvfp4(t, axis=axis, tensor_scale=tensor_scale, tile=tile, rounding=rounding)
+        generator = nvfp4_random.rounding_generator(t.device) if rounding == "stochastic" else None
+        return quantize_nvfp4(
+            t, axis=axis, tensor_scale=tensor_scale, tile=tile, rounding=rounding,
+            generator=generator,
+        )  # fmt: skip
 
     @staticmethod
     def backward(ctx, grad):
@@ -154,9 +162,10 @@ class _MxLinearFunction(torch.autograd.Function):
                 )
                 dx = round_fresh(dx, s)
             if ctx.needs_input_grad[1]:
+                g, a = _wgrad_operands(dy, x2d, s)
                 dw = gemm(
-                    quantize_role(dy, s, "grad_wgrad", 0, operand=0).t(),
-                    quantize_role(x2d, s, "act_bp", 0, operand=1),
+                    quantize_role(g, s, "grad_wgrad", 0, operand=0).t(),
+                    quantize_role(a, s, "act_bp", 0, operand=1),
                     s,
                     ("grad_wgrad", "act_bp"),
                 )
@@ -168,6 +177,16 @@ class _MxLinearFunction(torch.autograd.Function):
             dw = dy.t() @ x2d if ctx.needs_input_grad[1] else None
             db = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+def _wgrad_operands(dy, x2d, s: PrecisionScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """dY and X as the weight-gradient GEMM quantizes them: rotated by this step's random
+    Hadamard matrix along the token axis when ``s`` asks for it (both by the same matrix, so
+    their product is dYᵀX up to rounding)."""
+    if s.nvfp4_wgrad_rht == "off" or NVFP4 not in (s.grad_wgrad, s.act_bp):
+        return dy, x2d
+    signs = nvfp4_random.hadamard_signs(dy.device)
+    return random_hadamard(dy, signs, 0), random_hadamard(x2d, signs, 0)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

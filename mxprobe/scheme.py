@@ -26,15 +26,16 @@ string-form keys below: ``w`` = weight, ``g_dgrad`` = grad_dgrad, ``norm`` = nor
 `w_e4m3_a_bf16` and `mxfp8_e4m3_fwd_only` are the paper's mitigations (e4m3 weights with bf16
 activations; MX in the forward pass only). ``nvfp4`` roles use NVIDIA's FP4 (docs/nvfp4.md), set
 by ``nvscale`` (``amax`` two-level, the default, or ``none``), ``nvtile`` (weight blocks ``1x16``
-or ``16x16`` tiles) and ``nvgrad`` (gradient rounding ``even`` or ``stochastic``);
-``nvfp4_recipe`` is NVIDIA's recipe: ``nvtile=16x16,nvgrad=stochastic``, norms in bf16.
+or ``16x16`` tiles), ``nvgrad`` (gradient rounding ``even`` or ``stochastic``) and ``nvrht``
+(``on``: the random Hadamard transform on the weight-gradient GEMM's operands); ``nvfp4_recipe``
+is NVIDIA's recipe: ``nvtile=16x16,nvgrad=stochastic,nvrht=on``, norms in bf16.
 
 String form (``PrecisionScheme.parse``, ``str(scheme)``): a preset name, comma-separated
 ``key=value`` items, or a preset followed by items that amend it, e.g. ``"mxfp8_e4m3,norm=bf16"``
 or ``"w=e4m3,a=e4m3,bp=e5m2,scale=rceil"``. Keys: ``w``, ``a``, ``w_bp``, ``a_bp``, ``g_wgrad``,
 ``g_dgrad``, ``bp`` (all four backward roles), ``norm``, ``elem``, ``block``, ``scale``,
-``round``, ``backprop``, ``nvscale``, ``nvtile``, ``nvgrad``. Roles not named are ``fp32``;
-each key may be given once, and a later item overrides an earlier group key
+``round``, ``backprop``, ``nvscale``, ``nvtile``, ``nvgrad``, ``nvrht``. Roles not named are
+``fp32``; each key may be given once, and a later item overrides an earlier group key
 (``"bp=e5m2,g_wgrad=e4m3"``).
 
 Per-layer overrides are an ordered mapping ``{glob on the qualified module name: scheme or
@@ -83,11 +84,13 @@ _KEYS: dict[str, tuple[str, ...]] = {
     "nvscale": ("nvfp4_scale",),
     "nvtile": ("nvfp4_weight_tile",),
     "nvgrad": ("nvfp4_grad_rounding",),
+    "nvrht": ("nvfp4_wgrad_rht",),
 }
 _NVFP4_SETTINGS = {
     "nvfp4_scale": ("amax", "none"),
     "nvfp4_weight_tile": ("1x16", "16x16"),
     "nvfp4_grad_rounding": ("even", "stochastic"),
+    "nvfp4_wgrad_rht": ("off", "on"),
 }
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -147,6 +150,11 @@ class PrecisionScheme:
     nvfp4_grad_rounding: str = "even"
     """NVFP4 gradient roles (``grad_wgrad``, ``grad_dgrad``): ``even`` or ``stochastic``
     (NVIDIA's recipe); the other NVFP4 roles round to nearest-even. ``rounding`` is for MX."""
+    nvfp4_wgrad_rht: str = "off"
+    """``on``: a linear's weight-gradient GEMM multiplies both operands, 16 tokens at a time, by
+    a random Hadamard matrix before quantizing them when either of its roles (``grad_wgrad``,
+    ``act_bp``) is NVFP4 (NVIDIA's recipe; :mod:`mxprobe.hadamard`). Exact without
+    quantization; the signs change every step (:mod:`mxprobe.nvfp4_random`)."""
 
     def __post_init__(self) -> None:
         # object.__setattr__ because the dataclass is frozen; canonical names make == meaningful.
@@ -223,6 +231,7 @@ class PrecisionScheme:
             ("nvscale", "nvfp4_scale", "amax"),
             ("nvtile", "nvfp4_weight_tile", "1x16"),
             ("nvgrad", "nvfp4_grad_rounding", "even"),
+            ("nvrht", "nvfp4_wgrad_rht", "off"),
         ):
             if getattr(self, field) != default:
                 items.append(f"{key}={getattr(self, field)}")
@@ -360,6 +369,7 @@ PRESETS: dict[str, PrecisionScheme] = {
         norm_affine="bf16",
         nvfp4_weight_tile="16x16",
         nvfp4_grad_rounding="stochastic",
+        nvfp4_wgrad_rht="on",
     ),
     "bf16": PrecisionScheme(**dict.fromkeys(ROLES, "bf16")),
     "mxfp8_e4m3": _all_gemm_and_norm("fp8_e4m3"),

@@ -12,6 +12,7 @@ import torch
 from mxprobe.callbacks.precision_state import load_schemes, save_schemes
 from torch import nn
 
+from mxprobe import nvfp4_random
 from mxprobe.checks import check_choice
 from mxprobe.convert import convert
 from mxprobe.modules import MxModule
@@ -107,6 +108,10 @@ class MxLitModule(pl.LightningModule, abc.ABC):
         loss = self.compute_loss(batch)
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # NVFP4's random signs and stochastic rounding, keyed so that a resume draws the same.
+        nvfp4_random.set_iteration(self.trainer.global_step, batch_idx)
 
     def configure_optimizers(self):
         schedule = self.lr_schedule()

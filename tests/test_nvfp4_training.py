@@ -86,9 +86,9 @@ def _module():
     model, _ = pair("llama")
     model.train()
     move_norm_weights_off_grid(model)
-    # Gradients rounded to nearest: stochastic rounding draws from torch's global generator,
-    # whose state a Lightning checkpoint does not carry (docs/nvfp4.md).
-    return CausalLM(_convert(model, "nvfp4_recipe,norm=nvfp4,nvgrad=even"))
+    # NVIDIA's recipe in full (16x16 weight tiles, stochastic rounding of gradients, the random
+    # Hadamard transform), norms in NVFP4 so that the rule has something to switch.
+    return CausalLM(_convert(model, "nvfp4_recipe,norm=nvfp4"))
 
 
 def _callbacks():
