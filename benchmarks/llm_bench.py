@@ -33,7 +33,7 @@ from mxprobe.models.llm import LLM, LLMConfig, count_parameters
 
 from mxprobe import kernels
 from mxprobe.convert import convert
-from mxprobe.quantize import set_compile
+from mxprobe.kernels import set_compile
 
 
 def _step_fn(model, optimizer, autocast_dtype):

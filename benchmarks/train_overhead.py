@@ -52,7 +52,7 @@ from torch import nn
 
 import mxprobe
 from mxprobe import kernels
-from mxprobe.quantize import set_compile
+from mxprobe.kernels import set_compile
 
 
 class PreNormMLP(nn.Module):

@@ -7,8 +7,8 @@ gradient pass straight through; ``mxprobe.kernels`` picks the backend (the nativ
 torch block numerics of ``mx_blocks``, compiled for large CPU tensors, or the Triton kernel),
 and all backends agree to the bit. ``round_to`` emulates elementwise bf16/fp16 rounding.
 
-The packed form (``mx_encode`` / ``mx_decode``, from ``packing``), ``block_scale_exponent`` and
-``set_compile`` are importable from here too.
+The packed form (``mx_encode`` / ``mx_decode``, from ``packing``) and ``block_scale_exponent``
+are importable from here too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from mxprobe import kernels
 from mxprobe.checks import check_choice
 from mxprobe.formats import ElementFormat
-from mxprobe.kernels import BACKENDS, set_compile
+from mxprobe.kernels import BACKENDS
 from mxprobe.mx_blocks import ROUNDINGS, SCALE_MODES, block_scale_exponent, check_args
 from mxprobe.packing import mx_decode, mx_encode
 
@@ -33,7 +33,6 @@ __all__ = [
     "mx_encode",
     "quantize_mx",
     "round_to",
-    "set_compile",
 ]
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from mxprobe.kernels import compile_cache
-from mxprobe.quantize import quantize_mx, set_compile
+from mxprobe.kernels import compile_cache, set_compile
+from mxprobe.quantize import quantize_mx
 from mxprobe.stats import quantization_sums
 from tests.helpers_numerics import adversarial, bits_equal
 
@@ -183,7 +183,8 @@ def test_the_quantizer_leaves_dynamo_config_alone(tmp_path):
         "import os, torch, torch._dynamo\n"
         "os.environ['MXPROBE_NATIVE'] = '0'  # round_to on the torch path, through the cache\n"
         "before = torch._dynamo.config.get_config_copy()\n"
-        "from mxprobe.quantize import quantize_mx, round_to, set_compile\n"
+        "from mxprobe.kernels import set_compile\n"
+        "from mxprobe.quantize import quantize_mx, round_to\n"
         "from mxprobe.kernels import compile_cache\n"
         "set_compile(True)\n"
         "x = torch.randn(2048, 32)\n"

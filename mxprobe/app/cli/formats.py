@@ -15,7 +15,8 @@ import torch
 from mxprobe.app.cli.errors import ArgumentParser, UsageError, positive_int
 from mxprobe.atomic import atomic_open
 from mxprobe.formats import MX_FORMAT_NAMES, mx_format
-from mxprobe.quantize import SCALE_MODES, block_scale_exponent, quantize_mx, set_compile
+from mxprobe.kernels import set_compile
+from mxprobe.quantize import SCALE_MODES, block_scale_exponent, quantize_mx
 
 
 def format_table() -> list[dict]:
