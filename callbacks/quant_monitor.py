@@ -20,14 +20,17 @@ from torch.optim import Optimizer
 
 from mxprobe.convert import named_modules
 from mxprobe.formats import NVFP4, canonical_format, is_mx
-from mxprobe.modules import MxModule
+from mxprobe.modules import MxModule, nvfp4_settings
 from mxprobe.names import ACTIVATIONS, NORM_AFFINE, metric
+from mxprobe.nvfp4 import nvfp4_clip_counts, quantize_nvfp4
 from mxprobe.quantize import quantize_mx
 from mxprobe.scheme import PrecisionScheme, matches_glob
 from mxprobe.stats import (
     binade_shares,
+    block_dynamic_range,
     block_max_exponents,
     floor_overflow_fraction,
+    nvfp4_quantization_sums,
     quantization_stats,
     quantization_sums,
     relative_bias,
@@ -75,26 +78,12 @@ def _check_reference(reference_format: str | None) -> str | None:
     return fmt
 
 
-def _warn_if_nvfp4(monitor, name: str, module: nn.Module, role: str) -> None:
-    """Say once per monitor and module that an NVFP4 role gets none of the MX statistics."""
-    scheme = module.active_scheme() if isinstance(module, MxModule) else None
-    if scheme is None or getattr(scheme, role) != NVFP4:
-        return
-    warned = monitor.__dict__.setdefault("_nvfp4_warned", set())
-    if name not in warned:
-        warned.add(name)
-        rank_zero_warn(
-            f"{type(monitor).__name__}: {name} has {role} in NVFP4; the MX block statistics "
-            "(saturation, underflow, SQNR) are not computed for NVFP4 yet, so none are reported "
-            "for it (pass reference_format='e4m3' to measure it against MX instead)"
-        )
-
-
 def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple:
-    """(MX format, scheme giving block/scale/rounding, whether it is the module's own format);
-    the format is ``reference`` when the module's role is not MX now, ``None`` to skip."""
+    """(MX format or NVFP4, scheme giving block/scale/rounding, whether it is the module's own
+    format); the format is ``reference`` when the module's role is neither now, ``None`` to
+    skip."""
     scheme = module.active_scheme() if isinstance(module, MxModule) else None
-    if scheme is not None and is_mx(getattr(scheme, role)):
+    if scheme is not None and (is_mx(getattr(scheme, role)) or getattr(scheme, role) == NVFP4):
         return getattr(scheme, role), scheme, True
     if reference is None:
         return None, None, False
@@ -152,8 +141,14 @@ class NormAffineMonitor(PeriodicMonitor):
     - ``weight_blocks_crossed``: number of γ blocks whose binade changed since this monitor's
       previous reading of the module (each crossing rescales the whole block: with E4M3 up to
       12.5 % per element); kept in ``state_dict`` so a resumed run counts on.
-    - ``in_force``: 1 when the statistics are for the module's own MX format, 0 when for the
-      reference format.
+    - ``in_force``: 1 when the statistics are for the module's own MX or NVFP4 format, 0 when
+      for the reference format.
+
+    A norm whose ``norm_affine`` is NVFP4 is measured in NVFP4 (``rel_bias``, ``rel_error``,
+    ``gap`` of the NVFP4 value); ``*_saturation`` is then the fraction of elements that, scaled
+    by their block, land above 6 and are clipped, ``*_blocks_clipped`` the fraction of blocks
+    holding one, ``*_dynamic_range`` the largest log2(max / min nonzero |x|) over blocks of
+    16; ``*_floor_overflow`` (MX's floor scale) is not reported.
 
     Parameters are identical on every rank under DDP, so nothing is reduced. Under FSDP2 each
     γ/β is gathered (``DTensor.full_tensor()``, one all-gather of ``d`` elements per tensor)
@@ -206,7 +201,6 @@ class NormAffineMonitor(PeriodicMonitor):
         stats = {}
         with torch.no_grad():
             for name, module in _matching(pl_module, is_norm, self.modules):
-                _warn_if_nvfp4(self, name, module, "norm_affine")
                 for stat, v in self._module_stats(module).items():
                     stats[metric(NORM_AFFINE, name, stat)] = v
                 weight = _operand(module, "weight")
@@ -241,27 +235,47 @@ class NormAffineMonitor(PeriodicMonitor):
         for role, p in (("weight", weight), ("bias", _operand(module, "bias"))):
             if p is None or fmt is None:
                 continue
-            if self._generator is None or self._generator.device != p.device:
-                self._generator = torch.Generator(p.device).manual_seed(0)
-            q = quantize_mx(
-                p,
-                fmt,
-                block_size=scheme.block_size,
-                scale_mode=scheme.scale_mode,
-                rounding=scheme.rounding,
-                generator=self._generator,
-            )
-            kw = {"block_size": scheme.block_size}
-            key = role
-            stats[f"{key}_saturation"] = saturation_fraction(
-                p, fmt, scale_mode=scheme.scale_mode, **kw
-            )
-            stats[f"{key}_floor_overflow"] = floor_overflow_fraction(p, fmt, **kw)
-            stats[f"{key}_rel_bias"] = relative_bias(p, q)
-            stats[f"{key}_rel_error"] = relative_error(p, q)
-            stats[f"{key}_gap"] = (q.double() - p.double()).mean()
+            if fmt == NVFP4:
+                q, readings = _nvfp4_readings(role, p, scheme)
+            else:
+                q, readings = self._mx_readings(role, p, fmt, scheme)
+            stats.update(readings)
+            stats[f"{role}_rel_bias"] = relative_bias(p, q)
+            stats[f"{role}_rel_error"] = relative_error(p, q)
+            stats[f"{role}_gap"] = (q.double() - p.double()).mean()
         stats["in_force"] = torch.tensor(float(in_force))
         return stats
+
+    def _mx_readings(self, role: str, p: torch.Tensor, fmt: str, scheme) -> tuple:
+        """``p`` quantized as ``fmt`` under ``scheme``, and its MX saturation readings."""
+        if self._generator is None or self._generator.device != p.device:
+            self._generator = torch.Generator(p.device).manual_seed(0)
+        q = quantize_mx(
+            p,
+            fmt,
+            block_size=scheme.block_size,
+            scale_mode=scheme.scale_mode,
+            rounding=scheme.rounding,
+            generator=self._generator,
+        )
+        kw = {"block_size": scheme.block_size}
+        return q, {
+            f"{role}_saturation": saturation_fraction(p, fmt, scale_mode=scheme.scale_mode, **kw),
+            f"{role}_floor_overflow": floor_overflow_fraction(p, fmt, **kw),
+        }
+
+
+def _nvfp4_readings(role: str, p: torch.Tensor, scheme: PrecisionScheme) -> tuple:
+    """``p`` quantized to NVFP4 as ``scheme`` gives ``norm_affine``, and what saturation is
+    there: elements clipped at ±6 after scaling, blocks holding one, the blocks' dynamic range."""
+    tensor_scale, tile, _ = nvfp4_settings(scheme, "norm_affine", p.dim())
+    q = quantize_nvfp4(p, tensor_scale=tensor_scale, tile=tile)
+    clipped, blocks_clipped, blocks = nvfp4_clip_counts(p, tensor_scale=tensor_scale, tile=tile)
+    return q, {
+        f"{role}_saturation": clipped / max(p.numel(), 1),
+        f"{role}_blocks_clipped": blocks_clipped / blocks.clamp_min(1),
+        f"{role}_dynamic_range": block_dynamic_range(p, block_size=16),
+    }
 
 
 class ActivationMonitor(PeriodicMonitor):
@@ -331,21 +345,24 @@ class ActivationMonitor(PeriodicMonitor):
         def hook(module: MxModule, inputs: tuple, output: Any) -> None:
             if module.active_scheme() is None:
                 return
-            _warn_if_nvfp4(self, name, module, "act")
             fmt, scheme, _ = _format_in_use(module, "act", self.reference_format)
             if fmt is None:
                 return
-            x = inputs[0].detach()
-            if self._generator is None or self._generator.device != x.device:
-                self._generator = torch.Generator(x.device).manual_seed(0)
-            sums = quantization_sums(
-                x.reshape(-1, x.shape[-1]),
-                fmt,
-                block_size=scheme.block_size,
-                scale_mode=scheme.scale_mode,
-                rounding=scheme.rounding,
-                generator=self._generator,
-            )
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            if fmt == NVFP4:
+                tensor_scale, tile, _ = nvfp4_settings(scheme, "act")
+                sums = nvfp4_quantization_sums(x, tensor_scale=tensor_scale, tile=tile)
+            else:
+                if self._generator is None or self._generator.device != x.device:
+                    self._generator = torch.Generator(x.device).manual_seed(0)
+                sums = quantization_sums(
+                    x,
+                    fmt,
+                    block_size=scheme.block_size,
+                    scale_mode=scheme.scale_mode,
+                    rounding=scheme.rounding,
+                    generator=self._generator,
+                )
             self._sums[name] = self._sums[name] + sums if name in self._sums else sums
 
         return hook

@@ -130,9 +130,9 @@ def _check(x, axis, tile, rounding, variant, tensor_scale) -> tuple[int, tuple[i
     return axis % max(x.dim(), 1), tile
 
 
-def _codes_and_scales(x, axis, pts, tile, rounding, generator, variant):
-    """(E2M1 values q, fp32 block scales s, per-tensor factor to multiply by or None, block
-    maxima, the blocking)."""
+def _scaled(x, axis, pts, tile, variant):
+    """(blocks scaled onto the E2M1 range, before its ±6 clamp; fp32 block scales s; per-tensor
+    factor to multiply by or None; block maxima; the blocking)."""
     blocks, how = _blocks(x, axis, tile)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     if variant == "te":
@@ -141,12 +141,19 @@ def _codes_and_scales(x, axis, pts, tile, rounding, generator, variant):
         s_enc = TENSOR_MAX / tensor_amax if finite else torch.tensor(1.0, device=x.device)
         s = _e4m3((amax * (s_enc * (1.0 / 6.0))).clamp_max(E4M3_MAX))
         factor = torch.where(s == 0, 0.0, 1.0 / (s * (1.0 / s_enc)))
-        return _e2m1(blocks * factor, rounding, generator), s, 1.0 / s_enc, amax, how
+        return blocks * factor, s, 1.0 / s_enc, amax, how
     if pts is None:
         s = _e4m3((amax / E2M1_MAX).clamp(E4M3_TINY, E4M3_MAX))
-        return _e2m1(blocks * (1.0 / s), rounding, generator), s, None, amax, how
+        return blocks * (1.0 / s), s, None, amax, how
     s = _e4m3(((amax / E2M1_MAX) / pts).clamp(E4M3_TINY, E4M3_MAX))
-    return _e2m1(blocks * ((1.0 / pts) / s), rounding, generator), s, pts, amax, how
+    return blocks * ((1.0 / pts) / s), s, pts, amax, how
+
+
+def _codes_and_scales(x, axis, pts, tile, rounding, generator, variant):
+    """(E2M1 values q, fp32 block scales s, per-tensor factor to multiply by or None, block
+    maxima, the blocking)."""
+    y, s, pts, amax, how = _scaled(x, axis, pts, tile, variant)
+    return _e2m1(y, rounding, generator), s, pts, amax, how
 
 
 def _quantized(x, axis, tensor_scale, tile, rounding, generator, variant):
@@ -185,6 +192,33 @@ def quantize_nvfp4(
         return x.clone()
     q, s, pts, amax, how = found
     return _unblock(_dequantized(q, s, pts, amax), how).to(x.dtype)
+
+
+def nvfp4_clip_counts(
+    x: torch.Tensor,
+    *,
+    axis: int = -1,
+    tensor_scale: str | float | torch.Tensor | None = None,
+    tile: tuple[int, int] = (1, BLOCK),
+    variant: str = "torchao",
+) -> torch.Tensor:
+    """What NVFP4's saturation is (float64: elements clipped, blocks holding one, blocks): an
+    element is clipped when, scaled by its block, it lands above 6 — its block's scale was
+    rounded down by the E4M3 cast (or hit the cast's clamp), so the block max no longer maps to
+    6 or below. Same arguments as :func:`quantize_nvfp4`."""
+    axis, tile = _check(x, axis, tile, "even", variant, tensor_scale)
+    pts = None if variant == "te" else _tensor_scale(x, tensor_scale)
+    if x.numel() == 0 or (pts is not None and float(pts) == 0):
+        return torch.zeros(3, dtype=torch.float64, device=x.device)
+    y, *_ = _scaled(x.detach(), axis, pts, tile, variant)
+    clipped = y.abs() > E2M1_MAX
+    return torch.stack(
+        [
+            clipped.sum(dtype=torch.float64),
+            clipped.any(dim=-1).sum(dtype=torch.float64),
+            torch.tensor(float(clipped[..., 0].numel()), dtype=torch.float64, device=x.device),
+        ]
+    )
 
 
 _GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])

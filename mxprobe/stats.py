@@ -14,6 +14,11 @@ Quantization statistics compare a tensor ``x`` with its MX fake-quantized twin `
   shrinks magnitudes (saturation does), positive when it inflates them.
 - ``relative_error``: ``||q - x|| / ||x||`` (0 for an all-zero ``x``).
 
+Under NVFP4 (``nvfp4_quantization_sums``) an element *saturates* when, scaled by its block, it
+lands above 6 and is clipped: its block's E4M3 scale was rounded down
+(:func:`mxprobe.nvfp4.nvfp4_clip_counts`). ``block_dynamic_range``: the largest, over blocks,
+of ``log2(max |x| / min nonzero |x|)``, in binades (what one block scale must cover).
+
 Gradient comparison of a quantized gradient ``g_q`` with the full-precision gradient ``g_fp``
 at the same weights and batch (``compare_gradients``):
 
@@ -45,6 +50,7 @@ from mxprobe.mx_blocks import (
     to_blocks,
 )
 from mxprobe.names import GRAD_BIAS_STATS
+from mxprobe.nvfp4 import nvfp4_clip_counts, quantize_nvfp4
 
 
 def _fp32_blocks(x: torch.Tensor, block_size: int, axis: int) -> torch.Tensor:
@@ -213,6 +219,47 @@ def quantization_sums(
     )
     numel = torch.tensor([float(x.numel())], dtype=torch.float64, device=x.device)
     return torch.cat([numel, sums])
+
+
+def nvfp4_quantization_sums(
+    x: torch.Tensor,
+    *,
+    axis: int = -1,
+    tensor_scale: str | None = "amax",
+    tile: tuple[int, int] = (1, 16),
+    rounding: str = "even",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The six sums of :func:`quantization_sums` for one NVFP4 quantization of ``x`` (the
+    arguments of :func:`~mxprobe.quantize_nvfp4`); saturated = elements clipped at ±6."""
+    x = x.detach()
+    q = quantize_nvfp4(
+        x, axis=axis, tensor_scale=tensor_scale, tile=tile, rounding=rounding, generator=generator
+    ).double()
+    x64 = x.double()
+    nonzero = x64 != 0
+    clipped = nvfp4_clip_counts(x, axis=axis, tensor_scale=tensor_scale, tile=tile)[0]
+    return torch.stack(
+        [
+            torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device),
+            clipped,
+            nonzero.sum(dtype=torch.float64),
+            ((q == 0) & nonzero).sum(dtype=torch.float64),
+            x64.square().sum(),
+            (x64 - q).square().sum(),
+        ]
+    )
+
+
+def block_dynamic_range(x: torch.Tensor, *, block_size: int = 16, axis: int = -1) -> torch.Tensor:
+    """The largest, over blocks of ``block_size`` along ``axis``, of ``log2(max |x| / min
+    nonzero |x|)`` (float64; 0 when no block holds two distinct nonzero magnitudes)."""
+    blocks, _ = to_blocks(x.detach(), axis % max(x.dim(), 1), block_size)
+    magnitudes = blocks.double().abs()  # (outer, blocks, block_size, inner)
+    largest = magnitudes.amax(dim=2)
+    smallest = torch.where(magnitudes > 0, magnitudes, torch.inf).amin(dim=2)
+    spans = torch.where(largest > 0, torch.log2(largest / smallest), 0.0)
+    return spans.amax() if spans.numel() else torch.zeros((), dtype=torch.float64)
 
 
 def quantization_stats(sums: torch.Tensor) -> dict[str, torch.Tensor]:

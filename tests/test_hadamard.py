@@ -20,8 +20,9 @@ def test_signs_are_fair_and_reproducible():
     draws = torch.stack([draw_signs(torch.Generator().manual_seed(s)) for s in range(400)])
     assert set(draws.unique().tolist()) == {-1.0, 1.0}
     assert abs(draws.mean().item()) < 0.03  # 6400 fair signs: sd of the mean 0.0125
-    assert torch.equal(draw_signs(torch.Generator().manual_seed(5)),
-                       draw_signs(torch.Generator().manual_seed(5)))
+    assert torch.equal(
+        draw_signs(torch.Generator().manual_seed(5)), draw_signs(torch.Generator().manual_seed(5))
+    )
 
 
 @pytest.mark.parametrize("tokens", [16, 37, 64])

@@ -1,7 +1,7 @@
 """NVFP4 as a scheme format: every GEMM operand of a converted model is an NVFP4 value (the
 reference computed here from quantize_nvfp4, which tests/test_nvfp4.py checks against torchao),
 16x16 weight tiles give the forward and the grad-input GEMM the same weight, snapping away from
-NVFP4 keeps the function, the monitors say they do not measure NVFP4 roles, and a tiny
+NVFP4 keeps the function, the monitors measure NVFP4 roles as NVFP4, and a tiny
 transformers model trains 50 steps under the recipe with a norm rule and resumes bit for bit."""
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from mxprobe.callbacks import NormAffineMonitor, PrecisionIntervention, read_record
+from mxprobe.callbacks import (
+    ActivationMonitor,
+    NormAffineMonitor,
+    PrecisionIntervention,
+    read_record,
+)
 
 import mxprobe
 from mxprobe.modules import quantize_role
@@ -74,12 +79,43 @@ def test_switching_norms_away_from_nvfp4_with_snap_keeps_the_function():
     assert len(changed) == 5 and torch.equal(before, after)
 
 
-def test_norm_monitor_says_it_does_not_measure_nvfp4_norms(tmp_path):
+def test_the_monitors_measure_nvfp4_roles_as_nvfp4(tmp_path):
     model, _ = pair("llama")
     model.train()
+    move_norm_weights_off_grid(model)
     _convert(model, "nvfp4")
-    with pytest.warns(UserWarning, match="has norm_affine in NVFP4"):
-        trainer(tmp_path, 2, [NormAffineMonitor(1)]).fit(CausalLM(model))
+    monitors = [NormAffineMonitor(1), ActivationMonitor(1)]
+    trainer(tmp_path, 1, monitors).fit(CausalLM(model))
+    series = read_record(tmp_path).readings
+    readings = {name: values[0] for name, (_, values) in series.items()}
+    prefix = "mx/norm_affine/model.model.norm/"
+    assert readings[prefix + "in_force"] == 1.0
+    assert f"{prefix}weight_floor_overflow" not in readings
+    for stat in (
+        "weight_saturation",
+        "weight_blocks_clipped",
+        "weight_dynamic_range",
+        "weight_rel_bias",
+    ):
+        assert prefix + stat in readings  # fmt: skip
+    assert 0 <= readings[prefix + "weight_saturation"] <= readings[prefix + "weight_blocks_clipped"]
+    sqnr = [v for k, v in readings.items() if k.startswith("mx/activations/") and "sqnr" in k]
+    assert sqnr and all(5 < v < 40 for v in sqnr)  # E2M1 with block scales: about 20 dB
+
+
+def test_nvfp4_norm_readings_are_the_formulas():
+    gamma = 1 + 0.05 * torch.rand(64, generator=torch.Generator().manual_seed(0))
+    counts = mxprobe.nvfp4.nvfp4_clip_counts(gamma, tensor_scale="amax")
+    q = mxprobe.quantize_nvfp4(gamma, tensor_scale="amax")
+    # γ in [1, 1.05]: each block's max maps to 6; smaller elements round on the E2M1 grid, none
+    # is clipped unless a scale rounds down, and the quantized γ is biased up (docs/nvfp4.md)
+    blocks = gamma.reshape(4, 16)
+    pts = gamma.max() / 2688
+    scale = (blocks.amax(1) / 6 / pts).to(torch.float8_e4m3fn).float()
+    scaled = blocks / pts / scale[:, None]
+    assert counts[0] == (scaled.abs() > 6).sum() and counts[2] == 4
+    assert counts[1] == (scaled.abs() > 6).any(1).sum()
+    assert (q / gamma - 1).mean() > 0
 
 
 def _module():
