@@ -239,3 +239,53 @@ def test_the_demo_quotes_the_study_table(tmp_path):
         "diverge, mx_rewind_only diverged at 20, mx_placebo diverged at 20"
     )
     assert demo_case.study_rates(tmp_path / "nowhere")[0] == ()
+
+
+# MX raises no alarm on seeds 3 and 4: there the rule arms' runs are the mx run.
+QUIET_MX = {3, 4}
+
+
+def cell_after_mx(job: st.CellJob) -> dict:
+    """A worker for the derivation tests: a rule cell must start after its seed's mx cell and
+    must never be trained on a seed where mx raised no alarm."""
+    cell = job.cell
+    if cell.arm.startswith("mx_"):
+        mx = st.Cell(cell.out, "mx", cell.seed).result()
+        assert mx is not None, f"{cell} started before its seed's mx cell finished"
+        assert cell.seed not in QUIET_MX, f"{cell} trained, though mx raised no alarm"
+    tracker = DivergenceTracker(job.factor, job.patience)
+    for step in range(STEPS):
+        tracker.update(1.0 - step / 1000)
+    alarms = [] if cell.arm == "fp32" or cell.seed in QUIET_MX else [ALARM]
+    result = RunResult.of(tracker, wall_s=1.0, cpu_s=1.0)
+    return st.finish_cell(cell, result, alarms, 0, list(job.extra))
+
+
+@pytest.mark.parametrize("jobs", [0, 2])
+def test_rule_cells_of_a_seed_without_mx_alarm_are_the_mx_cell(tmp_path, jobs):
+    plan = _plan(tmp_path, _configs(tmp_path), seeds=[1, 3, 4])
+    assert plan.run(jobs, lambda line: None, train=cell_after_mx) == 0
+    for seed in (3, 4):
+        mx = st.Cell(plan.out, "mx", seed).result()
+        for arm in ("mx_intervention", "mx_rewind_only", "mx_placebo"):
+            cell = st.Cell(plan.out, arm, seed)
+            derived = cell.result()
+            assert derived["derived_from"] == "mx" and plan.finished(cell)
+            same = ("diverged", "final_loss", "min_loss", "steps", "alarm_steps")
+            assert {k: derived[k] for k in same} == {k: mx[k] for k in same}
+    assert "derived_from" not in st.Cell(plan.out, "mx_placebo", 1).result()
+    text = (plan.out / "study.md").read_text()
+    assert "not retrained" in text and "mx_intervention 2, mx_rewind_only 2, mx_placebo 2" in text
+    rows = [r for r in _csv(plan.out / "outcomes.csv") if r["derived_from"] == "mx"]
+    assert len(rows) == 6
+
+
+def test_only_rules_that_fire_on_alarms_let_a_cell_be_derived(tmp_path):
+    configs = _plan(tmp_path, _configs(tmp_path)).configs
+    assert st.acts_only_on_alarms(configs["mx_intervention"])
+    assert not st.acts_only_on_alarms(configs["mx"])  # no rule: nothing to derive from
+    at_step = copy.deepcopy(configs["mx_intervention"])
+    for callback in at_step["trainer"]["callbacks"]:
+        for rule in (callback.get("init_args") or {}).get("rules") or []:
+            rule["trigger"] = {"kind": "step", "at": 5}
+    assert not st.acts_only_on_alarms(at_step)

@@ -9,6 +9,12 @@ same batches (model seed = data seed = ``seed_everything`` = the seed).
   and a precision change of comparable size that leaves the norm-affine path in E4M3
   (``<base>_placebo.yaml``; docs/study_placebo.md says why it is comparable).
 
+A rule arm whose rules all fire on the spike detector's alarms runs exactly as ``mx`` until its
+first alarm (the same weights, batches and detector; its callbacks only watch and take
+snapshots). So on a seed where ``mx`` raised no alarm at all, the rule arm's run *is* the ``mx``
+run: its cell is written from ``mx``'s with ``derived_from: "mx"`` instead of being retrained
+(rule cells of a seed wait for its ``mx`` cell). docs/study_running.md says how this was checked.
+
 Each arm's full config is written to ``configs/<arm>.yaml`` under the output folder; a rule
 config must equal the base config apart from its callbacks (checked). A *cell* is one
 (arm, seed): it trains into ``runs/<arm>/seed<S>`` with :func:`mxprobe.app.training.train_run`
@@ -49,6 +55,7 @@ ARMS: dict[str, tuple[str, str | None]] = {
     "mx_placebo": (MX_SCHEME, "placebo"),
 }
 DETECTOR_CLASS = "mxprobe.callbacks.LossSpikeDetector"
+INTERVENTION_CLASS = "mxprobe.callbacks.PrecisionIntervention"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -267,6 +274,35 @@ def finish_cell(
     return written
 
 
+def acts_only_on_alarms(config: dict) -> bool:
+    """Whether every rule of the arm's config fires on the spike detector's alarms only (so
+    that, without an alarm, the arm trains exactly as ``mx``)."""
+    rules = [
+        rule
+        for callback in config["trainer"].get("callbacks") or []
+        if callback.get("class_path") == INTERVENTION_CLASS
+        for rule in (callback.get("init_args") or {}).get("rules") or []
+    ]
+    return bool(rules) and all((r.get("trigger") or {}).get("kind") == "spike" for r in rules)
+
+
+def derive_cell(cell: Cell, mx: dict, extra: list[str]) -> dict:
+    """Write rule-arm ``cell`` from its seed's ``mx`` result (no alarm there, so no rule fired:
+    the same run) atomically; returns what it wrote."""
+    written = {
+        **mx,
+        "arm": cell.arm,
+        "wall_s": 0.0,
+        "cpu_s": 0.0,
+        "config_hash": config_hash(cell.config_path, extra),
+        "code": _code_version(),
+        "derived_from": "mx",
+    }
+    cell.result_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(cell.result_path, json.dumps(written, indent=1))
+    return written
+
+
 def prepare(out: Path, configs: dict[str, dict]) -> None:
     """Write each arm's config to ``configs/<arm>.yaml``, leaving unchanged files untouched."""
     (out / "configs").mkdir(parents=True, exist_ok=True)
@@ -285,40 +321,64 @@ def execute(
     patience: int,
     on_done: Callable[[Cell, dict | None, str | None], None],
     train: Callable[[CellJob], dict] = train_cell,
+    ready: Callable[[Cell], bool] = lambda cell: True,
+    derive: Callable[[Cell], dict | None] = lambda cell: None,
 ) -> int:
-    """Train the cells ``jobs`` at a time, each in a fresh process (one thread); ``on_done``
-    after each with its result or error. Returns the number of failed cells. ``train`` (a
-    module-level function, for the spawned workers) trains one :class:`CellJob`; ``jobs=0``
-    trains in this process, one cell after the other (for tests: cells then share
-    torch.compile caches)."""
+    """Train the cells ``jobs`` at a time, each in a fresh process (one thread), in order but
+    each only once ``ready(cell)``; a cell that ``derive(cell)`` answers with a result is not
+    trained. ``on_done`` after each with its result or error. Returns the number of failed
+    cells. ``train`` (a module-level function, for the spawned workers) trains one
+    :class:`CellJob`; ``jobs=0`` trains in this process, one cell after the other (for tests:
+    cells then share torch.compile caches)."""
     failures = 0
+    queue = list(cells)
+
+    def next_cell() -> Cell | None:
+        """The first ready cell, after writing every ready cell that can be derived."""
+        while True:
+            cell = next((c for c in queue if ready(c)), None)
+            if cell is None:
+                return None
+            queue.remove(cell)
+            derived = derive(cell)
+            if derived is None:
+                return cell
+            on_done(cell, derived, None)
+
+    def finished(cell: Cell, future) -> None:
+        nonlocal failures
+        try:
+            result = future()
+        except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
+            failures += 1
+            on_done(cell, None, f"{type(err).__name__}: {err}")
+        else:
+            on_done(cell, result, None)
+
+    def never_ready() -> int:
+        for cell in queue:  # its seed's mx cell failed: a rerun retries both
+            on_done(cell, None, "not run: its seed's mx cell did not finish")
+        return failures + len(queue)
+
     if jobs < 1:
-        for c in cells:
-            try:
-                result = train(CellJob(c, tuple(extra), factor, patience))
-            except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
-                failures += 1
-                on_done(c, None, f"{type(err).__name__}: {err}")
-            else:
-                on_done(c, result, None)
-        return failures
+        while (cell := next_cell()) is not None:
+            job = CellJob(cell, tuple(extra), factor, patience)
+            finished(cell, lambda job=job: train(job))
+        return never_ready()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned workers
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(train, CellJob(c, tuple(extra), factor, patience)): c for c in cells}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        running: dict = {}
+        while True:
+            while len(running) < max(1, jobs) and (cell := next_cell()) is not None:
+                job = CellJob(cell, tuple(extra), factor, patience)
+                running[pool.submit(train, job)] = cell
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                cell = futures[future]
-                try:
-                    result = future.result()
-                except Exception as err:  # noqa: BLE001 - one failed cell must not stop the study
-                    failures += 1
-                    on_done(cell, None, f"{type(err).__name__}: {err}")
-                else:
-                    on_done(cell, result, None)
-    return failures
+                finished(running.pop(future), future.result)
+    return never_ready()
 
 
 @dataclass
@@ -369,4 +429,23 @@ class Plan:
             self.rebuild()
 
         self.rebuild()
-        return execute(pending, self.extra, jobs, self.factor, self.patience, on_done, train)
+        return execute(
+            pending, self.extra, jobs, self.factor, self.patience, on_done, train,
+            ready=self._mx_finished_first, derive=self._derived,
+        )  # fmt: skip
+
+    def _waits_for_mx(self, cell: Cell) -> bool:
+        return "mx" in self.configs and acts_only_on_alarms(self.configs[cell.arm])
+
+    def _mx_finished_first(self, cell: Cell) -> bool:
+        """A rule cell that may be derived starts after its seed's ``mx`` cell finished."""
+        return not self._waits_for_mx(cell) or self.finished(Cell(self.out, "mx", cell.seed))
+
+    def _derived(self, cell: Cell) -> dict | None:
+        """The cell written from its seed's ``mx`` cell when that raised no alarm, else None."""
+        if not self._waits_for_mx(cell):
+            return None
+        mx = Cell(self.out, "mx", cell.seed).result()
+        if mx is None or mx.get("alarm_steps") != []:
+            return None
+        return derive_cell(cell, mx, self.extra)

@@ -33,6 +33,7 @@ OUTCOME_COLUMNS = (
     "steps",
     "actions",
     "code",
+    "derived_from",
 )
 RULE_ARM = "mx_intervention"
 CONTROLS = ("mx_rewind_only", "mx_placebo")
@@ -177,6 +178,8 @@ def render(study: Study, command: str, machine: str) -> str:
         f"- Machine: {machine}",
         f"- Code: {_codes(study)} (git commit of each finished cell; `+modified`: tracked "
         "sources differed from it; docs/study_running.md)",
+        f"- Cells written from the seed's `mx` cell, not retrained (no alarm in `mx`, so the "
+        f"rules never fired and the run is the `mx` run; docs/study_running.md): {_derived(study)}",
         "- Arms (configs/*.yaml here): `fp32`, `mx` (mxfp8_e4m3) carry the rules' spike detector "
         "only; `mx_intervention` spike → rewind → norm affine to bf16; `mx_rewind_only` the same "
         "without the precision change; `mx_placebo` the same trigger and rewind with the placebo "
@@ -214,6 +217,14 @@ def render(study: Study, command: str, machine: str) -> str:
         if any(c != "…" for c in cells):
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _derived(study: Study) -> str:
+    counts = {
+        a: sum(r.get("derived_from") == "mx" for r in study.results.get(a, {}).values())
+        for a in study.arms
+    }
+    return ", ".join(f"{a} {n}" for a, n in counts.items() if n) or "none"
 
 
 def _codes(study: Study) -> str:
