@@ -293,11 +293,12 @@ def _run(*argv: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
 
 
 def test_a_bad_scheme_in_compare_is_refused_before_training(corpus):
-    done, seconds = _run(
+    done, _ = _run(
         "proxy", "compare", "--config", "examples/configs/proxy_cpu.yaml",
         "--schemes", "fp32,mxbogus", "--out", f"{corpus['tmp']}/cmp",
     )  # fmt: skip
-    assert done.returncode == 2 and seconds < 20
+    # Before training: no output folder (a timing bound would fail on a loaded machine).
+    assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("mxprobe proxy: error: --schemes:")
     assert "'mxbogus'" in done.stderr and "Traceback" not in done.stderr
     assert not Path(corpus["tmp"], "cmp").exists()
