@@ -36,6 +36,7 @@ import dataclasses
 
 import torch
 
+from mxprobe import kernels
 from mxprobe.checks import check_choice
 from mxprobe.formats import mx_format
 from mxprobe.mx_blocks import _round_even_float, _round_magnitude, exponent, pow2
@@ -61,8 +62,6 @@ def _blocks(x: torch.Tensor, axis: int, tile: tuple[int, int]) -> tuple[torch.Te
         pad = -length % BLOCK
         v = torch.nn.functional.pad(moved.float(), (0, pad))
         return v.reshape(*v.shape[:-1], -1, BLOCK), (tile, axis, moved.shape)
-    if x.dim() < 2:
-        raise ValueError(f"tile=(16, 16) needs a tensor of at least 2 dimensions, got {x.dim()}")
     rows, cols = x.shape[-2:]
     v = torch.nn.functional.pad(x.float(), (0, -cols % BLOCK, 0, -rows % BLOCK))
     v = v.reshape(*v.shape[:-2], v.shape[-2] // BLOCK, BLOCK, v.shape[-1] // BLOCK, BLOCK)
@@ -96,12 +95,13 @@ def _e2m1(y: torch.Tensor, rounding: str, generator: torch.Generator | None) -> 
     return torch.copysign(torch.clamp_max(q * pow2(step), E2M1_MAX), y)
 
 
-def _tensor_scale(x: torch.Tensor, tensor_scale) -> torch.Tensor | None:
+def _checked_scale(x: torch.Tensor, tensor_scale) -> str | torch.Tensor | None:
+    """None, ``"amax"``, or a given scale as a 0-dim fp32 tensor on ``x``'s device."""
     if tensor_scale is None:
         return None
     if isinstance(tensor_scale, str):
         check_choice(tensor_scale, ("amax",), "tensor_scale")
-        return x.float().abs().amax() / TENSOR_MAX
+        return tensor_scale
     scale = torch.as_tensor(tensor_scale, dtype=torch.float32, device=x.device)
     if scale.numel() != 1 or not bool(torch.isfinite(scale)) or float(scale) <= 0:
         raise ValueError(
@@ -110,7 +110,15 @@ def _tensor_scale(x: torch.Tensor, tensor_scale) -> torch.Tensor | None:
     return scale.reshape(())
 
 
-def _check(x, axis, tile, rounding, variant, tensor_scale) -> tuple[int, tuple[int, int]]:
+def _tensor_scale(x: torch.Tensor, tensor_scale: str | torch.Tensor | None) -> torch.Tensor | None:
+    """The per-tensor scale of a checked ``tensor_scale`` (None single-level)."""
+    if isinstance(tensor_scale, str):
+        return x.float().abs().amax() / TENSOR_MAX
+    return tensor_scale
+
+
+def _check(x, axis, tile, rounding, variant, tensor_scale) -> tuple[int, tuple[int, int], object]:
+    """(axis made non-negative, tile as a tuple, ``_checked_scale``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.bfloat16):
@@ -123,11 +131,13 @@ def _check(x, axis, tile, rounding, variant, tensor_scale) -> tuple[int, tuple[i
         raise ValueError(f"axis {axis!r} is out of range for a tensor of {x.dim()} dimension(s)")
     tile = tuple(tile)
     check_choice(tile, TILES, "tile")
+    if tile == (BLOCK, BLOCK) and x.dim() < 2:
+        raise ValueError(f"tile=(16, 16) needs a tensor of at least 2 dimensions, got {x.dim()}")
     check_choice(rounding, ROUNDINGS, "rounding")
     check_choice(variant, VARIANTS, "variant")
-    if variant == "te" and tensor_scale != "amax":
+    if variant == "te" and not (isinstance(tensor_scale, str) and tensor_scale == "amax"):
         raise ValueError("variant 'te' is two-level by construction: pass tensor_scale='amax'")
-    return axis % max(x.dim(), 1), tile
+    return axis % max(x.dim(), 1), tile, _checked_scale(x, tensor_scale)
 
 
 def _scaled(x, axis, pts, tile, variant):
@@ -157,8 +167,8 @@ def _codes_and_scales(x, axis, pts, tile, rounding, generator, variant):
 
 
 def _quantized(x, axis, tensor_scale, tile, rounding, generator, variant):
-    """``_codes_and_scales`` after the checks, or None for an empty or all-zero two-level x."""
-    axis, tile = _check(x, axis, tile, rounding, variant, tensor_scale)
+    """``_codes_and_scales`` (arguments checked), or None for an empty or all-zero two-level
+    x."""
     pts = None if variant == "te" else _tensor_scale(x, tensor_scale)
     if x.numel() == 0 or (pts is not None and float(pts) == 0):
         return None
@@ -179,14 +189,32 @@ def quantize_nvfp4(
     rounding: str = "even",
     generator: torch.Generator | None = None,
     variant: str = "torchao",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """NVFP4 fake quantization of ``x`` (fp32 or bf16): same shape and dtype (module docstring).
 
+    ``backend``: ``"auto"`` takes the native CPU kernel where it computes the call (fp32/bf16
+    CPU tensors outside autograd and ``torch.compile``, ``rounding="even"``, variant
+    ``"torchao"``: ``mxprobe.kernels.resolve_nvfp4_backend``), else the torch path;
+    ``"torch"`` the torch path (the reference); ``"native"`` the kernel or an error. All agree
+    to the bit.
+
     Raises:
         TypeError: ``x`` not a float32/bfloat16 tensor.
-        ValueError: an axis out of range, an unknown tile, rounding or variant, a tensor_scale
-            that is not None, ``"amax"`` or a finite number > 0.
+        ValueError: an axis out of range, an unknown tile, rounding, variant or backend, a
+            tensor_scale that is not None, ``"amax"`` or a finite number > 0.
+        RuntimeError: ``backend="native"`` where the kernel does not compute the call.
     """
+    axis, tile, tensor_scale = _check(x, axis, tile, rounding, variant, tensor_scale)
+    return kernels.quantize_nvfp4(
+        x, axis, tensor_scale, tile, rounding, generator, variant, backend=backend
+    )
+
+
+def quantize_nvfp4_torch(x, axis, tensor_scale, tile, rounding, generator, variant):
+    """The torch path of :func:`quantize_nvfp4` (the reference), arguments checked (``axis``
+    non-negative, ``tile`` a tuple, ``tensor_scale`` None, ``"amax"`` or a 0-dim fp32
+    tensor)."""
     found = _quantized(x, axis, tensor_scale, tile, rounding, generator, variant)
     if found is None:
         return x.clone()
@@ -206,7 +234,7 @@ def nvfp4_clip_counts(
     element is clipped when, scaled by its block, it lands above 6 — its block's scale was
     rounded down by the E4M3 cast (or hit the cast's clamp), so the block max no longer maps to
     6 or below. Same arguments as :func:`quantize_nvfp4`."""
-    axis, tile = _check(x, axis, tile, "even", variant, tensor_scale)
+    axis, tile, tensor_scale = _check(x, axis, tile, "even", variant, tensor_scale)
     pts = None if variant == "te" else _tensor_scale(x, tensor_scale)
     if x.numel() == 0 or (pts is not None and float(pts) == 0):
         return torch.zeros(3, dtype=torch.float64, device=x.device)
@@ -248,13 +276,13 @@ def nvfp4_encode(
     generator: torch.Generator | None = None,
     variant: str = "torchao",
 ) -> NVFP4Packed:
-    """The packed form of ``quantize_nvfp4(x, ...)``; ``nvfp4_decode`` of it equals that."""
+    """The packed form of ``quantize_nvfp4(x, ...)``; ``nvfp4_decode`` of it equals that. (On
+    the torch path: the codes and scales are what it keeps.)"""
+    axis, tile, tensor_scale = _check(x, axis, tile, rounding, variant, tensor_scale)
     found = _quantized(x, axis, tensor_scale, tile, rounding, generator, variant)
     if found is None:  # empty or all zero: zero codes and (smallest) scales decode to x
         zeros = torch.zeros_like(x, dtype=torch.float32)
-        found = _codes_and_scales(
-            zeros, axis % max(x.dim(), 1), None, tuple(tile), "even", None, "torchao"
-        )
+        found = _codes_and_scales(zeros, axis, None, tile, "even", None, "torchao")
         found = (found[0], found[1], None, found[3], found[4])
     q, s, pts, amax, how = found
     magnitude = torch.bucketize(q.abs(), _GRID.to(q.device)).to(torch.uint8)

@@ -1,10 +1,12 @@
 """Which backend computes a quantization or an elementwise rounding, and the call into it.
 
-``mxprobe.quantize`` checks the arguments and calls :func:`quantize` or :func:`round_cast`;
-nothing else chooses a backend. CPU tensors go to the native C kernel outside
-``torch.compile`` (under compile the torch path is traced and fused into the graph), CUDA
-tensors to the Triton kernel, the rest to the torch path (``mx_blocks``, compiled per variant
-for large CPU tensors by ``compile_cache``). All of them agree to the bit.
+``mxprobe.quantize`` checks the arguments and calls :func:`quantize` or :func:`round_cast`,
+``mxprobe.quantize_nvfp4`` calls :func:`quantize_nvfp4`; nothing else chooses a backend. CPU
+tensors go to the native C kernel outside ``torch.compile`` (under compile the torch path is
+traced and fused into the graph), CUDA tensors to the Triton kernel, the rest to the torch path
+(``mx_blocks``, compiled per variant for large CPU tensors by ``compile_cache``). NVFP4 has no
+Triton kernel, and its stochastic rounding and Transformer Engine variant run on the torch path
+(``mxprobe.nvfp4``) only. All of them agree to the bit.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import torch
 
 from mxprobe.formats import ElementFormat
-from mxprobe.kernels import native
+from mxprobe.kernels import native, native_nvfp4
 from mxprobe.kernels.compile_cache import compiled_call
 from mxprobe.mx_blocks import from_blocks, quantize_blocks, stochastic_noise, to_blocks
 
 BACKENDS = ("auto", "torch", "native", "triton")
+NVFP4_BACKENDS = ("auto", "torch", "native")
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -112,3 +115,66 @@ def round_cast(
     if native_applies:
         return native.round_cast(x, target, top, inplace=reuse_input)
     return compiled_call(_round_cast_torch, x, target=target, top=top)
+
+
+def resolve_nvfp4_backend(
+    backend: str, x: torch.Tensor, rounding: str = "even", variant: str = "torchao"
+) -> str:
+    """The backend that computes ``quantize_nvfp4(x, rounding=..., variant=..., backend=...)``:
+    the native kernel for fp32/bf16 CPU tensors outside ``torch.compile`` and outside autograd,
+    with round-to-nearest and variant ``"torchao"``; the torch path (``mxprobe.nvfp4``, the
+    reference) for everything else: CUDA (no Triton NVFP4 kernel), stochastic rounding, variant
+    ``"te"``, an input autograd tracks (the result keeps the torch path's graph), a compiled
+    graph, or no built kernel.
+
+    Raises:
+        ValueError: an unknown ``backend``.
+        RuntimeError: ``backend="native"`` where the kernel does not compute this call.
+    """
+    if backend not in NVFP4_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {NVFP4_BACKENDS}")
+    if backend == "torch":
+        return "torch"
+    # is_compiling first: Dynamo must not trace into the library's build and ctypes calls.
+    applies = (
+        not torch.compiler.is_compiling()
+        and native_nvfp4.supports(x, rounding, variant)
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+    if applies and native.available():
+        return "native"
+    if backend == "native":
+        why = (
+            native.unavailable_reason()
+            if applies
+            else (
+                f"it takes fp32/bf16 CPU tensors of >= 1 dimension outside autograd and "
+                f"torch.compile, rounding='even', variant='torchao'; got {x.dtype} on {x.device}, "
+                f"{x.dim()} dimension(s), rounding={rounding!r}, variant={variant!r}"
+            )
+        )
+        raise RuntimeError(
+            f"backend='native' cannot compute this NVFP4 call: {why}; use backend='auto' or 'torch'"
+        )
+    return "torch"
+
+
+def quantize_nvfp4(
+    x: torch.Tensor,
+    axis: int,
+    tensor_scale: str | torch.Tensor | None,
+    tile: tuple[int, int],
+    rounding: str,
+    generator: torch.Generator | None,
+    variant: str,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x`` NVFP4 fake-quantized, in its dtype and shape (arguments checked by
+    ``mxprobe.quantize_nvfp4``: ``axis`` non-negative, ``tile`` a tuple, ``tensor_scale`` None,
+    ``"amax"`` or a 0-dim fp32 tensor), on :func:`resolve_nvfp4_backend`'s backend."""
+    if resolve_nvfp4_backend(backend, x, rounding, variant) == "native":
+        return native_nvfp4.quantize(x, axis, tensor_scale, tile)
+    # mxprobe.nvfp4 holds the torch path and imports this room, so it is imported at call time
+    from mxprobe.nvfp4 import quantize_nvfp4_torch
+
+    return quantize_nvfp4_torch(x, axis, tensor_scale, tile, rounding, generator, variant)

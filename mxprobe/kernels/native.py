@@ -1,4 +1,5 @@
-"""The native CPU quantizer: ``native_quantize.c``, built with the C compiler at first use.
+"""The native CPU quantizer: ``native_quantize.c`` (MX) and ``nvfp4_quantize.c`` (NVFP4, its
+wrapper in :mod:`.native_nvfp4`), built into one library with the C compiler at first use.
 
 It computes ``mx_blocks.quantize_blocks`` bit for bit in one pass over memory, with no padding
 or reshaping copies and a few microseconds of call overhead, so that the quantizer runs near
@@ -39,8 +40,10 @@ from mxprobe.formats import ElementFormat, mx_format
 from mxprobe.kernels import native_cache
 from mxprobe.mx_blocks import fp32, from_blocks, quantize_blocks, to_blocks
 
-SOURCE = Path(__file__).with_name("native_quantize.c")
-ABI_VERSION = 3
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("native_quantize.c", "nvfp4_quantize.c")
+)
+ABI_VERSION = 4
 # Below this many elements one thread is faster than handing work to other threads: the
 # OpenMP team (awake after torch's own operators) or, without OpenMP, the Python pool.
 PARALLEL_MIN_NUMEL = {"openmp": 1 << 15, "pool": 1 << 17}
@@ -131,7 +134,7 @@ def _build(cc: str) -> Path:
     """Compile the source (or find the cached build); the library's path."""
     flag_sets = _flag_sets()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(
         b"\0".join(
             x.encode() if isinstance(x, str) else x
@@ -159,7 +162,7 @@ def _build(cc: str) -> Path:
     for flags in flag_sets:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
             os.chmod(tmp, 0o700)
@@ -207,6 +210,11 @@ def _load() -> ctypes.CDLL:
         ctypes.c_float,
     ]
     lib.mx_round.restype = None
+    lib.nv_quantize.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int32]
+    lib.nv_quantize.argtypes += [ctypes.c_void_p]
+    lib.nv_quantize.restype = None
+    lib.nv_amax_bits.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_int32] * 2
+    lib.nv_amax_bits.restype = ctypes.c_uint32
     lib.mx_openmp.restype = ctypes.c_int
     return lib
 
@@ -253,7 +261,8 @@ def unavailable_reason() -> str | None:
 
 def _self_check() -> None:
     """Compare the fresh library with the torch path on values that catch a miscompilation
-    (fast-math, FMA contraction, flushed subnormals): ties, subnormals, saturation, NaN."""
+    (fast-math, FMA contraction, flushed subnormals): ties, subnormals, saturation, NaN; MX
+    here, NVFP4 in :func:`.native_nvfp4.self_check`."""
     vals = [0.5 + k / 64 for k in range(32)] + [448 * 1.07, 3.0, -2.5, 1e-40, -0.0, 0.3]
     vals += [2.0**-130, 7.0, 1.75, -1.625] + [float("nan")] + [1.0] * 29
     x = torch.tensor(vals, dtype=torch.float32).reshape(2, 36)
@@ -276,6 +285,9 @@ def _self_check() -> None:
                 f"self-check failed ({fmt}, {scale_mode}, {rounding}, {dtype}): the compiled "
                 "library disagrees with the torch path (a compiler applying fast-math?)"
             )
+    from mxprobe.kernels import native_nvfp4  # it imports this module
+
+    native_nvfp4.self_check(_state["lib"])
 
 
 def uses_openmp() -> bool:
@@ -310,7 +322,7 @@ def _openmp_now() -> bool:
     return _state["openmp"] and not _state["forked"]
 
 
-def _split(entry, n: int, numel: int) -> None:
+def split_work(entry, n: int, numel: int) -> None:
     """Run ``entry(begin, end, threads)`` over [0, n) on up to ``torch.get_num_threads()``
     threads: inside the call on the OpenMP build, else over the Python pool (ctypes releases
     the GIL); one thread when ``numel`` elements is little work."""
@@ -335,7 +347,7 @@ def round_cast(x: torch.Tensor, target: torch.dtype, top: float, inplace: bool) 
     out = x if inplace else torch.empty_like(x)
     code = _DTYPE_CODES[target]
     src, dst = x.data_ptr(), out.data_ptr()
-    _split(lambda lo, hi, t: lib.mx_round(src, dst, lo, hi, t, code, top), x.numel(), x.numel())
+    split_work(lambda lo, hi, t: lib.mx_round(src, dst, lo, hi, t, code, top), x.numel(), x.numel())
     return out
 
 
@@ -396,5 +408,5 @@ def quantize(
     )  # fmt: skip
     ptrs = (x.data_ptr(), out.data_ptr(), noise.data_ptr() if noise is not None else None)
     ref = ctypes.byref(args)
-    _split(lambda lo, hi, t: lib.mx_quantize(*ptrs, lo, hi, t, ref), outer * nblocks, x.numel())
+    split_work(lambda lo, hi, t: lib.mx_quantize(*ptrs, lo, hi, t, ref), outer * nblocks, x.numel())
     return out

@@ -431,4 +431,4 @@ int mx_openmp(void) {
 #endif
 }
 
-int mx_abi_version(void) { return 3; }
+int mx_abi_version(void) { return 4; }
