@@ -169,8 +169,10 @@ def _codes_and_scales(x, axis, pts, tile, rounding, generator, variant):
 def _quantized(x, axis, tensor_scale, tile, rounding, generator, variant):
     """``_codes_and_scales`` (arguments checked), or None for an empty or all-zero two-level
     x."""
+    if x.numel() == 0:
+        return None
     pts = None if variant == "te" else _tensor_scale(x, tensor_scale)
-    if x.numel() == 0 or (pts is not None and float(pts) == 0):
+    if pts is not None and float(pts) == 0:
         return None
     return _codes_and_scales(x, axis, pts, tile, rounding, generator, variant)
 
@@ -206,9 +208,11 @@ def quantize_nvfp4(
         RuntimeError: ``backend="native"`` where the kernel does not compute the call.
     """
     axis, tile, tensor_scale = _check(x, axis, tile, rounding, variant, tensor_scale)
-    return kernels.quantize_nvfp4(
-        x, axis, tensor_scale, tile, rounding, generator, variant, backend=backend
+    flat = x.reshape(1) if x.dim() == 0 else x  # a 0-dim tensor is a block of one element
+    found = kernels.quantize_nvfp4(
+        flat, axis, tensor_scale, tile, rounding, generator, variant, backend=backend
     )
+    return found.reshape(x.shape)
 
 
 def quantize_nvfp4_torch(x, axis, tensor_scale, tile, rounding, generator, variant):
@@ -235,8 +239,10 @@ def nvfp4_clip_counts(
     rounded down by the E4M3 cast (or hit the cast's clamp), so the block max no longer maps to
     6 or below. Same arguments as :func:`quantize_nvfp4`."""
     axis, tile, tensor_scale = _check(x, axis, tile, "even", variant, tensor_scale)
+    if x.numel() == 0:
+        return torch.zeros(3, dtype=torch.float64, device=x.device)
     pts = None if variant == "te" else _tensor_scale(x, tensor_scale)
-    if x.numel() == 0 or (pts is not None and float(pts) == 0):
+    if pts is not None and float(pts) == 0:
         return torch.zeros(3, dtype=torch.float64, device=x.device)
     y, *_ = _scaled(x.detach(), axis, pts, tile, variant)
     clipped = y.abs() > E2M1_MAX

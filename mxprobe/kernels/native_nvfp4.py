@@ -110,6 +110,9 @@ def _adversarial() -> torch.Tensor:
         [float("nan")] + [1.0] * 15,
         [float("-inf")] + [0.5] * 15,
         [1.7812498807907104, -1.0, 0.3, 2.0**-130] * 4,
+        # at pts 0.1 these are E2M1 ties of x · ((1/pts)/s), not of x · (1/(pts·s))
+        [0.675, 0.02812499925494194, 0.08437499403953552, 0.140625, 0.19687499105930328] * 3
+        + [0.5625],
     ]
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -130,6 +133,7 @@ def self_check(lib: ctypes.CDLL) -> None:
         (x, 1, None, (1, BLOCK)),
         (x.to(torch.bfloat16), 0, None, (1, BLOCK)),
         (finite, 1, "amax", (1, BLOCK)),
+        (x[-1:], 1, torch.tensor(0.1), (1, BLOCK)),
         (finite.repeat(5, 2).to(torch.bfloat16), 1, torch.tensor(0.0123), (BLOCK, BLOCK)),
     )
     for t, axis, scale, tile in cases:
