@@ -29,8 +29,9 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/mxprobe demo --out out/demo
 
-# Three stages: the default tests; the slow ones (full demo, multi-minute trainings, kill -9 of
-# a sweep), timed on their own (pytest prints the stage's seconds); then the installed wheel.
+# Three stages: the default tests; the slow ones (the full demo, multi-minute trainings, kill -9
+# and resume, several processes (DDP, FSDP2), compiled transformers models), timed on their own
+# (pytest prints the stage's seconds); then the installed wheel.
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q --durations=15
 	$(PY) -m pytest -q -m slow --durations=10

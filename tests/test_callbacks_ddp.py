@@ -14,6 +14,8 @@ import pytest
 from mxprobe.record import read_events, read_record
 from tests.helpers_lightning import run_ranks
 
+pytestmark = pytest.mark.slow  # two processes (gloo DDP)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

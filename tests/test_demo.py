@@ -25,6 +25,7 @@ def logged_losses(run_dir) -> tuple[list[int], list[float]]:
     return [int(r["step"]) for r in rows], [float(r["train/loss"]) for r in rows]
 
 
+@pytest.mark.slow  # trains four runs; make smoke also runs it installed
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0

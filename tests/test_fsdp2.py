@@ -14,7 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers_lightning import run_ranks
+
+pytestmark = pytest.mark.slow  # two processes (gloo FSDP2)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs every step of benchmarks/gpu_check.sh
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

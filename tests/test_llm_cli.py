@@ -98,6 +98,7 @@ def test_validate_subcommand_runs(tmp_path, capsys):
     assert "val/bpb" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two processes (gloo DDP)
 def test_the_same_config_trains_on_two_cpu_processes_with_ddp(tmp_path):
     # Lightning's DDP launcher starts the other rank by re-running this very command line. The
     # two ranks share a rendezvous port picked free for this run (no MASTER_PORT passed on: see

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,7 @@ def _run(*args: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # trains several proxy runs
 def test_search_loop_reports_the_compare_summary_and_applies_a_switch(tmp_path):
     plain, switched = tmp_path / "plain.pt", tmp_path / "switched.pt"
     row = _run("--scheme", "mxfp8_e4m3", "--steps", "6", "--save-losses", str(plain))
@@ -41,6 +43,7 @@ def test_search_loop_reports_the_compare_summary_and_applies_a_switch(tmp_path):
     assert a[3] != b[3]  # the step after it runs with bf16 LayerNorm affine weights
 
 
+@pytest.mark.slow  # trains several proxy runs
 def test_snapping_switch_leaves_the_loss_at_the_switch_unchanged(tmp_path):
     runs = {}
     for name, extra in (("plain", ()), ("switched", ()), ("snapped", ("--snap",))):

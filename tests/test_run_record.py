@@ -228,6 +228,7 @@ def _history(path) -> tuple:
     return record.losses, record.readings, events
 
 
+@pytest.mark.slow  # a process killed and resumed
 def test_kill_9_and_resume_gives_the_uninterrupted_record(tmp_path):
     whole = _proxy_fit(_proxy_config(tmp_path, "whole", None))
     assert whole.returncode == 0, whole.stderr[-3000:]
