@@ -12,6 +12,11 @@ eager ``MXTensor.to_mx(...).dequantize()`` throughput. ``clone`` and ``quantize_
 fresh pages for a large tensor when the allocator maps new memory, which can hide up to 3x of
 the kernel's own cost: read ``ratio`` and ``reused`` together. The first call of each variant
 (the native kernel's build, or torch.compile of the torch path) is timed separately as warm-up.
+
+Then NVFP4 (``quantize_nvfp4``, round to nearest) for fp32 and bf16: single-level 1 x 16 blocks,
+two-level (``tensor_scale="amax"``) and 16 x 16 two-level tiles, with the same ratio to
+``clone()``, the ratio along axis 0, and the torch path's Melem/s (``backend="torch"``, what ran
+before the native kernel) next to the default backend's.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ import torch
 from mxprobe import kernels
 from mxprobe.app.cli.errors import ArgumentParser, positive_int
 from mxprobe.formats import MX_FORMAT_NAMES
+from mxprobe.nvfp4 import quantize_nvfp4
 from mxprobe.quantize import quantize_mx
+
+# NVFP4 rows: (name, quantize_nvfp4 arguments); "1x16" rows are timed along axis 0 too
+NVFP4_ROWS = (
+    ("1x16", {}),
+    ("1x16 amax", {"tensor_scale": "amax"}),
+    ("16x16 amax", {"tile": (16, 16), "tensor_scale": "amax"}),
+)
 
 
 def _median_seconds(fn, reps: int) -> float:
@@ -147,4 +160,47 @@ def run(argv: list[str] | None = None, prog: str = "mxprobe bench") -> int:
                 f"{clone_rate:9.0f} {q_rate / clone_rate:9.2f} {axis0_ratio:9.2f} {reused:>9} "
                 f"{ao_text:>9}"
             )
+    _nvfp4_rows(args, n)
     return 0
+
+
+def _nvfp4_rows(args: argparse.Namespace, n: int) -> None:
+    """The NVFP4 table: the default backend against ``clone()`` and the torch path."""
+    print(f"NVFP4 (quantize_nvfp4, rounding='even'), {args.reps} reps")
+    header = ("dtype", "scaling", "backend", "warmup_s", "Melem/s", "clone", "ratio", "axis0")
+    print(
+        f"{header[0]:9} {header[1]:11} {header[2]:7} " + " ".join(f"{h:>9}" for h in header[3:]),
+        end="",
+    )
+    print(f" {'torch':>9}")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(args.size, args.size, device=args.device).to(dtype)
+        sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+        backend = kernels.resolve_nvfp4_backend("auto", x)
+        for name, kw in NVFP4_ROWS:
+            t0 = time.perf_counter()
+            quantize_nvfp4(x, **kw)
+            sync()
+            warm = time.perf_counter() - t0
+            t_clone, t_q, t_q0 = [], [], []
+            for _ in range(args.reps):  # interleaved, as the MX rows
+                t_clone.append(_median_seconds(lambda x=x, s=sync: (x.clone(), s()), 1))
+                t_q.append(
+                    _median_seconds(lambda x=x, k=kw, s=sync: (quantize_nvfp4(x, **k), s()), 1)
+                )
+                if "tile" not in kw:
+                    t_q0.append(
+                        _median_seconds(
+                            lambda x=x, k=kw, s=sync: (quantize_nvfp4(x, axis=0, **k), s()), 1
+                        )
+                    )
+            clone = statistics.median(t_clone)
+            axis0 = f"{clone / statistics.median(t_q0):9.2f}" if t_q0 else f"{'-':>9}"
+            torch_s = _median_seconds(
+                lambda x=x, k=kw, s=sync: (quantize_nvfp4(x, backend="torch", **k), s()), args.reps
+            )
+            print(
+                f"{str(dtype).replace('torch.', ''):9} {name:11} {backend:7} {warm:9.1f} "
+                f"{n / statistics.median(t_q) / 1e6:9.0f} {n / clone / 1e6:9.0f} "
+                f"{clone / statistics.median(t_q):9.2f} {axis0} {n / torch_s / 1e6:9.0f}"
+            )
