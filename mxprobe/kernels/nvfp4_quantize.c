@@ -84,8 +84,8 @@ static inline float nv_element(float x, float factor, float dequant, float pts) 
     y = y < -6.0f ? -6.0f : (y > 6.0f ? 6.0f : y);
     float ay = fabsf(y);
     float c = nv_float((nv_bits(ay < 1.0f ? 1.0f : ay) & 0x7F800000u) + (22u << 23));
-    float r = (ay + c) - c;
-    return (copysignf(r > 6.0f ? 6.0f : r, y) * dequant) * pts;
+    float r = (ay + c) - c; /* at most 6: |y| <= 6 and 6 is on the grid */
+    return (copysignf(r, y) * dequant) * pts;
 }
 
 static void nv_range(const void *x, void *out, int64_t begin, int64_t end, const nv_args *args) {

@@ -17,7 +17,10 @@ class KernelStatus:
     """What the backends can do in this process now, and why not where they cannot."""
 
     native: bool
-    """The native C kernel is built, self-checked and not turned off (``MXPROBE_NATIVE``)."""
+    """The native C kernel is built, self-checked and not turned off (``MXPROBE_NATIVE``). It
+    computes CPU tensors' MX quantization, bf16/fp16 rounding and NVFP4 (fp32/bf16, variant
+    ``"torchao"``, ``rounding="even"``); NVFP4's stochastic rounding and variant ``"te"`` run on
+    the torch path (``kernels.resolve_nvfp4_backend`` says which backend a call takes)."""
     native_reason: str | None
     """Why ``native`` is False (None when it is True)."""
     native_library: str | None
