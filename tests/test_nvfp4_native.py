@@ -4,6 +4,8 @@ tiles, bf16's every bit pattern, given per-tensor scales, threads; and which cal
 
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -228,3 +230,27 @@ def test_under_torch_compile_the_torch_path_is_traced():
     x = wide(8, 64, seed=10)
     compiled = torch.compile(lambda t: quantize_nvfp4(t, tensor_scale="amax"), backend="eager")
     assert bits_equal(compiled(x), quantize_nvfp4(x, tensor_scale="amax", backend="torch"))
+
+
+def test_the_portable_build_without_avx512_agrees(tmp_path):
+    # Built for the baseline target (no -march=native: no AVX-512 block maxima), in a
+    # subprocess with a cache of its own: the self-check passes and wide rows still agree.
+    code = """
+import torch
+from mxprobe import quantize_nvfp4
+from mxprobe.kernels import native
+native._ARCH_FLAGS = ([],)
+assert native.available(), native.unavailable_reason()
+g = torch.Generator().manual_seed(12)
+x = torch.randn(64, 1000, generator=g) * torch.exp2(torch.randn(64, 1000, generator=g) * 8)
+for kw in ({}, {"tensor_scale": "amax"}, {"tile": (16, 16)}, {"axis": 0}):
+    a = quantize_nvfp4(x, backend="native", **kw)
+    b = quantize_nvfp4(x, backend="torch", **kw)
+    assert torch.equal(a.view(torch.int32), b.view(torch.int32)), kw
+print("ok")
+"""
+    env = {**os.environ, "MXPROBE_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -129,8 +129,10 @@ def self_check(lib: ctypes.CDLL) -> None:
 
     x = _adversarial()
     finite = x[:4]
+    long = torch.cat([x.reshape(-1), x.reshape(-1) * -3.0]).reshape(1, -1)  # 16 blocks a row
     cases = (
         (x, 1, None, (1, BLOCK)),
+        (long, 1, None, (1, BLOCK)),
         (x.to(torch.bfloat16), 0, None, (1, BLOCK)),
         (finite, 1, "amax", (1, BLOCK)),
         (x[-1:], 1, torch.tensor(0.1), (1, BLOCK)),

@@ -24,6 +24,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 enum { NV_F32 = 0, NV_BF16 = 1 };
 
@@ -58,6 +61,32 @@ static inline void nv_store_bf16(uint16_t *restrict p, const float *restrict res
         p[k] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : r;
     }
 }
+
+#ifdef __AVX512F__
+/* amax[0, 16) = max(amax, the |x| maxima (as bits) of the 16 blocks of 16 at p): 15 vector
+   maxima in four halving stages (256-bit halves, 128-bit lanes, then 32- and 64-bit
+   interleaves) instead of a horizontal reduction per block, about a fifth of the kernel's time;
+   the stages leave block l + 4k in lane 4l + k, which the last permutation undoes. */
+static inline void nv_amax_16_blocks(const float *p, uint32_t *amax) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF);
+    __m512i v[16];
+    for (int i = 0; i < 16; i++) v[i] = _mm512_and_si512(_mm512_loadu_si512(p + 16 * i), magnitude);
+    for (int i = 0; i < 8; i++) /* [a, a, b, b]: each block's 256-bit halves */
+        v[i] = _mm512_max_epu32(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x44),
+                                _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* [a, b, c, d]: one block's 4 partial maxima per 128 bits */
+        v[i] = _mm512_max_epu32(_mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0x88),
+                                _mm512_shuffle_i64x2(v[2 * i], v[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        v[i] = _mm512_max_epu32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]),
+                                _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    __m512i m = _mm512_max_epu32(_mm512_unpacklo_epi64(v[0], v[1]),
+                                 _mm512_unpackhi_epi64(v[0], v[1]));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    m = _mm512_permutexvar_epi32(order, m);
+    _mm512_storeu_si512(amax, _mm512_max_epu32(m, _mm512_loadu_si512(amax)));
+}
+#endif
 
 /* The block factors of m blocks from their |x| maxima (as bits): factor = (1 / pts) / s and
    dequant = s + amax * 0. The E4M3 rounding is mx_blocks._round_even_float's: adding
@@ -110,7 +139,11 @@ static void nv_range(const void *x, void *out, int64_t begin, int64_t end, const
                     }
                     continue;
                 }
-                for (int64_t j = 0; j < m; j++) {
+                int64_t j = 0;
+#ifdef __AVX512F__
+                for (; (j + 16) * 16 <= w; j += 16) nv_amax_16_blocks(src + j * 16, amax + j);
+#endif
+                for (; j < m; j++) {
                     int64_t nb = w - j * 16 < 16 ? w - j * 16 : 16;
                     uint32_t mx = amax[j];
                     for (int64_t k = 0; k < nb; k++) {
