@@ -28,6 +28,10 @@ and of an all-zero tensor is that tensor.
 
 ``nvfp4_encode`` gives the packed form (two E2M1 codes per byte, low nibble first; E4M3 scale
 bytes; the per-tensor scale) and ``nvfp4_decode`` reads it back to the same values.
+
+This module's torch path is the reference; ``quantize_nvfp4`` runs fp32/bf16 CPU tensors with
+``rounding="even"`` and variant ``"torchao"`` on the native C kernel instead, which gives the
+same bits (``mxprobe.kernels.resolve_nvfp4_backend`` says which backend a call takes).
 """
 
 from __future__ import annotations
@@ -117,7 +121,9 @@ def _tensor_scale(x: torch.Tensor, tensor_scale: str | torch.Tensor | None) -> t
     return tensor_scale
 
 
-def _check(x, axis, tile, rounding, variant, tensor_scale) -> tuple[int, tuple[int, int], object]:
+def _check(
+    x, axis, tile, rounding, variant, tensor_scale
+) -> tuple[int, tuple[int, int], str | torch.Tensor | None]:
     """(axis made non-negative, tile as a tuple, ``_checked_scale``)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -282,8 +288,8 @@ def nvfp4_encode(
     generator: torch.Generator | None = None,
     variant: str = "torchao",
 ) -> NVFP4Packed:
-    """The packed form of ``quantize_nvfp4(x, ...)``; ``nvfp4_decode`` of it equals that. (On
-    the torch path: the codes and scales are what it keeps.)"""
+    """The packed form of ``quantize_nvfp4(x, ...)``; ``nvfp4_decode`` of it equals that.
+    Computed on the torch path, whose codes and scales it keeps."""
     axis, tile, tensor_scale = _check(x, axis, tile, rounding, variant, tensor_scale)
     found = _quantized(x, axis, tensor_scale, tile, rounding, generator, variant)
     if found is None:  # empty or all zero: zero codes and (smallest) scales decode to x

@@ -144,15 +144,13 @@ def resolve_nvfp4_backend(
     if applies and native.available():
         return "native"
     if backend == "native":
-        why = (
-            native.unavailable_reason()
-            if applies
-            else (
-                f"it takes fp32/bf16 CPU tensors of >= 1 dimension outside autograd and "
+        why = native.unavailable_reason()
+        if not applies:
+            why = (
+                "it takes fp32/bf16 CPU tensors of >= 1 dimension outside autograd and "
                 f"torch.compile, rounding='even', variant='torchao'; got {x.dtype} on {x.device}, "
                 f"{x.dim()} dimension(s), rounding={rounding!r}, variant={variant!r}"
             )
-        )
         raise RuntimeError(
             f"backend='native' cannot compute this NVFP4 call: {why}; use backend='auto' or 'torch'"
         )
