@@ -87,6 +87,7 @@ def test_crossings_count_blocks_whose_max_changed_binade():
     assert search._gamma_probes(net, last)["crossed"] == 0
 
 
+@pytest.mark.slow  # trains proxy runs twice
 def test_save_state_then_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_path):
     common = ("--scheme", "mxfp8_e4m3", "--lr", "0.02", "--switch-at", "3",
               "--switch-to", "norm=bf16", "--snap")  # fmt: skip
@@ -113,6 +114,7 @@ def test_save_state_then_resume_equals_the_uninterrupted_run_bit_for_bit(tmp_pat
             assert torch.equal(value, b["optimizer"]["state"][key][m]), (key, m)
 
 
+@pytest.mark.slow  # trains proxy runs twice
 def test_a_resumed_run_starts_at_the_saved_step(tmp_path):
     state = tmp_path / "s.pt"
     _run("--steps", "4", "--save-state", "4", "--state-file", str(state))

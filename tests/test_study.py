@@ -261,7 +261,9 @@ def cell_after_mx(job: st.CellJob) -> dict:
     return st.finish_cell(cell, result, alarms, 0, list(job.extra))
 
 
-@pytest.mark.parametrize("jobs", [0, 2])
+@pytest.mark.parametrize(
+    "jobs", [0, pytest.param(2, marks=pytest.mark.slow)]  # 2: spawned processes, about 20 s
+)
 def test_rule_cells_of_a_seed_without_mx_alarm_are_the_mx_cell(tmp_path, jobs):
     plan = _plan(tmp_path, _configs(tmp_path), seeds=[1, 3, 4])
     assert plan.run(jobs, lambda line: None, train=cell_after_mx) == 0
