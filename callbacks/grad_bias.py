@@ -9,23 +9,24 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from mxprobe.callbacks.events import (
-    PeriodicMonitor,
-    check_every_n_steps,
+from mxprobe.callbacks.distributed import (
     check_fsdp2_sharding,
-    is_monitored_step,
-    is_sharded,
     local_tensor,
-    publish,
     reduce_mean,
     reduce_sum,
+)
+from mxprobe.callbacks.periodic import (
+    PeriodicMonitor,
+    check_every_n_steps,
+    is_monitored_step,
+    publish,
 )
 from torch import nn
 from torch.optim import Optimizer
 
 from mxprobe import full_precision
 from mxprobe.convert import named_modules
-from mxprobe.modules import MxModule
+from mxprobe.modules import MxModule, is_sharded
 from mxprobe.names import GRAD_BIAS, TOTAL, TOTAL_LINEARS, TOTAL_NORMS, metric
 from mxprobe.scheme import matches_glob
 from mxprobe.stats import gradient_comparison, gradient_sums

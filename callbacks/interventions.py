@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from mxprobe.callbacks.actions import ActionContext
-from mxprobe.callbacks.events import is_sharded, record_event, reduce_sum
+from mxprobe.callbacks.distributed import reduce_sum
+from mxprobe.callbacks.events import record_event
 from mxprobe.callbacks.precision_state import load_schemes, save_schemes
 from mxprobe.callbacks.recorder import RunRecorder
 from mxprobe.callbacks.rules import MetricTrigger, Rule, SpikeTrigger, StepTrigger, parse_rules
@@ -19,6 +20,7 @@ from mxprobe.callbacks.snapshots import Snapshot, SnapshotStore
 
 from mxprobe import nvfp4_random
 from mxprobe.convert import check_scheme_change
+from mxprobe.modules import is_sharded
 from mxprobe.names import MONITOR_CALLBACKS, SPIKES, monitor_prefix
 
 

@@ -7,13 +7,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from mxprobe.callbacks.events import (
+from mxprobe.callbacks.distributed import full_tensor, reduce_sum
+from mxprobe.callbacks.periodic import (
     PeriodicMonitor,
     check_every_n_steps,
-    full_tensor,
     is_monitored_step,
     publish,
-    reduce_sum,
 )
 from torch import nn
 from torch.optim import Optimizer

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning_utilities.core.apply_func import apply_to_collection
-from mxprobe.callbacks.events import is_sharded
 from torch import nn
 
 from mxprobe.checks import check_int
+from mxprobe.modules import is_sharded
 
 
 @dataclasses.dataclass

@@ -9,17 +9,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from mxprobe.callbacks.events import (
-    PeriodicMonitor,
-    is_sharded,
-    local_tensor,
-    publish,
-    record_event,
-    reduce_sum,
-)
+from mxprobe.callbacks.distributed import local_tensor, reduce_sum
+from mxprobe.callbacks.events import record_event
+from mxprobe.callbacks.periodic import PeriodicMonitor, publish
 from mxprobe.callbacks.recorder import RunRecorder, loss_of, mean_loss
 from torch.optim import Optimizer
 
+from mxprobe.modules import is_sharded
 from mxprobe.names import NONFINITE, SCALER_SKIP, SPIKE, SPIKES, TOTAL, metric
 
 METHODS = ("zscore", "ema_ratio", "derivative")

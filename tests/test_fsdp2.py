@@ -182,7 +182,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-from mxprobe.callbacks.events import check_fsdp2_sharding
+from mxprobe.callbacks.distributed import check_fsdp2_sharding
 
 store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
 dist.init_process_group("gloo", store=store, rank=0, world_size=1)
