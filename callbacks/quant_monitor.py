@@ -77,6 +77,23 @@ def _check_reference(reference_format: str | None) -> str | None:
     return fmt
 
 
+def _mx_settings(scheme: PrecisionScheme) -> dict:
+    """How ``scheme`` blocks, scales and rounds its MX roles (the monitors quantize as it does)."""
+    return {
+        "block_size": scheme.block_size,
+        "scale_mode": scheme.scale_mode,
+        "rounding": scheme.rounding,
+    }
+
+
+def _seeded(monitor, device: torch.device) -> torch.Generator:
+    """The monitor's own generator on ``device`` (seeded 0: stochastic readings repeat), so its
+    draws never touch torch's global generator and the training run it watches."""
+    if monitor._generator is None or monitor._generator.device != device:
+        monitor._generator = torch.Generator(device).manual_seed(0)
+    return monitor._generator
+
+
 def _format_in_use(module: nn.Module, role: str, reference: str | None) -> tuple:
     """(MX format or NVFP4, scheme giving block/scale/rounding, whether it is the module's own
     format); the format is ``reference`` when the module's role is neither now, ``None`` to
@@ -247,16 +264,7 @@ class NormAffineMonitor(PeriodicMonitor):
 
     def _mx_readings(self, role: str, p: torch.Tensor, fmt: str, scheme) -> tuple:
         """``p`` quantized as ``fmt`` under ``scheme``, and its MX saturation readings."""
-        if self._generator is None or self._generator.device != p.device:
-            self._generator = torch.Generator(p.device).manual_seed(0)
-        q = quantize_mx(
-            p,
-            fmt,
-            block_size=scheme.block_size,
-            scale_mode=scheme.scale_mode,
-            rounding=scheme.rounding,
-            generator=self._generator,
-        )
+        q = quantize_mx(p, fmt, **_mx_settings(scheme), generator=_seeded(self, p.device))
         kw = {"block_size": scheme.block_size}
         return q, {
             f"{role}_saturation": saturation_fraction(p, fmt, scale_mode=scheme.scale_mode, **kw),
@@ -352,16 +360,8 @@ class ActivationMonitor(PeriodicMonitor):
                 tensor_scale, tile, _ = nvfp4_settings(scheme, "act")
                 sums = nvfp4_quantization_sums(x, tensor_scale=tensor_scale, tile=tile)
             else:
-                if self._generator is None or self._generator.device != x.device:
-                    self._generator = torch.Generator(x.device).manual_seed(0)
-                sums = quantization_sums(
-                    x,
-                    fmt,
-                    block_size=scheme.block_size,
-                    scale_mode=scheme.scale_mode,
-                    rounding=scheme.rounding,
-                    generator=self._generator,
-                )
+                generator = _seeded(self, x.device)
+                sums = quantization_sums(x, fmt, **_mx_settings(scheme), generator=generator)
             self._sums[name] = self._sums[name] + sums if name in self._sums else sums
 
         return hook

@@ -34,7 +34,7 @@ from mxprobe.quantize import quantize_mx, round_to, round_to_owned
 from mxprobe.scheme import BACKWARD_ROLES, GEMM_ROLES, PrecisionScheme
 
 
-class NotEmulatedError(NotImplementedError):
+class NotEmulatedError(RuntimeError):
     """A computation mxprobe refuses to run because it cannot emulate it on MX operands (a
     fused product, a weight of unknown role, expert parallelism): raised, never run in full
     precision behind the user's back. The message names the module and what to do."""
