@@ -102,7 +102,8 @@ def test_the_demo_trains_the_study_arms_of_the_shipped_configs():
     at the end, its progress, and the monitors on the MX runs."""
     base = configs.path(demo_case.BASE_CONFIG)
     assert base == Path(__file__).resolve().parents[1] / "examples/configs/proxy_cpu.yaml"
-    arms = study.arm_configs(base, list(RUNS), study.rule_paths(base, list(RUNS)))
+    chosen = study.arms_named(list(RUNS))
+    arms = study.arm_configs(base, chosen, study.rule_paths(base, chosen))
     added = {"mxprobe.app.progress.ProgressReporter", "mxprobe.callbacks.GradientBiasMonitor",
              "mxprobe.callbacks.NormAffineMonitor"}  # fmt: skip
     for name in RUNS:

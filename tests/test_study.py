@@ -62,8 +62,7 @@ def _configs(tmp_path: Path, max_steps: int = 2, lr: float = 1e-3) -> Path:
     return path
 
 
-def _plan(tmp_path: Path, base: Path, seeds=SEEDS, extra=(), patience=10) -> st.Plan:
-    arms = list(st.ARMS)
+def _plan(tmp_path: Path, base: Path, seeds=SEEDS, extra=(), patience=10, arms=st.ARMS) -> st.Plan:
     configs = st.arm_configs(base, arms, st.rule_paths(base, arms))
     return st.Plan(configs, list(seeds), tmp_path / "study", list(extra), 10.0, patience,
                    "mxprobe study (test)", "test machine")  # fmt: skip
@@ -79,7 +78,7 @@ def test_seed_lists_and_arm_configs(tmp_path):
     with pytest.raises(ValueError, match="bad seed list"):
         st.parse_seeds("1-x")
     with pytest.raises(ValueError, match=r"unknown arm\(s\) \['bogus'\]"):
-        st.rule_paths(tmp_path / "base.yaml", ["mx", "bogus"])
+        st.arms_named(["mx", "bogus"])
     base = _configs(tmp_path)
     configs = _plan(tmp_path, base).configs
     assert list(configs) == list(st.ARMS)
@@ -125,8 +124,8 @@ def test_known_outcomes_give_the_rates_tests_and_detector_scores(tmp_path):
     assert (rule_vs_rewind["a_only"], rule_vs_rewind["b_only"]) == ("0", "3")
     assert float(rule_vs_rewind["p_value"]) == pytest.approx(0.25)
 
-    found = study_report.load(out, plan.arms, plan.seeds, plan.finished)
-    seeds, averted, _ = study_report.rescue(found)
+    found = study_report.load(out, plan.arms, plan.seeds, plan.finished, st.base_arms(plan.configs))
+    seeds, averted, _ = study_report.rescue(found, "mx")
     assert seeds == SEEDS  # MX diverged on every seed
     assert {arm: (r.diverged, r.n) for arm, r in averted} == {
         "mx_intervention": (5, 6), "mx_rewind_only": (2, 6), "mx_placebo": (1, 6)
@@ -197,9 +196,8 @@ def test_the_demo_trains_the_study_cells_losses(tmp_path):
     from mxprobe.app.cli.demo import demo_config
 
     base = ROOT / "examples/configs/proxy_cpu.yaml"
-    study_mx = st.arm_configs(
-        base, ["mx", "mx_intervention"], st.rule_paths(base, ["mx_intervention"])
-    )["mx"]
+    arms = st.arms_named(["mx", "mx_intervention"])
+    study_mx = st.arm_configs(base, arms, st.rule_paths(base, arms))["mx"]
     study_mx["seed_everything"] = 3
     study_mx["model"]["seed"] = study_mx["data"]["seed"] = 3
     demo_mx = demo_config("mx", 3, quick=False, steps=60)
@@ -211,11 +209,15 @@ def test_no_mx_divergence_means_no_rescue_rows():
     """With no seed where MX diverged, the rescue table and its tests are empty (not the tests
     over all seeds)."""
     cell = {"diverged": False, "divergence_step": None, "final_loss": 0.01, "steps": 10}
-    found = study_report.Study(list(st.ARMS), [1, 2], {a: {1: cell, 2: cell} for a in st.ARMS})
-    seeds, averted, tests = study_report.rescue(found)
+    bases = dict.fromkeys(["mx_intervention", "mx_rewind_only", "mx_placebo"], "mx")
+    results = {a: {1: cell, 2: cell} for a in st.ARMS}
+    found = study_report.Study(list(st.ARMS), [1, 2], results, bases)
+    seeds, averted, tests = study_report.rescue(found, "mx")
     assert seeds == [] and tests == []
-    assert all(r.n == 0 for _, r in averted)
-    assert "Too few finished seeds" in study_report.render(found, "c", "m")
+    assert [a for a, r in averted if r.n == 0] == list(bases)
+    assert "Too few finished seeds to compare mx_intervention" in study_report.render(
+        found, "c", "m"
+    )
 
 
 def test_the_demo_quotes_the_study_table(tmp_path):
@@ -262,7 +264,8 @@ def cell_after_mx(job: st.CellJob) -> dict:
 
 
 @pytest.mark.parametrize(
-    "jobs", [0, pytest.param(2, marks=pytest.mark.slow)]  # 2: spawned processes, about 20 s
+    "jobs",
+    [0, pytest.param(2, marks=pytest.mark.slow)],  # 2: spawned processes, about 20 s
 )
 def test_rule_cells_of_a_seed_without_mx_alarm_are_the_mx_cell(tmp_path, jobs):
     plan = _plan(tmp_path, _configs(tmp_path), seeds=[1, 3, 4])
@@ -291,3 +294,67 @@ def test_only_rules_that_fire_on_alarms_let_a_cell_be_derived(tmp_path):
         for rule in (callback.get("init_args") or {}).get("rules") or []:
             rule["trigger"] = {"kind": "step", "at": 5}
     assert not st.acts_only_on_alarms(at_step)
+
+
+def test_arms_defined_by_name_scheme_and_rule():
+    assert st.parse_arm("nv=nvfp4") == ("nv", st.Arm("nvfp4"))
+    assert st.parse_arm("nv_full=nvfp4_recipe,norm=nvfp4+intervention") == (
+        "nv_full", st.Arm("nvfp4_recipe,norm=nvfp4", "intervention")
+    )  # fmt: skip
+    for bad in ("nvfp4", "=nvfp4", "nv=", "nv=nvfp4+", "n v=nvfp4"):
+        with pytest.raises(ValueError, match="bad arm"):
+            st.parse_arm(bad)
+    with pytest.raises(ValueError, match="unknown"):
+        st.parse_arm("nv=nvfp5")
+    with pytest.raises(ValueError, match="built in"):
+        st.arms_named(["mx"], {"mx": st.Arm("nvfp4")})
+    with pytest.raises(ValueError, match="repeat"):
+        st.arms_named(["fp32", "fp32"])
+
+
+# A format study: the rule arm's base is the arm without rules of its scheme, not `mx`.
+FORMAT_ARMS = {
+    "fp32": st.Arm("fp32"),
+    "e4m3": st.Arm("mxfp8_e4m3"),
+    "nv": st.Arm("nvfp4"),
+    "nv_rule": st.Arm("nvfp4", "intervention"),
+    "nv_rewind": st.Arm("nvfp4", "rewind_only"),
+}
+NV_DIVERGING = {"fp32": set(), "e4m3": {2}, "nv": {1, 2}, "nv_rule": {2}, "nv_rewind": {1, 2}}
+
+
+def format_cell(job: st.CellJob) -> dict:
+    """Writes a cell of the format study from NV_DIVERGING; nv alarms on seeds 1-2 only, so
+    the rule arms of seed 3 must be derived from nv's cell, never trained."""
+    cell = job.cell
+    assert not (cell.arm.startswith("nv_") and cell.seed == 3), f"{cell} trained"
+    if cell.arm.startswith("nv_"):
+        assert st.Cell(cell.out, "nv", cell.seed).result() is not None, "nv first"
+    tracker = DivergenceTracker(job.factor, job.patience)
+    bad = cell.seed in NV_DIVERGING[cell.arm]
+    for step in range(STEPS):
+        if tracker.update(100.0 if bad and step >= JUMP else 1.0 - step / 1000):
+            break
+    alarms = [ALARM] if cell.arm.startswith("nv") and cell.seed != 3 else []
+    result = RunResult.of(tracker, wall_s=1.0, cpu_s=1.0)
+    return st.finish_cell(cell, result, alarms, len(alarms), list(job.extra))
+
+
+def test_a_format_study_derives_and_rescues_against_each_rule_arms_own_base(tmp_path):
+    plan = _plan(tmp_path, _configs(tmp_path), seeds=[1, 2, 3], arms=FORMAT_ARMS)
+    assert st.base_arms(plan.configs) == {"nv_rule": "nv", "nv_rewind": "nv"}
+    assert plan.run(0, lambda line: None, train=format_cell) == 0
+    for arm in ("nv_rule", "nv_rewind"):
+        assert st.Cell(plan.out, arm, 3).result()["derived_from"] == "nv"
+    study, meta = study_report.from_tables(plan.out)
+    assert meta["bases"] == {"nv_rule": "nv", "nv_rewind": "nv"}
+    assert study.rescued_bases == ["nv"]
+    seeds, averted, tests = study_report.rescue(study, "nv")
+    assert seeds == [1, 2]
+    assert {a: (r.diverged, r.n) for a, r in averted} == {"nv_rule": (1, 2), "nv_rewind": (0, 2)}
+    assert [(t["arm_a"], t["arm_b"]) for t in tests] == [("nv_rule", "nv_rewind")]
+    text = (plan.out / "study.md").read_text()
+    assert "## Rescue: seeds where `nv` diverged" in text and "where `mx`" not in text
+    assert "- `nv_rule`: scheme `nvfp4`, rules spike-rewind-norms-bf16; base arm `nv`" in text
+    assert "- nv and fp32 divergence rates do not differ detectably" in text
+    assert "- e4m3 and fp32 divergence rates" in text and "- nv_rule and fp32" not in text

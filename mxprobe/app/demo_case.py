@@ -51,7 +51,8 @@ def arm_configs(arms: list[str]) -> dict[str, dict]:
     """The full LightningCLI config of each of ``arms``, as the study builds it from the shipped
     base config and its rule configs (seeds are set per run)."""
     base = configs.path(BASE_CONFIG)
-    return st.arm_configs(base, arms, st.rule_paths(base, arms))
+    chosen = st.arms_named(arms)
+    return st.arm_configs(base, chosen, st.rule_paths(base, chosen))
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def study_rates(folder: Path = STUDY_DIR) -> tuple[tuple[Rate, ...], str]:
             n, k = int(row["n"]), int(row["diverged"])
             low, high = float(row["ci_low"] or "nan"), float(row["ci_high"] or "nan")
             rates.append(Rate(what, k, n, low, high, f"study seeds finished in {arm}", command))
-    seeds, averted, _ = study_report.rescue(study)
+    seeds, averted, _ = study_report.rescue(study, "mx")
     names = {
         "mx_intervention": "the rule",
         "mx_rewind_only": "the rewind-only control",

@@ -1,5 +1,8 @@
-"""A controlled study of the spike rule: five arms per seed, from the same initial weights on the
-same batches (model seed = data seed = ``seed_everything`` = the seed).
+"""A controlled study over many seeds: arms trained from the same initial weights on the same
+batches (model seed = data seed = ``seed_everything`` = the seed).
+
+An *arm* (:class:`Arm`) is a precision scheme and, for a rule arm, a rule config. The built-in
+arms (:data:`ARMS`) test the spike rule:
 
 - ``fp32``: full precision; ``mx``: ``mxfp8_e4m3``; both carry the rule configs' loss-spike
   detector (it only watches), so their alarms are scored like the others'.
@@ -9,11 +12,16 @@ same batches (model seed = data seed = ``seed_everything`` = the seed).
   and a precision change of comparable size that leaves the norm-affine path in E4M3
   (``<base>_placebo.yaml``; docs/study_placebo.md says why it is comparable).
 
-A rule arm whose rules all fire on the spike detector's alarms runs exactly as ``mx`` until its
-first alarm (the same weights, batches and detector; its callbacks only watch and take
-snapshots). So on a seed where ``mx`` raised no alarm at all, the rule arm's run *is* the ``mx``
-run: its cell is written from ``mx``'s with ``derived_from: "mx"`` instead of being retrained
-(rule cells of a seed wait for its ``mx`` cell). docs/study_running.md says how this was checked.
+Other arms are defined by name (:func:`parse_arm`: ``NAME=SCHEME`` or ``NAME=SCHEME+RULE``),
+e.g. ``nvfp4=nvfp4`` and ``nvfp4_rule=nvfp4+intervention`` to compare formats
+(docs/nvfp4.md).
+
+A rule arm whose rules all fire on the spike detector's alarms runs exactly as its *base arm*
+(the arm without rules of the same scheme: ``mx`` for the ``mx_*`` arms) until its first alarm
+(the same weights, batches and detector; its callbacks only watch and take snapshots). So on a
+seed where the base arm raised no alarm at all, the rule arm's run *is* the base run: its cell
+is written from the base cell with ``derived_from: <base arm>`` instead of being retrained
+(rule cells of a seed wait for its base cell). docs/study_running.md says how this was checked.
 
 Each arm's full config is written to ``configs/<arm>.yaml`` under the output folder; a rule
 config must equal the base config apart from its callbacks (checked). A *cell* is one
@@ -46,13 +54,24 @@ from mxprobe import atomic
 from mxprobe.app.results import RunResult
 
 MX_SCHEME = "mxfp8_e4m3"
-# arm -> (model scheme, suffix of its rule config beside the base config; None: no rule)
-ARMS: dict[str, tuple[str, str | None]] = {
-    "fp32": ("fp32", None),
-    "mx": (MX_SCHEME, None),
-    "mx_intervention": (MX_SCHEME, "intervention"),
-    "mx_rewind_only": (MX_SCHEME, "rewind_only"),
-    "mx_placebo": (MX_SCHEME, "placebo"),
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A study arm: the model's precision ``scheme`` (a ``PrecisionScheme`` string) and, for a
+    rule arm, ``rule``: the suffix of its rule config beside the base config
+    (``<base stem>_<rule>.yaml``), unless ``--rule ARM=FILE`` names another file."""
+
+    scheme: str
+    rule: str | None = None
+
+
+ARMS: dict[str, Arm] = {
+    "fp32": Arm("fp32"),
+    "mx": Arm(MX_SCHEME),
+    "mx_intervention": Arm(MX_SCHEME, "intervention"),
+    "mx_rewind_only": Arm(MX_SCHEME, "rewind_only"),
+    "mx_placebo": Arm(MX_SCHEME, "placebo"),
 }
 DETECTOR_CLASS = "mxprobe.callbacks.LossSpikeDetector"
 INTERVENTION_CLASS = "mxprobe.callbacks.PrecisionIntervention"
@@ -76,19 +95,52 @@ def parse_seeds(text: str) -> list[int]:
     return sorted(seeds)
 
 
-def rule_paths(base: Path, arms: list[str], given: dict[str, Path] | None = None) -> dict:
-    """Each rule arm's config: ``given[arm]`` or ``<base stem>_<suffix>.yaml`` beside ``base``."""
-    unknown = [a for a in arms if a not in ARMS]
+def parse_arm(text: str) -> tuple[str, Arm]:
+    """``"NAME=SCHEME"`` or ``"NAME=SCHEME+RULE"`` -> (name, :class:`Arm`), e.g.
+    ``"nvfp4_rule=nvfp4+intervention"``: scheme ``nvfp4`` with the rules of
+    ``<base>_intervention.yaml``. The scheme is checked (``PrecisionScheme.parse``)."""
+    from mxprobe.scheme import PrecisionScheme
+
+    name, sep, rest = text.partition("=")
+    scheme, _, rule = rest.rpartition("+") if "+" in rest else (rest, "", "")
+    name, scheme, rule = name.strip(), scheme.strip(), rule.strip()
+    if not sep or not name or not scheme or ("+" in rest and not rule):
+        raise ValueError(
+            f"bad arm {text!r}; expected NAME=SCHEME or NAME=SCHEME+RULE, e.g. nvfp4=nvfp4 or "
+            "nvfp4_rule=nvfp4+intervention"
+        )
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"bad arm name {name!r}; use letters, digits, _ and -")
+    PrecisionScheme.parse(scheme)
+    return name, Arm(scheme, rule or None)
+
+
+def arms_named(names: list[str], defined: dict[str, Arm] | None = None) -> dict[str, Arm]:
+    """The arms ``names`` (in that order) from the built-in :data:`ARMS` and ``defined``.
+
+    Raises:
+        ValueError: an unknown or repeated name, or a defined arm that shadows a built-in one.
+    """
+    defined = defined or {}
+    clash = sorted(set(defined) & set(ARMS))
+    if clash:
+        raise ValueError(f"arm(s) {clash} are built in; give defined arms other names")
+    table = {**ARMS, **defined}
+    unknown = [a for a in names if a not in table]
     if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
-    paths = {}
-    for arm in arms:
-        suffix = ARMS[arm][1]
-        if suffix is not None:
-            paths[arm] = Path(
-                (given or {}).get(arm) or base.with_name(f"{base.stem}_{suffix}.yaml")
-            )
-    return paths
+        raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(table)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"arms {names} repeat a name")
+    return {a: table[a] for a in names}
+
+
+def rule_paths(base: Path, arms: dict[str, Arm], given: dict[str, Path] | None = None) -> dict:
+    """Each rule arm's config: ``given[arm]`` or ``<base stem>_<rule>.yaml`` beside ``base``."""
+    return {
+        name: Path((given or {}).get(name) or base.with_name(f"{base.stem}_{arm.rule}.yaml"))
+        for name, arm in arms.items()
+        if arm.rule is not None
+    }
 
 
 def _without_callbacks(config: dict) -> dict:
@@ -98,16 +150,13 @@ def _without_callbacks(config: dict) -> dict:
     return config
 
 
-def arm_configs(base: Path, arms: list[str], rules: dict[str, Path]) -> dict[str, dict]:
+def arm_configs(base: Path, arms: dict[str, Arm], rules: dict[str, Path]) -> dict[str, dict]:
     """The full LightningCLI config of every arm (seeds are set per cell).
 
     Raises:
-        ValueError: an unknown arm, a missing rule config, a rule config that differs from the
-            base config outside its callbacks, or rule configs whose spike detectors differ.
+        ValueError: a missing rule config, a rule config that differs from the base config
+            outside its callbacks, or rule configs whose spike detectors differ.
     """
-    unknown = [a for a in arms if a not in ARMS]
-    if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; expected some of {list(ARMS)}")
     if not Path(base).is_file():
         raise ValueError(f"base config {base} not found")
     base_config = yaml.safe_load(Path(base).read_text())
@@ -127,15 +176,31 @@ def arm_configs(base: Path, arms: list[str], rules: dict[str, Path]) -> dict[str
     if len(distinct) > 1 or any(len(d) != 1 for d in detectors.values()):
         raise ValueError(f"the rule configs must share one {DETECTOR_CLASS}; found {detectors}")
     detector = next(iter(detectors.values()), None)
-    if detector is None and any(ARMS[a][1] is None for a in arms):
-        raise ValueError("the fp32/mx arms take their spike detector from a rule arm; name one")
+    if detector is None and any(arm.rule is None for arm in arms.values()):
+        raise ValueError(
+            "the arms without rules take their spike detector from a rule arm; name one"
+        )
     out = {}
-    for arm in arms:
+    for name, arm in arms.items():
         config = copy.deepcopy(base_config)
-        config["trainer"]["callbacks"] = copy.deepcopy(rule_callbacks.get(arm, detector))
-        config["model"]["scheme"] = ARMS[arm][0]
-        out[arm] = config
+        config["trainer"]["callbacks"] = copy.deepcopy(rule_callbacks.get(name, detector))
+        config["model"]["scheme"] = arm.scheme
+        out[name] = config
     return out
+
+
+def base_arms(configs: dict[str, dict]) -> dict[str, str]:
+    """Rule arm -> its base arm: the first arm without rules of the same scheme, for each rule arm
+    whose rules fire on alarms only (so it trains as the base arm until its first alarm)."""
+    plain = [a for a, c in configs.items() if not _rules(c)]
+    bases = {}
+    for arm, config in configs.items():
+        if acts_only_on_alarms(config):
+            scheme = config["model"]["scheme"]
+            base = next((p for p in plain if configs[p]["model"]["scheme"] == scheme), None)
+            if base is not None:
+                bases[arm] = base
+    return bases
 
 
 @dataclass(frozen=True)
@@ -274,29 +339,42 @@ def finish_cell(
     return written
 
 
-def acts_only_on_alarms(config: dict) -> bool:
-    """Whether every rule of the arm's config fires on the spike detector's alarms only (so
-    that, without an alarm, the arm trains exactly as ``mx``)."""
-    rules = [
+def _rules(config: dict) -> list[dict]:
+    """The rules of an arm config's PrecisionIntervention callbacks."""
+    return [
         rule
         for callback in config["trainer"].get("callbacks") or []
         if callback.get("class_path") == INTERVENTION_CLASS
         for rule in (callback.get("init_args") or {}).get("rules") or []
     ]
+
+
+def acts_only_on_alarms(config: dict) -> bool:
+    """Whether every rule of the arm's config fires on the spike detector's alarms only (so
+    that, without an alarm, the arm trains exactly as its base arm)."""
+    rules = _rules(config)
     return bool(rules) and all((r.get("trigger") or {}).get("kind") == "spike" for r in rules)
 
 
-def derive_cell(cell: Cell, mx: dict, extra: list[str]) -> dict:
-    """Write rule-arm ``cell`` from its seed's ``mx`` result (no alarm there, so no rule fired:
-    the same run) atomically; returns what it wrote."""
+def describe_arm(config: dict) -> str:
+    """One line for study.md: the arm's scheme and its rules' names."""
+    names = [str(r.get("name") or "unnamed") for r in _rules(config)]
+    return f"scheme `{config['model']['scheme']}`" + (
+        f", rules {', '.join(names)}" if names else ", no rule (spike detector only)"
+    )
+
+
+def derive_cell(cell: Cell, base: str, found: dict, extra: list[str]) -> dict:
+    """Write rule-arm ``cell`` from its seed's result ``found`` in the ``base`` arm (no alarm
+    there, so no rule fired: the same run) atomically; returns what it wrote."""
     written = {
-        **mx,
+        **found,
         "arm": cell.arm,
         "wall_s": 0.0,
         "cpu_s": 0.0,
         "config_hash": config_hash(cell.config_path, extra),
         "code": _code_version(),
-        "derived_from": "mx",
+        "derived_from": base,
     }
     cell.result_path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(cell.result_path, json.dumps(written, indent=1))
@@ -356,8 +434,8 @@ def execute(
             on_done(cell, result, None)
 
     def never_ready() -> int:
-        for cell in queue:  # its seed's mx cell failed: a rerun retries both
-            on_done(cell, None, "not run: its seed's mx cell did not finish")
+        for cell in queue:  # its seed's base cell failed: a rerun retries both
+            on_done(cell, None, "not run: its seed's base-arm cell did not finish")
         return failures + len(queue)
 
     if jobs < 1:
@@ -409,7 +487,10 @@ class Plan:
         """outcomes.csv, rates.csv, tests.csv and study.md from the finished cells."""
         from mxprobe.app import study_report
 
-        found = study_report.load(self.out, self.arms, self.seeds, self.finished)
+        found = study_report.load(
+            self.out, self.arms, self.seeds, self.finished, base_arms(self.configs),
+            {a: describe_arm(c) for a, c in self.configs.items()},
+        )  # fmt: skip
         study_report.write(self.out, found, self.command, self.machine)
 
     def run(self, jobs: int, log: Callable[[str], None], train=train_cell) -> int:
@@ -431,21 +512,20 @@ class Plan:
         self.rebuild()
         return execute(
             pending, self.extra, jobs, self.factor, self.patience, on_done, train,
-            ready=self._mx_finished_first, derive=self._derived,
+            ready=self._base_finished_first, derive=self._derived,
         )  # fmt: skip
 
-    def _waits_for_mx(self, cell: Cell) -> bool:
-        return "mx" in self.configs and acts_only_on_alarms(self.configs[cell.arm])
-
-    def _mx_finished_first(self, cell: Cell) -> bool:
-        """A rule cell that may be derived starts after its seed's ``mx`` cell finished."""
-        return not self._waits_for_mx(cell) or self.finished(Cell(self.out, "mx", cell.seed))
+    def _base_finished_first(self, cell: Cell) -> bool:
+        """A rule cell that may be derived starts after its seed's base cell finished."""
+        base = base_arms(self.configs).get(cell.arm)
+        return base is None or self.finished(Cell(self.out, base, cell.seed))
 
     def _derived(self, cell: Cell) -> dict | None:
-        """The cell written from its seed's ``mx`` cell when that raised no alarm, else None."""
-        if not self._waits_for_mx(cell):
+        """The cell written from its seed's base cell when that raised no alarm, else None."""
+        base = base_arms(self.configs).get(cell.arm)
+        if base is None:
             return None
-        mx = Cell(self.out, "mx", cell.seed).result()
-        if mx is None or mx.get("alarm_steps") != []:
+        found = Cell(self.out, base, cell.seed).result()
+        if found is None or found.get("alarm_steps") != []:
             return None
-        return derive_cell(cell, mx, self.extra)
+        return derive_cell(cell, base, found, self.extra)

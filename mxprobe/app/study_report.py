@@ -4,9 +4,10 @@
 - ``rates.csv``: each arm's divergence rate over its finished seeds, 95 % Clopper–Pearson.
 - ``tests.csv``: each pair of arms, exact McNemar over the seeds both finished (paired: same
   initial weights and batches).
-- ``study.md``: how far the study got, the rates, the rule's rescue rate among the seeds where
-  MX diverged against both controls, the tests, and the detector scored (lead time, false
-  alarms per 1000 steps on runs that never diverged).
+- ``study.md``: how far the study got, the rates, each arm without rules against ``fp32``, the
+  rescue rates of the rule arms among the seeds where their base arm diverged (the first rule
+  arm of a base against the others, its controls), the tests, and the detector scored (lead
+  time, false alarms per 1000 steps on runs that never diverged).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mxprobe import atomic
@@ -35,18 +36,31 @@ OUTCOME_COLUMNS = (
     "code",
     "derived_from",
 )
-RULE_ARM = "mx_intervention"
-CONTROLS = ("mx_rewind_only", "mx_placebo")
+REFERENCE_ARM = "fp32"
 SIGNIFICANCE = 0.05
 
 
 @dataclass
 class Study:
-    """The finished cells of a study: ``results[arm][seed]`` is a cell's result dict."""
+    """The finished cells of a study: ``results[arm][seed]`` is a cell's result dict;
+    ``bases[rule arm]`` its base arm (``mxprobe.app.study.base_arms``); ``about[arm]`` a line
+    saying what the arm is."""
 
     arms: list[str]
     seeds: list[int]
     results: dict[str, dict[int, dict]]
+    bases: dict[str, str] = field(default_factory=dict)
+    about: dict[str, str] = field(default_factory=dict)
+
+    def rule_arms(self, base: str) -> list[str]:
+        """The rule arms of ``base``, in study order: the first is the rule, the rest its
+        controls."""
+        return [a for a in self.arms if self.bases.get(a) == base]
+
+    @property
+    def rescued_bases(self) -> list[str]:
+        """The base arms that have rule arms, in study order."""
+        return [a for a in self.arms if self.rule_arms(a)]
 
     def done(self, arm: str) -> list[int]:
         return sorted(self.results.get(arm, {}))
@@ -101,11 +115,12 @@ def paired_tests(study: Study, seeds: list[int] | None = None) -> list[dict]:
     return rows
 
 
-def rescue(study: Study) -> tuple[list[int], list[tuple[str, object]], list[dict]]:
-    """The seeds where MX diverged and every rule arm finished; each rule arm's *averted* rate
-    there (did not diverge); the paired tests of the rule against each control on them."""
-    rule_arms = [a for a in (RULE_ARM, *CONTROLS) if a in study.arms]
-    seeds = [s for s, d in study.diverged("mx").items() if d]
+def rescue(study: Study, base: str) -> tuple[list[int], list[tuple[str, object]], list[dict]]:
+    """The seeds where the ``base`` arm diverged and each of its rule arms finished; each rule
+    arm's *averted* rate there (did not diverge); the paired tests of the rule (the first rule
+    arm) against each control (the others) on them."""
+    rule_arms = study.rule_arms(base)
+    seeds = [s for s, d in study.diverged(base).items() if d]
     seeds = [int(s) for s in seeds if all(int(s) in study.results.get(a, {}) for a in rule_arms)]
     averted = []
     for arm in rule_arms:
@@ -116,7 +131,7 @@ def rescue(study: Study) -> tuple[list[int], list[tuple[str, object]], list[dict
         for t in paired_tests(study, seeds)
         if t["arm_a"] in rule_arms
         and t["arm_b"] in rule_arms
-        and RULE_ARM in (t["arm_a"], t["arm_b"])
+        and rule_arms[0] in (t["arm_a"], t["arm_b"])
     ]
     return seeds, averted, tests
 
@@ -168,22 +183,23 @@ def render(study: Study, command: str, machine: str) -> str:
     done = ", ".join(f"{a} {len(study.done(a))}/{n}" for a in study.arms)
     status = "complete" if len(complete) == n else "PARTIAL — still running or interrupted"
     lines = [
-        "# Spike-rule study: MX divergence, the rule and its controls",
+        "# Study: divergence over seeds, and the rules against their controls",
         "",
         f"**Status: {status}.** {len(complete)} of {n} seeds finished in all {len(study.arms)} "
         f"arms; cells finished per arm: {done}. Rates below are over each arm's finished seeds; "
-        "tests and the rescue table over seeds finished in the arms compared.",
+        "tests and the rescue tables over seeds finished in the arms compared.",
         "",
         f"- Command (rerun it to resume; finished cells are skipped): `{command}`",
         f"- Machine: {machine}",
         f"- Code: {_codes(study)} (git commit of each finished cell; `+modified`: tracked "
         "sources differed from it; docs/study_running.md)",
-        f"- Cells written from the seed's `mx` cell, not retrained (no alarm in `mx`, so the "
-        f"rules never fired and the run is the `mx` run; docs/study_running.md): {_derived(study)}",
-        "- Arms (configs/*.yaml here): `fp32`, `mx` (mxfp8_e4m3) carry the rules' spike detector "
-        "only; `mx_intervention` spike → rewind → norm affine to bf16; `mx_rewind_only` the same "
-        "without the precision change; `mx_placebo` the same trigger and rewind with the placebo "
-        "precision change (docs/study_placebo.md).",
+        f"- Cells written from their base arm's cell, not retrained (no alarm there, so the "
+        f"rules never fired and the run is the base run; docs/study_running.md): {_derived(study)}",
+        "- Arms (configs/*.yaml here; a rule arm's base arm is the arm without rules of its "
+        "scheme; arms without rules carry the rules' spike detector only, so their alarms are "
+        "scored too):",
+        *(f"  - `{a}`: {study.about.get(a, '?')}" + (
+            f"; base arm `{study.bases[a]}`" if a in study.bases else "") for a in study.arms),
         "- Divergence: mxprobe.outcome (loss above 10× its running minimum for 500 consecutive "
         "steps, or non-finite); a run stops at its divergence.",
         "",
@@ -191,25 +207,26 @@ def render(study: Study, command: str, machine: str) -> str:
         "",
         "| arm | diverged / finished (95 % CI) |",
         "|---|---|",
-    ]
+    ]  # fmt: skip
     arms = {a: study.diverged(a) for a in study.arms}
     lines += [f"| {r.arm} | {r.words()} |" for r in rates(arms)]
-    seeds, averted, tests = rescue(study)
-    lines += ["", "## Rescue: seeds where MX diverged", ""]
-    if seeds:
-        lines.append(
-            f"Seeds where `mx` diverged and the rule arms finished: {len(seeds)} "
-            f"({', '.join(map(str, seeds))}). Share that did **not** diverge:"
-        )
-        lines += [""] + [f"- {arm}: {r.words()}" for arm, r in averted]
-        lines += ["", "Rule against each control on these seeds (exact McNemar):"]
-        lines += [""] + [_test_words(t) for t in tests]
-    else:
-        lines.append("No seed yet where `mx` diverged with every rule arm finished.")
+    rescues = {base: rescue(study, base) for base in study.rescued_bases}
+    for base, (seeds, averted, tests) in rescues.items():
+        lines += ["", f"## Rescue: seeds where `{base}` diverged", ""]
+        if seeds:
+            lines.append(
+                f"Seeds where `{base}` diverged and its rule arms finished: {len(seeds)} "
+                f"({', '.join(map(str, seeds))}). Share that did **not** diverge:"
+            )
+            lines += [""] + [f"- {arm}: {r.words()}" for arm, r in averted]
+            lines += ["", "Rule against each control on these seeds (exact McNemar):"]
+            lines += [""] + ([_test_words(t) for t in tests] or ["- no control arm"])
+        else:
+            lines.append(f"No seed yet where `{base}` diverged with its rule arms finished.")
     lines += ["", "## Paired tests over all seeds (exact McNemar; tests.csv)", ""]
     lines += [_test_words(t) for t in paired_tests(study)] or ["none yet"]
     lines += _detector_lines(study)
-    lines += _verdict(study, averted, tests)
+    lines += _verdict(study, rescues)
     lines += ["", "## Per seed", "", "final loss, or the divergence step", ""]
     lines += ["| seed | " + " | ".join(study.arms) + " |", "|---" * (len(study.arms) + 1) + "|"]
     for s in study.seeds:
@@ -221,7 +238,7 @@ def render(study: Study, command: str, machine: str) -> str:
 
 def _derived(study: Study) -> str:
     counts = {
-        a: sum(r.get("derived_from") == "mx" for r in study.results.get(a, {}).values())
+        a: sum(bool(r.get("derived_from")) for r in study.results.get(a, {}).values())
         for a in study.arms
     }
     return ", ".join(f"{a} {n}" for a, n in counts.items() if n) or "none"
@@ -263,38 +280,48 @@ def _detector_lines(study: Study) -> list[str]:
     return lines
 
 
-def _verdict(study: Study, averted: list, tests: list[dict]) -> list[str]:
+def _verdict(study: Study, rescues: dict) -> list[str]:
     lines = ["", "## What holds and what does not (computed)", ""]
-    mx = study.diverged("mx")
-    fp = study.diverged("fp32")
-    if mx and fp:
-        pair = [t for t in paired_tests(study) if {t["arm_a"], t["arm_b"]} == {"fp32", "mx"}]
+    reference = study.diverged(REFERENCE_ARM)
+    plain = [a for a in study.arms if a != REFERENCE_ARM and a not in study.bases]
+    for arm in plain if reference else []:
+        pair = [t for t in paired_tests(study) if {t["arm_a"], t["arm_b"]} == {REFERENCE_ARM, arm}]
         if pair:
             t = pair[0]
             verdict = "differ" if t["p_value"] < SIGNIFICANCE else "do not differ detectably"
             lines.append(
-                f"- MX and FP32 divergence rates {verdict} on these seeds "
+                f"- {arm} and {REFERENCE_ARM} divergence rates {verdict} on these seeds "
                 f"(p = {t['p_value']:.3g}, {t['n']} paired seeds)."
             )
-    for t in tests:
-        other = t["arm_b"] if t["arm_a"] == RULE_ARM else t["arm_a"]
-        beats = t["p_value"] < SIGNIFICANCE
-        lines.append(
-            f"- Rule vs {other} on the MX-diverging seeds: "
-            + (
-                "the rule's advantage is significant"
-                if beats
-                else "no significant difference at this n"
+    for base, (_, _, tests) in rescues.items():
+        rule = study.rule_arms(base)[0]
+        for t in tests:
+            other = t["arm_b"] if t["arm_a"] == rule else t["arm_a"]
+            significant = t["p_value"] < SIGNIFICANCE
+            lines.append(
+                f"- {rule} vs {other} on the seeds where {base} diverged: "
+                + (
+                    "a significant difference"
+                    if significant
+                    else "no significant difference at this n"
+                )
+                + f" (p = {t['p_value']:.3g})."
             )
-            + f" (p = {t['p_value']:.3g})."
-        )
-    if not tests:
-        lines.append("- Too few finished seeds to compare the rule with its controls.")
+        if not tests:
+            lines.append(f"- Too few finished seeds to compare {rule} with its controls.")
     return lines
 
 
-def load(out: Path, arms: list[str], seeds: list[int], finished) -> Study:
-    """The finished cells (``finished(cell)``) of ``arms`` × ``seeds`` under ``out``."""
+def load(
+    out: Path,
+    arms: list[str],
+    seeds: list[int],
+    finished,
+    bases: dict[str, str] | None = None,
+    about: dict[str, str] | None = None,
+) -> Study:
+    """The finished cells (``finished(cell)``) of ``arms`` × ``seeds`` under ``out``; ``bases``
+    and ``about`` as :class:`Study` has them."""
     from mxprobe.app.study import Cell
 
     results: dict[str, dict[int, dict]] = {}
@@ -303,7 +330,7 @@ def load(out: Path, arms: list[str], seeds: list[int], finished) -> Study:
             cell = Cell(out, arm, seed)
             if finished(cell):
                 results.setdefault(arm, {})[seed] = cell.result()
-    return Study(list(arms), list(seeds), results)
+    return Study(list(arms), list(seeds), results, dict(bases or {}), dict(about or {}))
 
 
 def from_tables(folder: Path) -> tuple[Study, dict]:
@@ -324,13 +351,15 @@ def from_tables(folder: Path) -> tuple[Study, dict]:
                 else None,
                 "alarm_count": int(row["alarms"] or 0),
             }
-    return Study(meta["arms"], meta["seeds"], results), meta
+    return Study(meta["arms"], meta["seeds"], results, meta["bases"], meta["about"]), meta
 
 
 def write(out: Path, study: Study, command: str, machine: str) -> None:
-    """outcomes.csv, rates.csv, tests.csv, study.json (command, machine, seeds, arms) and
+    """outcomes.csv, rates.csv, tests.csv, study.json (command, machine, seeds, arms, bases,
+    about) and
     study.md in ``out`` (each atomically)."""
     meta = {"command": command, "machine": machine, "seeds": study.seeds, "arms": study.arms,
+            "bases": study.bases, "about": study.about,
             "complete_seeds": len(study.complete_seeds),
             "finished": {a: len(study.done(a)) for a in study.arms}}  # fmt: skip
     atomic.write_text(out / "study.json", json.dumps(meta, indent=1))

@@ -1,8 +1,9 @@
-"""``mxprobe study --config BASE.yaml --seeds 1-40 --out DIR [--jobs 2]``: the spike rule
-against its controls, five arms per seed from the same weights and batches
-(:mod:`mxprobe.app.study`); ``outcomes.csv``, ``rates.csv``, ``tests.csv`` and ``study.md``
-(:mod:`mxprobe.app.study_report`) are rebuilt after every cell. Rerunning the same command
-resumes: finished cells are skipped. ``--collect`` only rebuilds the tables.
+"""``mxprobe study --config BASE.yaml --seeds 1-40 --out DIR [--jobs 2]``: arms trained per
+seed from the same weights and batches (:mod:`mxprobe.app.study`): by default the spike rule
+against its controls (five arms); ``--arm NAME=SCHEME[+RULE]`` defines others, e.g. formats.
+``outcomes.csv``, ``rates.csv``, ``tests.csv`` and ``study.md`` (:mod:`mxprobe.app.study_report`)
+are rebuilt after every cell. Rerunning the same command resumes: finished cells are skipped.
+``--collect`` only rebuilds the tables.
 """
 
 from __future__ import annotations
@@ -35,12 +36,29 @@ def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
     """The study ``argv`` asks for. Raises ValueError/OSError for a bad arm, seed list or config."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Train the spike rule against its rewind-only and placebo controls and the "
-        "fp32 and mx arms over many seeds; rerunning the same command resumes.",
+        description="Train arms over many seeds from the same weights and batches: by default "
+        "the spike rule against its rewind-only and placebo controls and the fp32 and mx arms, "
+        "or the arms --arm defines; rerunning the same command resumes.",
     )
-    parser.add_argument("--config", required=True, help="base LightningCLI YAML (the fp32/mx arms)")
+    parser.add_argument(
+        "--config", required=True, help="base LightningCLI YAML (the arms without rules)"
+    )
     parser.add_argument("--seeds", default="1-40", help="e.g. 1-40 or 1,2,5 (default 1-40)")
-    parser.add_argument("--arms", default=",".join(st.ARMS), help="comma-separated arms")
+    parser.add_argument(
+        "--arms",
+        default=None,
+        help=f"comma-separated arms to run, built-in ({', '.join(st.ARMS)}) or defined by --arm "
+        "(default: the --arm arms if any, else the built-in ones)",
+    )
+    parser.add_argument(
+        "--arm",
+        action="append",
+        default=[],
+        metavar="NAME=SCHEME[+RULE]",
+        help="define an arm: a precision scheme and, for a rule arm, the suffix of its rule "
+        "config beside the base config, e.g. nvfp4=nvfp4 or nvfp4_rule=nvfp4+intervention "
+        "(reads <base>_intervention.yaml)",
+    )
     parser.add_argument(
         "--rule",
         action="append",
@@ -60,7 +78,13 @@ def plan(argv: list[str], prog: str) -> tuple[st.Plan, argparse.Namespace]:
     parser.add_argument("--collect", action="store_true", help="only rebuild the tables")
     add_divergence_arguments(parser)
     ns = parser.parse_args(argv)
-    arms = [a.strip() for a in ns.arms.split(",") if a.strip()]
+    defined = dict(st.parse_arm(text) for text in ns.arm)
+    names = (
+        [a.strip() for a in ns.arms.split(",") if a.strip()]
+        if ns.arms is not None
+        else list(defined or st.ARMS)
+    )
+    arms = st.arms_named(names, defined)
     bad = [item for item in ns.rule if "=" not in item]
     if bad:
         raise ValueError(f"--rule {bad[0]!r}: expected ARM=FILE, e.g. mx_placebo=placebo.yaml")
