@@ -126,6 +126,48 @@ def test_the_layer_check_sees_a_violation(tmp_path):
     assert _layer_of_module(name) == 1
 
 
+# The command-line interface sits on top of the application: the application (training, the
+# reports, the study) is what the CLI calls, and never imports the CLI back.
+CLI = "mxprobe.app.cli"
+
+
+def _inside(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def _cli_violations(path: Path, module: str) -> list[str]:
+    if _inside(module, CLI) or not _inside(module, "mxprobe.app"):
+        return []
+    found = [(line, name) for line, name in _imports(path, module) if _inside(name, CLI)]
+    # ``from mxprobe.app import cli`` names the package as an imported name.
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module == "mxprobe.app" and not node.level:
+            found += [(node.lineno, f"mxprobe.app.{a.name}") for a in node.names if a.name == "cli"]
+    where = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return [f"{where}:{line} imports {name}" for line, name in found]
+
+
+def test_the_application_does_not_import_the_cli():
+    """Nothing under ``mxprobe/app/`` outside ``mxprobe/app/cli/`` imports ``mxprobe.app.cli``
+    (function bodies included)."""
+    violations = [v for path, module, _ in _source_files() for v in _cli_violations(path, module)]
+    assert not violations, "\n".join(violations)
+
+
+def test_the_cli_check_sees_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from mxprobe.app.cli.errors import UsageError\n"
+        "from mxprobe.app import cli\n"
+        "def f():\n"
+        "    import mxprobe.app.cli.llm\n"
+        "    from .cli import errors\n"
+    )
+    assert len(_cli_violations(bad, "mxprobe.app.bad")) == 4
+    assert _cli_violations(bad, "mxprobe.app.cli.bad") == []
+    assert _cli_violations(bad, "mxprobe.bad") == []
+
+
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     return subprocess.run(

@@ -24,8 +24,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from mxprobe.app.cli.errors import raising_parser_kwargs
-from mxprobe.app.cli.lightning_parts import AtomicSaveConfig, CheckedCheckpointPath
+from mxprobe.app.lightning_parts import AtomicSaveConfig, CheckedCheckpointPath
+from mxprobe.app.parsing import raising_parser_kwargs
 from mxprobe.app.results import RunResult
 from mxprobe.callbacks import RunRecorder
 from mxprobe.models.data import ProxyDataModule

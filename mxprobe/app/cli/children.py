@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mxprobe.app.cli.errors import UsageError
+from mxprobe.app.parsing import UsageError
 
 PARENT_ENV = "MXPROBE_PARENT_PID"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

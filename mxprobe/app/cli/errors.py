@@ -2,10 +2,10 @@
 choices, where the raiser knows them), exit status 2, no traceback.
 
 :func:`reported` is the one place that does it, around every subcommand (``main``). A *user
-error* is a :class:`UsageError`, or a ValueError, TypeError, OSError, YAML or argument error,
-a Lightning ``MisconfigurationException``, or a library's missing requirement (ImportError) —
-what configuration checks raise; anything else (an ImportError in mxprobe itself included) is a
-bug and keeps its traceback. ``--traceback`` (anywhere on the command line) or
+error* is a :class:`~mxprobe.app.parsing.UsageError`, or a ValueError, TypeError, OSError, YAML
+or argument error, a Lightning ``MisconfigurationException``, or a library's missing requirement
+(ImportError) — what configuration checks raise; anything else (an ImportError in mxprobe itself
+included) is a bug and keeps its traceback. ``--traceback`` (anywhere on the command line) or
 ``MXPROBE_DEBUG=1`` keeps the traceback of user errors too.
 
 Validating values here (``positive_int``, ``positive_float``, ``int_list``) keeps the argparse
@@ -25,16 +25,13 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from mxprobe.app.parsing import UsageError
+
 TRACEBACK_FLAG = "--traceback"
 # Where the project's own checks live: their messages name the value and the choices.
 _PROJECT_PACKAGES = ("mxprobe", "mxprobe.callbacks", "mxprobe.models")
 _MAX_LINES = 3
 _MAX_LINE = 400
-
-
-class UsageError(ValueError):
-    """A mistake in what the user asked for, found before any work; the message names the bad
-    value and the valid choices."""
 
 
 def debug_requested(argv: list[str]) -> tuple[list[str], bool]:
@@ -183,16 +180,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def raising_parser_kwargs(kwargs: dict, subcommands: tuple[str, ...] = ()) -> dict:
-    """LightningCLI ``parser_kwargs`` whose parsers raise ``argparse.ArgumentError`` instead of
-    printing their usage and exiting, on the main parser and on each subcommand's."""
-    raising = {"exit_on_error": False}
-    out = {**raising, **kwargs}
-    for name in subcommands:
-        out[name] = {**raising, **kwargs.get(name, {})}
-    return out
 
 
 def positive_int(text: str) -> int:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from mxprobe.app.cli.errors import ArgumentParser, UsageError, positive_int
+from mxprobe.app.cli.errors import ArgumentParser, positive_int
+from mxprobe.app.parsing import UsageError
 from mxprobe.atomic import atomic_open
 from mxprobe.formats import MX_FORMAT_NAMES, mx_format
 from mxprobe.kernels import set_compile

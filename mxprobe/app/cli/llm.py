@@ -18,8 +18,9 @@ import warnings
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from mxprobe.app.cli.errors import ArgumentParser, positive_float, raising_parser_kwargs
-from mxprobe.app.cli.lightning_parts import AtomicSaveConfig, CheckedCheckpointPath
+from mxprobe.app.cli.errors import ArgumentParser, positive_float
+from mxprobe.app.lightning_parts import AtomicSaveConfig, CheckedCheckpointPath
+from mxprobe.app.parsing import raising_parser_kwargs
 from mxprobe.callbacks import RunRecorder
 from mxprobe.models.lit_llm import ByteTextDataModule, LLMModule
 

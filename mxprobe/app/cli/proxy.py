@@ -25,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, int_list, positive_int
+from mxprobe.app.cli.errors import ArgumentParser, inside, int_list, positive_int
+from mxprobe.app.parsing import UsageError
 from mxprobe.app.rates import by_arm, write_tables
 from mxprobe.app.results import SUMMARY_COLUMNS
 from mxprobe.atomic import write_csv

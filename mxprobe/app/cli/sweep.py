@@ -50,8 +50,9 @@ import yaml
 
 from mxprobe import atomic
 from mxprobe.app.cli.children import child_env, end_with_parent, exclusive, holder
-from mxprobe.app.cli.errors import ArgumentParser, UsageError, inside, positive_int
+from mxprobe.app.cli.errors import ArgumentParser, inside, positive_int
 from mxprobe.app.cli.proxy import check_config, check_divergence_rule
+from mxprobe.app.parsing import UsageError
 from mxprobe.app.rates import by_arm, write_tables
 from mxprobe.app.results import RESULT_COLUMNS
 from mxprobe.outcome import DIVERGENCE_FACTOR, DIVERGENCE_PATIENCE

@@ -14,7 +14,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from mxprobe import atomic
-from mxprobe.app.cli.errors import UsageError
+from mxprobe.app.parsing import UsageError
 
 
 class AtomicSaveConfig(SaveConfigCallback):
