@@ -306,8 +306,9 @@ def test_arms_defined_by_name_scheme_and_rule():
             st.parse_arm(bad)
     with pytest.raises(ValueError, match="unknown"):
         st.parse_arm("nv=nvfp5")
-    with pytest.raises(ValueError, match="built in"):
+    with pytest.raises(ValueError, match="built in otherwise"):
         st.arms_named(["mx"], {"mx": st.Arm("nvfp4")})
+    assert st.arms_named(["fp32"], {"fp32": st.Arm("fp32")}) == {"fp32": st.Arm("fp32")}
     with pytest.raises(ValueError, match="repeat"):
         st.arms_named(["fp32", "fp32"])
 

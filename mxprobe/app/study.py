@@ -119,12 +119,13 @@ def arms_named(names: list[str], defined: dict[str, Arm] | None = None) -> dict[
     """The arms ``names`` (in that order) from the built-in :data:`ARMS` and ``defined``.
 
     Raises:
-        ValueError: an unknown or repeated name, or a defined arm that shadows a built-in one.
+        ValueError: an unknown or repeated name, or a defined arm that redefines a built-in one
+            (defining it as it is built in is allowed).
     """
     defined = defined or {}
-    clash = sorted(set(defined) & set(ARMS))
+    clash = sorted(a for a in set(defined) & set(ARMS) if defined[a] != ARMS[a])
     if clash:
-        raise ValueError(f"arm(s) {clash} are built in; give defined arms other names")
+        raise ValueError(f"arm(s) {clash} are built in otherwise; give defined arms other names")
     table = {**ARMS, **defined}
     unknown = [a for a in names if a not in table]
     if unknown:
