@@ -328,6 +328,7 @@ def check_scheme_change(
         names = module_names(model)[:10] or "none (call mxprobe.convert first)"
         raise ValueError(f"no MX module matches {modules!r}; MX modules: {names}")
     _check_roles(change, matched, f"matching {modules!r}")
+    _check_settings_apply(change, matched)
     if snap:
         stochastic = [n for n, m in matched if _snaps_stochastic(m, change)]
         if stochastic:
@@ -337,6 +338,17 @@ def check_scheme_change(
                 "values than the forward used; switch without snap, or snap from rounding=even"
             )
     return matched
+
+
+def _check_settings_apply(change: str, modules: list[tuple[str, MxModule]]) -> None:
+    """Raise when a block/scale/rounding setting that ``change`` sets would be used by no role
+    of any of ``modules`` once amended (e.g. ``nvgrad=stochastic`` on MX-only modules)."""
+    inert = None
+    for _, module in modules:
+        found = (module.mx_scheme or PrecisionScheme()).amend(change).inert_settings()
+        inert = found if inert is None else {k: v for k, v in inert.items() if k in found}
+    if inert:
+        raise ValueError(f"{'; '.join(inert.values())} in any module it amends ({change!r})")
 
 
 def _snaps_stochastic(module: MxModule, change: str) -> bool:

@@ -38,6 +38,13 @@ or ``"w=e4m3,a=e4m3,bp=e5m2,scale=rceil"``. Keys: ``w``, ``a``, ``w_bp``, ``a_bp
 ``fp32``; each key may be given once, and a later item overrides an earlier group key
 (``"bp=e5m2,g_wgrad=e4m3"``).
 
+A setting that no role of a scheme uses would change nothing: ``block``/``scale``/``round`` need
+an MX role, ``nvscale`` an NVFP4 role, ``nvtile`` an NVFP4 weight role, ``nvgrad`` an NVFP4
+gradient role and ``nvrht`` an NVFP4 ``g_wgrad`` or ``a_bp`` (with ``backprop=true``).
+``convert``/``set_scheme`` refuse such a scheme (``mxfp8_e4m3,nvrht=on``,
+``nvfp4,round=stochastic``), and ``amend_scheme`` (and so a rule, at setup) a change whose
+settings no module it amends would use.
+
 Per-layer overrides are an ordered mapping ``{glob on the qualified module name: scheme or
 partial string}``; the first matching glob wins and a partial string amends the base scheme.
 """
@@ -50,7 +57,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mxprobe.checks import check_choice
-from mxprobe.formats import PLAIN_FORMATS, canonical_format
+from mxprobe.formats import NVFP4, PLAIN_FORMATS, canonical_format, is_mx
 from mxprobe.quantize import ROUNDINGS, SCALE_MODES
 
 ROLES = (
@@ -92,6 +99,16 @@ _NVFP4_SETTINGS = {
     "nvfp4_grad_rounding": ("even", "stochastic"),
     "nvfp4_wgrad_rht": ("off", "on"),
 }
+# (key, field, default, roles it applies to, which formats): what makes a setting matter.
+_SETTING_SCOPES = (
+    ("block", "block_size", 32, ROLES, "mx"),
+    ("scale", "scale_mode", "floor", ROLES, "mx"),
+    ("round", "rounding", "even", ROLES, "mx"),
+    ("nvscale", "nvfp4_scale", "amax", ROLES, NVFP4),
+    ("nvtile", "nvfp4_weight_tile", "1x16", ("weight", "weight_bp"), NVFP4),
+    ("nvgrad", "nvfp4_grad_rounding", "even", ("grad_wgrad", "grad_dgrad"), NVFP4),
+    ("nvrht", "nvfp4_wgrad_rht", "off", ("grad_wgrad", "act_bp"), NVFP4),
+)
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 
@@ -184,6 +201,28 @@ class PrecisionScheme:
         for field, choices in _NVFP4_SETTINGS.items():
             check_choice(str(getattr(self, field)).lower(), choices, field)
             object.__setattr__(self, field, str(getattr(self, field)).lower())
+
+    def inert_settings(self) -> dict[str, str]:
+        """{key: why} of the block/scale/rounding settings set away from their default that no
+        role of this scheme uses (e.g. ``nvfp4,round=stochastic``: ``round`` is for MX roles),
+        so they would change nothing. :func:`parse_scheme` refuses a scheme with any."""
+        formats = {r: getattr(self, r) for r in ROLES}
+        if not self.quantize_backprop:  # the backward roles see unquantized operands
+            formats.update(dict.fromkeys(BACKWARD_ROLES, "fp32"))
+        mx_roles = [r for r, f in formats.items() if is_mx(f)]
+        inert = {}
+        for key, field, default, roles, fmt in _SETTING_SCOPES:
+            value = getattr(self, field)
+            wanted = mx_roles if fmt == "mx" else [r for r in roles if formats[r] == NVFP4]
+            if value != default and not wanted:
+                where = "any role" if fmt == "mx" else " or ".join(roles)
+                inert[key] = (
+                    f"{key}={str(value).lower()} would have no effect: it applies to {fmt} "
+                    f"formats and no {fmt} format is set for {where}"
+                    + ("" if self.quantize_backprop or fmt == "mx" else " (backprop=false)")
+                    + f"; drop it or set {key}={str(default).lower()}"
+                )
+        return inert
 
     @classmethod
     def parse(cls, text: str) -> PrecisionScheme:
@@ -474,10 +513,22 @@ def _convert(key: str, value: str, text: str) -> Any:
 
 
 def parse_scheme(text_or_scheme: str | PrecisionScheme) -> PrecisionScheme:
-    """A scheme from its string form; a :class:`PrecisionScheme` passes through unchanged."""
-    if isinstance(text_or_scheme, PrecisionScheme):
-        return text_or_scheme
-    return PrecisionScheme.parse(text_or_scheme)
+    """A scheme to put in force, from its string form or as given.
+
+    Raises:
+        ValueError: a malformed string, or a setting that no role of the scheme uses
+            (:meth:`PrecisionScheme.inert_settings`), e.g. ``mxfp8_e4m3,nvrht=on``.
+    """
+    scheme = (
+        text_or_scheme
+        if isinstance(text_or_scheme, PrecisionScheme)
+        else PrecisionScheme.parse(text_or_scheme)
+    )
+    inert = scheme.inert_settings()
+    if inert:
+        shown = text_or_scheme if isinstance(text_or_scheme, str) else str(scheme)
+        raise ValueError(f"{'; '.join(inert.values())} (in scheme {shown!r})")
+    return scheme
 
 
 def matches_glob(name: str, pattern: str) -> bool:

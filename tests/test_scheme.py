@@ -8,7 +8,9 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import mxprobe
 from mxprobe import scheme as scheme_module
 from mxprobe.formats import MX_FORMAT_NAMES, PLAIN_FORMATS, canonical_format
 from mxprobe.scheme import (
@@ -319,7 +321,8 @@ SCHEMES = st.one_of(st.sampled_from(list(PRESETS.values())), random_schemes())
 def test_str_round_trips(s):
     text = str(s)
     assert PrecisionScheme.parse(text) == s
-    assert parse_scheme(text) == s
+    if not s.inert_settings():  # parse_scheme refuses the rest (tested below)
+        assert parse_scheme(text) == s
     assert (text in PRESETS) == (s in PRESETS.values())
 
 
@@ -532,3 +535,47 @@ def test_leading_star_dot_glob_matches_top_level_module():
     assert resolve_scheme("lm_head", base, {"*.lm_head": "fp32"}) == PRESETS["fp32"]
     assert resolve_scheme("model.lm_head", base, {"*.lm_head": "fp32"}) == PRESETS["fp32"]
     assert resolve_scheme("lm_head_x", base, {"*.lm_head": "fp32"}) == base
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("nvfp4,round=stochastic", "round"),  # round is for MX roles, nvgrad for NVFP4's
+        ("nvfp4,scale=rceil", "scale"),
+        ("fp32,block=16", "block"),
+        ("mxfp8_e4m3,nvrht=on", "nvrht"),
+        ("mxfp8_e4m3,nvscale=none", "nvscale"),
+        ("a=nvfp4,w=bf16,nvtile=16x16", "nvtile"),  # the weight roles are not NVFP4
+        ("nvfp4_recipe,g_wgrad=e4m3,a_bp=e4m3", "nvrht"),  # NVFP4 left the wgrad GEMM
+        ("nvfp4,backprop=false,nvgrad=stochastic", "nvgrad"),  # the backward is unquantized
+    ],
+)
+def test_a_setting_no_role_uses_is_refused_when_put_in_force(text, key):
+    scheme = PrecisionScheme.parse(text)  # a well-formed scheme ...
+    assert list(scheme.inert_settings()) == [key]
+    with pytest.raises(ValueError, match=rf"^{key}=\S+ would have no effect: .*set {key}="):
+        parse_scheme(text)  # ... that convert/set_scheme refuse: it would change nothing
+    model = nn.Sequential(nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=f"{key}="):
+        mxprobe.convert(model, text)
+    assert type(model[0]) is nn.Linear  # refused before anything changed
+
+
+@pytest.mark.parametrize(
+    "text", ["nvfp4_recipe", "nvfp4_recipe,norm=nvfp4", "w=nvfp4,nvtile=16x16",
+             "g_wgrad=nvfp4,nvrht=on", "mxfp8_e4m3,round=stochastic,block=16", "nvfp4,nvscale=none"]
+)  # fmt: skip
+def test_settings_that_apply_are_accepted(text):
+    assert parse_scheme(text).inert_settings() == {}
+
+
+def test_an_amendment_must_apply_to_some_module_it_amends():
+    model = mxprobe.convert(nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32)), "mxfp8_e4m3")
+    with pytest.raises(ValueError, match="nvgrad=stochastic would have no effect"):
+        mxprobe.amend_scheme(model, "nvgrad=stochastic")
+    assert model[0].mx_scheme == PrecisionScheme.parse("mxfp8_e4m3")  # untouched
+    # Enough that one amended module uses it: the other (bf16) simply has no NVFP4 gradient.
+    mxprobe.set_scheme(model, "mxfp8_e4m3", overrides={"1": "bf16"})
+    mxprobe.amend_scheme(model, "bp=nvfp4,nvgrad=stochastic", modules="0")
+    mxprobe.amend_scheme(model, "nvrht=on")
+    assert model[0].mx_scheme.nvfp4_wgrad_rht == "on" and model[1].mx_scheme.weight == "bf16"
