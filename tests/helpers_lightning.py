@@ -152,9 +152,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def run_ranks(script: str, out_dir, timeout: int = 240) -> list[dict]:
+def run_ranks(script: str, out_dir, *args: str, timeout: int = 240) -> list[dict]:
     """Run ``script`` (a test module that writes ``rank{r}.json`` into ``out_dir`` from two
-    Lightning processes) in a fresh interpreter; the two ranks' results.
+    Lightning processes; ``args`` follow ``out_dir`` on its command line) in a fresh
+    interpreter; the two ranks' results.
 
     What the two ranks share is safe: the rendezvous port is a free one picked for this run
     (see :data:`LAUNCHER_VARS`), each rank writes only its own ``rank{r}.json`` and every other
@@ -163,7 +164,7 @@ def run_ranks(script: str, out_dir, timeout: int = 240) -> list[dict]:
     root = Path(__file__).resolve().parents[1]
     env = subprocess_env(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
     done = subprocess.run(
-        [sys.executable, script, str(out_dir)], env=env, capture_output=True, text=True,
+        [sys.executable, script, str(out_dir), *args], env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

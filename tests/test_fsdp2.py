@@ -1,6 +1,7 @@
 """Two-process CPU FSDP2 (Lightning's ModelParallelStrategy, ``fully_shard`` in
 ``configure_model``, gloo): MX training with every monitor, the spike detector and a rule that
-rewinds and snaps, in one fit checkpointed at step 7; then a second fit resumed from there.
+rewinds and snaps, in one fit checkpointed at step 7; then a second fit resumed from there; under
+MXFP8 and under NVIDIA's NVFP4 recipe with the norms in NVFP4.
 
 As in test_callbacks_ddp.py, Lightning starts the other rank by re-running the script, so the
 run lives in ``main()`` of this file, executed as a subprocess; each rank writes what it saw to a
@@ -23,7 +24,16 @@ pytestmark = pytest.mark.slow  # two processes (gloo FSDP2)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main(out_dir: str) -> None:
+# The schemes the run is tested under, and how each puts a gamma in its norm_affine format.
+SCHEMES = {
+    "mxfp8_e4m3": ("quantize_mx", {"fmt": "e4m3"}),
+    # NVIDIA's recipe with the norms in NVFP4 (two-level: the per-tensor scale needs the full
+    # gamma); stochastic rounding and the Hadamard signs drawn per rank and step.
+    "nvfp4_recipe,norm=nvfp4": ("quantize_nvfp4", {"tensor_scale": "amax"}),
+}
+
+
+def main(out_dir: str, scheme: str) -> None:
     sys.path.insert(0, str(ROOT))
     import lightning.pytorch as pl
     import torch
@@ -40,8 +50,10 @@ def main(out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     import mxprobe
-    from mxprobe.quantize import quantize_mx
     from tests.helpers_fsdp2 import TinyMxFsdp2, fsdp2_trainer
+
+    name, kwargs = SCHEMES[scheme]
+    quantize = getattr(mxprobe, name)
 
     def digest(tensors) -> str:
         h = hashlib.sha256()
@@ -73,7 +85,7 @@ def main(out_dir: str) -> None:
                 "weights": digest(params),
                 "moments": digest(moments),
                 "gammas": [g.tolist() for g in gammas],
-                "gammas_e4m3": [quantize_mx(g, "e4m3").tolist() for g in gammas],
+                "gammas_forward": [quantize(g, **kwargs).tolist() for g in gammas],
                 "local_numel": [p.to_local().numel() for p in pl_module.parameters()],
             }
 
@@ -104,7 +116,7 @@ def main(out_dir: str) -> None:
             ActivationMonitor(every_n_steps=2),
             ModelCheckpoint(os.path.join(out_dir, "ckpt"), every_n_train_steps=7, save_top_k=-1),
         ]
-        module = TinyMxFsdp2()
+        module = TinyMxFsdp2(scheme=scheme)
         run = fsdp2_trainer(out_dir, max_steps, callbacks, enable_checkpointing=True)
         run.fit(module, **fit_kwargs)
         moments = [v for s in run.optimizers[0].state.values() for k, v in s.items() if k != "step"]
@@ -134,15 +146,12 @@ def main(out_dir: str) -> None:
         json.dump(result, f)
 
 
-def _run(tmp_path) -> list[dict]:
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_fsdp2_monitors_rewind_snap_and_resume(tmp_path, scheme):
     # Two processes: what they share (port, tmp_path, seeds) is safe, see run_ranks; the
     # checkpoint under tmp_path/ckpt is Lightning's distributed one, each rank its own shard
     # files between barriers, and the resumed fit saves nothing (its steps 8, 9 are not 7k).
-    return run_ranks(__file__, tmp_path)
-
-
-def test_fsdp2_monitors_rewind_snap_and_resume(tmp_path):
-    ranks = _run(tmp_path)
+    ranks = run_ranks(__file__, tmp_path, scheme)
     for r in ranks:
         assert r["sharded"]
         # d = 32 over two ranks: gamma shards of 16, a block of 32 straddles them.
@@ -154,8 +163,9 @@ def test_fsdp2_monitors_rewind_snap_and_resume(tmp_path):
         # the Adam moments.
         assert states["6"]["weights"] == states["4"]["weights"] != states["5"]["weights"]
         assert states["6"]["moments"] == states["4"]["moments"]
-        # snap=True: each gamma is the e4m3 value the step-4 forward used, on every rank.
-        assert states["6"]["gammas"] == states["4"]["gammas_e4m3"]
+        # snap=True: each gamma is the value the step-4 forward used (e4m3 or NVFP4 of the
+        # full gamma), on every rank.
+        assert states["6"]["gammas"] == states["4"]["gammas_forward"]
         assert states["6"]["gammas"] != states["4"]["gammas"]
         # Resumed from step 7 (Lightning's distributed checkpoint): the same weights and Adam
         # state bit for bit, the schemes (norm=bf16, from checkpoint["mx_precision"]) and the
@@ -215,4 +225,4 @@ def test_sharding_other_than_fsdp2_is_refused_by_name():
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
