@@ -1,5 +1,6 @@
-"""MX emulation under autocast (bf16-mixed, 16-mixed): operands cast to the autocast dtype,
-then quantized; products, outputs and gradients in that dtype (mxprobe.modules.mx_linear)."""
+"""MX and NVFP4 emulation under autocast (bf16-mixed, 16-mixed): operands cast to the autocast
+dtype, then quantized; products, outputs and gradients in that dtype (mxprobe.modules.mx_linear).
+"""
 
 from __future__ import annotations
 
@@ -66,9 +67,17 @@ def _fp16_with_scaler():
     return {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_lightning_mixed_precision_trains_an_mx_model(tmp_path, precision):
-    module = TinyMx(d=32, scheme="mxfp8_e4m3")
+@pytest.mark.parametrize(
+    "precision, scheme",
+    [
+        ("bf16-mixed", "mxfp8_e4m3"),
+        ("16-mixed", "mxfp8_e4m3"),
+        # NVIDIA's recipe (tiles, stochastic rounding, the Hadamard transform) with NVFP4 norms
+        ("bf16-mixed", "nvfp4_recipe,norm=nvfp4"),
+    ],
+)
+def test_lightning_mixed_precision_trains_an_mx_model(tmp_path, precision, scheme):
+    module = TinyMx(d=32, scheme=scheme)
     before = [p.detach().clone() for p in module.parameters()]
     losses = []
 
@@ -82,3 +91,26 @@ def test_lightning_mixed_precision_trains_an_mx_model(tmp_path, precision):
     moved = [not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True)]
     assert all(moved)
     assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def nv(t, axis):
+    return mxprobe.quantize_nvfp4(t, axis=axis, tensor_scale="amax")
+
+
+def test_nvfp4_linear_under_bf16_autocast_matches_the_explicit_formula():
+    """NVFP4 roles under autocast: the operands cast to bf16, then NVFP4-quantized (two-level,
+    1 x 16 blocks along each GEMM's contraction axis) in bf16; gradients as with MX."""
+    torch.manual_seed(0)
+    layer = mxprobe.convert(nn.Sequential(nn.Linear(64, 48)), "w=nvfp4,a=nvfp4,bp=nvfp4")[0]
+    x = torch.randn(6, 64, requires_grad=True)
+    dy = torch.randn(6, 48).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x @ torch.eye(64))
+    assert y.dtype == torch.bfloat16
+    y.backward(dy)
+    xl, wl = x.detach().bfloat16(), layer.weight.detach().bfloat16()
+    want_y = F.linear(nv(xl, -1), nv(wl, -1), layer.bias.detach().bfloat16())
+    assert not torch.equal(nv(xl, -1), xl)  # the quantization is not a no-op here
+    assert torch.equal(y.detach(), want_y)
+    assert torch.equal(x.grad, (nv(dy, -1) @ nv(wl, 0)).float())
+    assert torch.equal(layer.weight.grad, (nv(dy, 0).t() @ nv(xl, 0)).float())
