@@ -5,7 +5,8 @@ A module is converted by what it computes, not by its exact class:
 - ``linear``: a GEMM ``y = x W^T + b`` (all six operands of docs/numerics.md). ``weight_layout``
   says how ``W`` is stored: ``"out_in"`` (``nn.Linear``) or ``"in_out"`` (transformers'
   ``Conv1D``, which computes ``x @ W + b``).
-- ``norm``: a normalization times an affine weight γ, optionally plus a bias β. The library's
+- ``norm``: a normalization times an affine weight γ, optionally plus a bias β
+  (:class:`mxprobe.modules.MxNorm`, the mechanism of torch's own norms too). The library's
   own ``forward`` runs with γ and β replaced by the values ``norm_affine`` gives them, so its
   eps, dtype casts and order of operations stay exactly its own (``full_precision`` is bit for
   bit the library's). A norm that multiplies by ``offset + w`` (Gemma, litgpt's
@@ -43,9 +44,7 @@ Register your own class in one call, e.g.
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,13 +54,12 @@ from mxprobe.experts import MxExpertsAdapter, has_experts_layout, is_hf_experts
 from mxprobe.modules import (
     LINEAR_ROLES,
     MX_CLASS_OF,
-    NORM_ROLES,
     MxActivation,
     MxLinearOutIn,
     MxModule,
+    MxNorm,
     mx_linear,
-    quantize_role,
-    round_elementwise,
+    substituted,
 )
 from mxprobe.products import run_scoped
 from mxprobe.scheme import PrecisionScheme
@@ -178,18 +176,6 @@ def _unsupported_reason(module: nn.Module) -> str:
     )
 
 
-@contextlib.contextmanager
-def substituted(module: nn.Module, values: dict[str, torch.Tensor | None]) -> Iterator[None]:
-    """Inside the block ``module.<name>`` reads ``values[name]`` instead of the parameter (the
-    Parameter objects, their gradients and optimizer state are untouched)."""
-    saved = {name: module._parameters[name] for name in values}
-    try:
-        module._parameters.update(values)
-        yield
-    finally:
-        module._parameters.update(saved)
-
-
 class MxLinearInOut(MxModule):
     """Mixin for a linear whose weight is stored (in, out) and applied as ``x @ W + b``."""
 
@@ -202,41 +188,6 @@ class MxLinearInOut(MxModule):
         if scheme is None:
             return super().forward(x)
         return mx_linear(x, self.weight.t(), self.bias, scheme)
-
-
-class MxNormAdapter(MxModule):
-    """Mixin for a library's norm: its own forward, with γ/β as ``norm_affine`` gives them and
-    input/output rounded by ``elementwise``. ``mx_weight_offset`` is the ``offset`` of a norm
-    that multiplies by ``offset + weight`` (measured by :func:`probe_weight_offset`)."""
-
-    mx_roles = NORM_ROLES
-    mx_param_roles = {"weight": ("norm_affine", -1), "bias": ("norm_affine", -1)}
-    mx_weight_offset: float = 0.0
-
-    def forward_operand(self, name: str) -> torch.Tensor:
-        value = getattr(self, name)
-        if name == "weight" and self.mx_weight_offset:
-            return value + self.mx_weight_offset
-        return value
-
-    def forward_parameter(self, name, scheme):
-        role, axis = self.mx_param_roles[name]
-        q = quantize_role(self.forward_operand(name), scheme, role, axis)
-        # q - offset is exact: q has few significant bits and lies near the offset.
-        return q - self.mx_weight_offset if name == "weight" and self.mx_weight_offset else q
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        scheme = self.active_scheme()
-        if scheme is None:
-            return super().forward(x, *args, **kwargs)
-        values = {
-            name: self.forward_parameter(name, scheme)
-            for name in self.mx_param_roles
-            if isinstance(self._parameters.get(name), torch.Tensor)
-        }
-        with substituted(self, values):
-            y = super().forward(round_elementwise(x, scheme), *args, **kwargs)
-        return round_elementwise(y, scheme)
 
 
 class MxRouterAdapter(MxModule):
@@ -265,7 +216,7 @@ class MxAttentionAdapter(MxModule):
 _MIXINS = {
     ("linear", "out_in"): MxLinearOutIn,
     ("linear", "in_out"): MxLinearInOut,
-    ("norm", "out_in"): MxNormAdapter,
+    ("norm", "out_in"): MxNorm,
     ("activation", "out_in"): MxActivation,
     ("experts", "out_in"): MxExpertsAdapter,
     ("router", "out_in"): MxRouterAdapter,

@@ -17,12 +17,18 @@ tokens on axis 0):
 
 GEMM outputs and the bias are rounded by the ``elementwise`` role when set; with
 ``quantize_backprop=False`` the backward pass is left in full precision.
+
+Norms have one mechanism, :class:`MxNorm`, for torch's (``MxLayerNorm``, ``MxRMSNorm``) and any
+library's (``adapters.py`` puts it under the ``norm`` kind): the class's own forward, run with
+γ/β :func:`substituted` by their ``forward_parameter`` values.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mxprobe import nvfp4_random
@@ -313,47 +319,78 @@ class MxLinear(MxLinearOutIn, nn.Linear):
     """``nn.Linear`` whose GEMMs are MX-emulated according to ``mx_scheme``."""
 
 
-def _affine(module: MxModule, scheme: PrecisionScheme) -> tuple:
-    """γ and β quantized by ``norm_affine`` (straight-through gradient to both)."""
-    return tuple(
-        None if getattr(module, name, None) is None else module.forward_parameter(name, scheme)
-        for name in ("weight", "bias")
-    )
-
-
 NORM_ROLES = ("norm_affine", "elementwise")
 
 
-class MxLayerNorm(MxModule, nn.LayerNorm):
-    """``nn.LayerNorm`` with γ/β quantized by ``norm_affine`` and its input/output rounded by
-    ``elementwise``."""
+@contextlib.contextmanager
+def substituted(module: nn.Module, values: dict[str, torch.Tensor | None]) -> Iterator[None]:
+    """Inside the block ``module.<name>`` reads ``values[name]`` instead of the parameter (the
+    Parameter objects, their gradients and optimizer state are untouched)."""
+    saved = {name: module._parameters[name] for name in values}
+    try:
+        module._parameters.update(values)
+        yield
+    finally:
+        module._parameters.update(saved)
+
+
+class MxNorm(MxModule):
+    """Mixin for a normalization times an affine weight γ (+ a bias β): the class's own
+    forward (its eps, dtype casts and order of operations), run with γ/β replaced by their
+    :meth:`forward_parameter` values (``norm_affine``, straight-through gradients) and its input
+    and output rounded by ``elementwise``. ``mx_weight_offset`` is the ``offset`` of a norm that
+    multiplies by ``offset + weight`` (measured by ``adapters.probe_weight_offset``; 0 for
+    torch's norms)."""
 
     mx_roles = NORM_ROLES
     mx_param_roles = {"weight": ("norm_affine", -1), "bias": ("norm_affine", -1)}
+    mx_weight_offset: float = 0.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_operand(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if name == "weight" and self.mx_weight_offset:
+            return value + self.mx_weight_offset
+        return value
+
+    def forward_parameter(self, name: str, scheme: PrecisionScheme) -> torch.Tensor:
+        role, axis = self.mx_param_roles[name]
+        q = quantize_role(self.forward_operand(name), scheme, role, axis)
+        # q - offset is exact: q has few significant bits and lies near the offset.
+        return q - self.mx_weight_offset if name == "weight" and self.mx_weight_offset else q
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         scheme = self.active_scheme()
         if scheme is None:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        w, b = _affine(self, scheme)
-        y = F.layer_norm(round_elementwise(x, scheme), self.normalized_shape, w, b, self.eps)
+            return super().forward(x, *args, **kwargs)
+        with substituted(self, _forward_values(self, scheme)):
+            y = super().forward(round_elementwise(x, scheme), *args, **kwargs)
         return round_elementwise(y, scheme)
 
 
-class MxRMSNorm(MxModule, nn.RMSNorm):
+def _forward_values(module: MxNorm, scheme: PrecisionScheme) -> dict[str, torch.Tensor]:
+    """{name: its forward value} of each parameter of ``mx_param_roles`` that ``module`` holds.
+
+    A function of its own, not a comprehension in ``forward``: where quantizing breaks the
+    torch.compile graph (NVFP4 reads its tensor scale with ``.item()``), Dynamo then resumes
+    ``forward`` after this call and compiles the norm; a graph break inside a comprehension
+    or loop of ``forward`` makes it run the whole of ``forward`` eagerly instead."""
+    return {
+        name: module.forward_parameter(name, scheme)
+        for name in module.mx_param_roles
+        if isinstance(module._parameters.get(name), torch.Tensor)
+    }
+
+
+class MxLayerNorm(MxNorm, nn.LayerNorm):
+    """``nn.LayerNorm`` with γ/β quantized by ``norm_affine`` and its input/output rounded by
+    ``elementwise``."""
+
+
+class MxRMSNorm(MxNorm, nn.RMSNorm):
     """``nn.RMSNorm`` with γ quantized by ``norm_affine`` and input/output rounded by
     ``elementwise``."""
 
-    mx_roles = NORM_ROLES
     mx_param_roles = {"weight": ("norm_affine", -1)}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scheme = self.active_scheme()
-        if scheme is None:
-            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-        w, _ = _affine(self, scheme)
-        y = F.rms_norm(round_elementwise(x, scheme), self.normalized_shape, w, self.eps)
-        return round_elementwise(y, scheme)
 
 
 def role_quantizer(scheme: PrecisionScheme, role: str) -> tuple:
@@ -404,7 +441,7 @@ def _snap_sharded(module: MxModule, name: str, before: PrecisionScheme) -> None:
     Gathered rather than quantized shard by shard: FSDP2 splits dim 0, which is the block axis
     of a 1-d gamma/beta/bias, at offsets that need not be multiples of the block size. The
     value is computed as FSDP2's forward computes it, with the unsharded tensor in place of
-    the parameter, so adapters' ``forward_parameter`` (e.g. a ``1 + w`` norm) apply unchanged.
+    the parameter, so every ``forward_parameter`` (e.g. a ``1 + w`` norm's) applies unchanged.
     """
     sharded = module._parameters[name]
     module._parameters[name] = nn.Parameter(sharded.full_tensor(), requires_grad=False)

@@ -11,8 +11,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mxprobe import PrecisionScheme, convert, full_precision, mx_matmul, quantize_mx, round_to
-from mxprobe.modules import MxGELU, MxLayerNorm, MxLinear, MxMatmul, MxReLU, MxRMSNorm, MxSiLU
+from mxprobe import (
+    PrecisionScheme,
+    convert,
+    full_precision,
+    mx_matmul,
+    quantize_mx,
+    quantize_nvfp4,
+    round_to,
+)
+from mxprobe.modules import (
+    MxGELU,
+    MxLayerNorm,
+    MxLinear,
+    MxMatmul,
+    MxNorm,
+    MxReLU,
+    MxRMSNorm,
+    MxSiLU,
+)
 
 DISTINCT = "w=e4m3,a=e2m1,w_bp=e5m2,a_bp=int8,g_wgrad=e3m2,g_dgrad=e2m3"
 GEMM_SCHEMES = (
@@ -180,6 +197,76 @@ def test_norm_quantizes_affine_with_straight_through_gradients(scheme, kind):
         assert norm.bias.grad is not None
         assert torch.count_nonzero(norm.bias.grad) > 0
         assert torch.equal(norm.bias.grad, bq.grad)
+
+
+# The norm's γ/β in the scheme's norm_affine format, spelled out: (scheme, quantizer of γ/β).
+NORM_REFERENCES = {
+    "mxfp8_e4m3": lambda t: quantize_mx(t, "fp8_e4m3", block_size=32, axis=-1),
+    "nvfp4": lambda t: quantize_nvfp4(t, axis=-1, tensor_scale="amax", tile=(1, 16)),
+}
+
+
+@pytest.mark.parametrize("scheme", NORM_REFERENCES)
+@pytest.mark.parametrize("kind", ["layernorm", "layernorm-no-bias", "rmsnorm"])
+def test_torch_norms_equal_the_explicit_formula(scheme, kind):
+    """A converted nn.LayerNorm (with and without β) / nn.RMSNorm runs through the one norm
+    mechanism (MxNorm: the class's own forward with γ/β substituted) and gives exactly the
+    output and the x, γ and β gradients of the formula written out: bf16-rounded input (the
+    scheme's elementwise), γ/β quantized as leaves (straight-through), bf16-rounded output."""
+    gamma, beta = norm_params(seed=17)
+    if kind == "rmsnorm":
+        norm = nn.RMSNorm(NORM_DIM)
+    else:
+        norm = nn.LayerNorm(NORM_DIM, bias=kind == "layernorm")
+    with torch.no_grad():
+        norm.weight.copy_(gamma)
+        if kind == "layernorm":
+            norm.bias.copy_(beta)
+    convert(norm, scheme)
+    assert type(norm) is (MxRMSNorm if kind == "rmsnorm" else MxLayerNorm)
+    assert type(norm).forward is MxNorm.forward  # no forward of its own
+    x = heavy_tailed(BATCH, SEQ, NORM_DIM, seed=18).requires_grad_()
+    dy = heavy_tailed(BATCH, SEQ, NORM_DIM, seed=19)
+    y = norm(x)
+    y.backward(dy)
+
+    quantized = NORM_REFERENCES[scheme]
+    gq = quantized(gamma).clone().requires_grad_()
+    assert not torch.equal(gq.detach(), gamma), "γ must actually be quantized"
+    bq = quantized(beta).clone().requires_grad_() if kind == "layernorm" else None
+    xe = x.detach().clone().requires_grad_()
+    if kind == "rmsnorm":
+        want = round_to(F.rms_norm(round_to(xe, "bf16"), (NORM_DIM,), gq, norm.eps), "bf16")
+    else:
+        want = round_to(F.layer_norm(round_to(xe, "bf16"), (NORM_DIM,), gq, bq, norm.eps), "bf16")
+    want.backward(dy)
+
+    assert torch.equal(y.detach(), want.detach())
+    assert torch.equal(x.grad, xe.grad)
+    assert torch.equal(norm.weight.grad, gq.grad)
+    if kind == "layernorm":
+        assert not torch.equal(bq.detach(), beta), "β must actually be quantized"
+        assert torch.count_nonzero(bq.grad) > 0
+        assert torch.equal(norm.bias.grad, bq.grad)
+    else:
+        assert getattr(norm, "bias", None) is None
+
+
+def test_library_norms_share_the_torch_norms_mechanism():
+    """One mechanism: a registered norm class gets the very mixin torch's norms are built on."""
+
+    class MyNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(NORM_DIM))
+
+        def forward(self, x):
+            return F.rms_norm(x, (NORM_DIM,), self.weight, 1e-6)
+
+    from mxprobe.adapters import Adapter, twin_class
+
+    assert issubclass(twin_class(MyNorm, Adapter("norm")), MxNorm)
+    assert issubclass(MxLayerNorm, MxNorm) and issubclass(MxRMSNorm, MxNorm)
 
 
 def test_layernorm_beta_trains_under_mx():
