@@ -29,9 +29,12 @@ and of an all-zero tensor is that tensor.
 ``nvfp4_encode`` gives the packed form (two E2M1 codes per byte, low nibble first; E4M3 scale
 bytes; the per-tensor scale) and ``nvfp4_decode`` reads it back to the same values.
 
-This module's torch path is the reference; ``quantize_nvfp4`` runs fp32/bf16 CPU tensors with
-``rounding="even"`` and variant ``"torchao"`` on the native C kernel instead, which gives the
-same bits (``mxprobe.kernels.resolve_nvfp4_backend`` says which backend a call takes).
+This module's torch path is the reference; ``quantize_nvfp4`` runs fp32/bf16 tensors with
+``rounding="even"`` and variant ``"torchao"`` on the native C kernel (CPU) or a Triton kernel
+(CUDA) instead, which give the same bits (``mxprobe.kernels.resolve_nvfp4_backend`` says which
+backend a call takes). On CUDA, torch computes ``amax_b / 6`` and ``amax / 2688`` (a tensor
+divided by a Python number) as products with the fp32 reciprocals, and the Triton kernel does
+the same there: a few block maxima straddle an E4M3 tie and get another scale than on CPU.
 """
 
 from __future__ import annotations
@@ -201,17 +204,19 @@ def quantize_nvfp4(
 ) -> torch.Tensor:
     """NVFP4 fake quantization of ``x`` (fp32 or bf16): same shape and dtype (module docstring).
 
-    ``backend``: ``"auto"`` takes the native CPU kernel where it computes the call (fp32/bf16
-    CPU tensors outside autograd and ``torch.compile``, ``rounding="even"``, variant
-    ``"torchao"``: ``mxprobe.kernels.resolve_nvfp4_backend``), else the torch path;
-    ``"torch"`` the torch path (the reference); ``"native"`` the kernel or an error. All agree
-    to the bit.
+    ``backend``: ``"auto"`` takes the native CPU kernel or, for CUDA tensors, the Triton
+    kernel where it computes the call (fp32/bf16 tensors outside autograd and
+    ``torch.compile``, ``rounding="even"``, variant ``"torchao"``:
+    ``mxprobe.kernels.resolve_nvfp4_backend``), else the torch path; ``"torch"`` the torch path
+    (the reference); ``"native"`` or ``"triton"`` that kernel or an error. All agree to the bit
+    on the same device.
 
     Raises:
         TypeError: ``x`` not a float32/bfloat16 tensor.
         ValueError: an axis out of range, an unknown tile, rounding, variant or backend, a
             tensor_scale that is not None, ``"amax"`` or a finite number > 0.
-        RuntimeError: ``backend="native"`` where the kernel does not compute the call.
+        RuntimeError: ``backend="native"`` or ``"triton"`` where that kernel does not compute
+            the call.
     """
     axis, tile, tensor_scale = _check(x, axis, tile, rounding, variant, tensor_scale)
     flat = x.reshape(1) if x.dim() == 0 else x  # a 0-dim tensor is a block of one element

@@ -10,7 +10,8 @@
 - ``compile_cache``: the torch path (``mxprobe.mx_blocks``, the reference) compiled per variant
   for large CPU tensors; :func:`set_compile` turns it off, :func:`compiled_call` serves other
   block functions (``mxprobe.stats``).
-- ``triton_kernels``: the CUDA kernel (or Triton's interpreter).
+- ``triton_kernels``: the CUDA kernel (or Triton's interpreter); ``triton_nvfp4``: NVFP4's
+  (round to nearest, variant torchao).
 - ``gemm``: products of quantized operands, on TF32 tensor cores where that is exact.
 - ``buffers``: :class:`OperandBuffers`, memory reused for GEMM operands by their owner.
 - ``state``: :func:`status`, everything above in one :class:`KernelStatus` value.

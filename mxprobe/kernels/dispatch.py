@@ -4,12 +4,16 @@
 ``mxprobe.quantize_nvfp4`` calls :func:`quantize_nvfp4`; nothing else chooses a backend. CPU
 tensors go to the native C kernel outside ``torch.compile`` (under compile the torch path is
 traced and fused into the graph), CUDA tensors to the Triton kernel, the rest to the torch path
-(``mx_blocks``, compiled per variant for large CPU tensors by ``compile_cache``). NVFP4 has no
-Triton kernel, and its stochastic rounding and Transformer Engine variant run on the torch path
-(``mxprobe.nvfp4``) only. All of them agree to the bit.
+(``mx_blocks``, compiled per variant for large CPU tensors by ``compile_cache``). NVFP4 takes
+the same routes outside autograd (``native_nvfp4`` on CPU, ``triton_nvfp4`` on CUDA when triton
+is installed); its stochastic rounding and Transformer Engine variant run on the torch path
+(``mxprobe.nvfp4``) only. All of them agree to the bit with the torch path on the same device.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 
@@ -19,7 +23,7 @@ from mxprobe.kernels.compile_cache import compiled_call
 from mxprobe.mx_blocks import from_blocks, quantize_blocks, stochastic_noise, to_blocks
 
 BACKENDS = ("auto", "torch", "native", "triton")
-NVFP4_BACKENDS = ("auto", "torch", "native")
+NVFP4_BACKENDS = ("auto", "torch", "native", "triton")
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -117,30 +121,55 @@ def round_cast(
     return compiled_call(_round_cast_torch, x, target=target, top=top)
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_nvfp4_backend(
     backend: str, x: torch.Tensor, rounding: str = "even", variant: str = "torchao"
 ) -> str:
-    """The backend that computes ``quantize_nvfp4(x, rounding=..., variant=..., backend=...)``:
-    the native kernel for fp32/bf16 CPU tensors outside ``torch.compile`` and outside autograd,
-    with round-to-nearest and variant ``"torchao"``; the torch path (``mxprobe.nvfp4``, the
-    reference) for everything else: CUDA (no Triton NVFP4 kernel), stochastic rounding, variant
-    ``"te"``, an input autograd tracks (the result keeps the torch path's graph), a compiled
-    graph, or no built kernel.
+    """The backend that computes ``quantize_nvfp4(x, rounding=..., variant=..., backend=...)``.
+
+    The kernels compute fp32/bf16 tensors of >= 1 dimension outside ``torch.compile`` and
+    outside autograd, with round-to-nearest and variant ``"torchao"``: ``"auto"`` takes the
+    native kernel for such CPU tensors and the Triton kernel (``triton_nvfp4``) for such CUDA
+    tensors when triton is installed; the torch path (``mxprobe.nvfp4``, the reference) for
+    everything else: stochastic rounding, variant ``"te"``, an input autograd tracks (the
+    result keeps the torch path's graph), a compiled graph, another device, no built native
+    kernel or no triton. ``"triton"`` forces the Triton kernel (a CPU tensor under
+    ``TRITON_INTERPRET=1``: the tests), ``"native"`` the C kernel; ``"torch"`` the torch path.
 
     Raises:
         ValueError: an unknown ``backend``.
-        RuntimeError: ``backend="native"`` where the kernel does not compute this call.
+        RuntimeError: ``backend="native"`` or ``"triton"`` where that kernel does not compute
+            this call.
     """
     if backend not in NVFP4_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {NVFP4_BACKENDS}")
     if backend == "torch":
         return "torch"
     # is_compiling first: Dynamo must not trace into the library's build and ctypes calls.
-    applies = (
+    kernel_applies = (
         not torch.compiler.is_compiling()
-        and native_nvfp4.supports(x, rounding, variant)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() >= 1
+        and rounding == "even"
+        and variant == "torchao"
         and not (x.requires_grad and torch.is_grad_enabled())
     )
+    if backend == "triton":
+        if kernel_applies:
+            return "triton"
+        raise RuntimeError(
+            "backend='triton' cannot compute this NVFP4 call: the Triton kernel takes fp32/bf16 "
+            "tensors of >= 1 dimension outside autograd and torch.compile, rounding='even', "
+            f"variant='torchao'; got {x.dtype}, {x.dim()} dimension(s), rounding={rounding!r}, "
+            f"variant={variant!r}; use backend='auto' or 'torch'"
+        )
+    if backend == "auto" and kernel_applies and x.is_cuda and _triton_installed():
+        return "triton"
+    applies = kernel_applies and native_nvfp4.supports(x, rounding, variant)
     if applies and native.available():
         return "native"
     if backend == "native":
@@ -170,8 +199,13 @@ def quantize_nvfp4(
     """``x`` NVFP4 fake-quantized, in its dtype and shape (arguments checked by
     ``mxprobe.quantize_nvfp4``: ``axis`` non-negative, ``tile`` a tuple, ``tensor_scale`` None,
     ``"amax"`` or a 0-dim fp32 tensor), on :func:`resolve_nvfp4_backend`'s backend."""
-    if resolve_nvfp4_backend(backend, x, rounding, variant) == "native":
+    resolved = resolve_nvfp4_backend(backend, x, rounding, variant)
+    if resolved == "native":
         return native_nvfp4.quantize(x, axis, tensor_scale, tile)
+    if resolved == "triton":
+        from mxprobe.kernels.triton_nvfp4 import quantize_nvfp4_triton
+
+        return quantize_nvfp4_triton(x, axis, tensor_scale, tile)
     # mxprobe.nvfp4 holds the torch path and imports this room, so it is imported at call time
     from mxprobe.nvfp4 import quantize_nvfp4_torch
 

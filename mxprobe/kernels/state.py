@@ -31,7 +31,9 @@ class KernelStatus:
     threads: int
     """``torch.get_num_threads()``: the most threads one call splits its work over."""
     triton: bool
-    """The Triton kernel can run here (triton installed, and CUDA or ``TRITON_INTERPRET=1``)."""
+    """The Triton kernels can run here (triton installed, and CUDA or ``TRITON_INTERPRET=1``):
+    they compute CUDA tensors' MX quantization and NVFP4 (fp32/bf16, variant ``"torchao"``,
+    ``rounding="even"``, outside autograd and ``torch.compile``)."""
     triton_reason: str | None
     """Why ``triton`` is False (None when it is True)."""
     compile: bool
