@@ -311,7 +311,11 @@ def test_a_process_exits_2_with_one_line(corpus):
     assert "'mxfp9_bogus'" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("ask", [("--traceback",), ()], ids=["flag", "env"])
+@pytest.mark.parametrize(
+    "ask",
+    [("--traceback",), pytest.param((), marks=pytest.mark.slow)],  # a second CLI process: 5 s
+    ids=["flag", "env"],
+)
 def test_a_traceback_when_asked(ask):
     done, _ = _run("llm", "sizes", "L0", *ask, **({} if ask else {"MXPROBE_DEBUG": "1"}))
     assert done.returncode != 0

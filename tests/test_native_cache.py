@@ -87,6 +87,7 @@ def test_a_replaced_library_is_not_loaded_but_rebuilt(built, tmp_path):
     assert library.read_bytes() == built.read_bytes()  # rebuilt: the same build again
 
 
+@pytest.mark.slow  # builds the C library again (about 4.5 s)
 def test_a_library_without_a_recorded_digest_is_rebuilt(built, tmp_path):
     library, marker = _copy(built, tmp_path), tmp_path / "marker"
     library.write_bytes(_evil_library(tmp_path, marker))
@@ -116,6 +117,7 @@ def test_a_library_writable_by_its_group_is_rebuilt(built, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # builds the C library again (about 4.5 s)
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to give a file to another user")
 def test_a_library_owned_by_another_user_is_rebuilt(built, tmp_path):
     library = _copy(built, tmp_path)

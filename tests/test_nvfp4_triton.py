@@ -338,6 +338,7 @@ if "nvidia" in triton.backends.backends:
 """
 
 
+@pytest.mark.slow  # a fresh interpreter compiling PTX (about 4 s)
 def test_outside_the_interpreter_errors_and_the_ptx_a_gpu_runs(tmp_path):
     """A CPU tensor without the interpreter is refused clearly; compiled for sm_90 (no GPU
     needed), the kernel divides with div.rn, rounds every product and sum on its own (no FMA

@@ -3,6 +3,7 @@
 import csv
 import json
 
+import pytest
 import yaml
 
 from mxprobe.app.cli import sweep
@@ -36,6 +37,7 @@ def test_grid_expansion_and_arguments(tmp_path):
     ]
 
 
+@pytest.mark.slow  # trains a sweep twice (about 12 s)
 def test_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     path = _spec(tmp_path)
     spec = sweep.Spec.load(path)

@@ -50,6 +50,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # starts, kills and waits for processes (about 5 s)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_child_ends_when_its_parent_is_killed(tmp_path):
     armed = tmp_path / "armed"

@@ -333,6 +333,7 @@ assert "ld.global.v4" in rows and "st.global.v4" in rows, rows
 """
 
 
+@pytest.mark.slow  # a fresh interpreter compiling PTX (about 4 s)
 def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     """The interpreter runs the kernel as Python; this compiles it as a GPU would (static
     branches, expand_dims, the seed load) down to sm_90 PTX, no GPU needed, and checks that both
