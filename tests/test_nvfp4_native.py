@@ -12,19 +12,13 @@ import torch
 
 from mxprobe import kernels, quantize_nvfp4
 from mxprobe.kernels import native, native_nvfp4
+from tests.helpers_numerics import bits_equal
 
 HAS_COMPILER = any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang"))
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 
 DTYPES = [torch.float32, torch.bfloat16]
 SCALES = [None, "amax", 0.0123, 1e30, 1e-45]  # 1e-45: 1 / pts is Inf
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.isnan(), b.isnan()):
-        return False
-    view = torch.int32 if a.dtype == torch.float32 else torch.int16
-    return torch.equal(a.nan_to_num(0).view(view), b.nan_to_num(0).view(view))
 
 
 def both(x, **kw):
@@ -91,20 +85,27 @@ def test_the_element_factor_is_one_over_pts_then_over_s():
         assert bits_equal(got, want)
 
 
-def test_elements_on_e2m1_ties_at_many_per_tensor_scales():
-    # For 300 random (pts, block amax): elements x with x · ((1/pts)/s) exactly on an E2M1 tie,
-    # where any other order of the factor's two roundings lands an ulp away from the tie.
+def e2m1_tie_rows(count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``count`` random (pts, block of 16, s) where the block holds its amax and elements x with
+    x · ((1/pts)/s) exactly on an E2M1 tie, so that any other order of the factor's two
+    roundings lands an ulp away from the tie (``s``: the block's E4M3 scale)."""
     g = torch.Generator().manual_seed(11)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    for pts in torch.exp2(torch.rand(300, generator=g) * 40 - 20):
+    rows = []
+    for pts in torch.exp2(torch.rand(count, generator=g) * 40 - 20):
         amax = pts * 6 * torch.exp2(torch.rand((), generator=g) * 14 - 5)
         s = ((amax / 6) / pts).clamp(2.0**-6, 448).to(torch.float8_e4m3fn).float()
         f = (1.0 / pts) / s
         x = ties / f
         x = x[(x * f == ties) & (x <= amax)]
-        row = torch.cat([amax.reshape(1), x, -x, torch.zeros(15 - 2 * len(x))])
+        rows.append((pts, torch.cat([amax.reshape(1), x, -x, torch.zeros(15 - 2 * len(x))]), s))
+    return rows
+
+
+def test_elements_on_e2m1_ties_at_many_per_tensor_scales():
+    for pts, row, _ in e2m1_tie_rows(300):
         got, want = both(row.reshape(1, 16), tensor_scale=pts)
-        assert bits_equal(got, want), (float(pts), float(amax))
+        assert bits_equal(got, want), (float(pts), float(row[0]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -9,10 +9,6 @@ Without CUDA the kernel runs in Triton's interpreter (tests/conftest.py sets
 hundred elements. With CUDA the same tests compare against the torch path on CUDA.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -24,7 +20,8 @@ from mxprobe import kernels, nvfp4, quantize_nvfp4  # noqa: E402
 from mxprobe.kernels import dispatch, triton_kernels, triton_nvfp4  # noqa: E402
 from mxprobe.mx_blocks import fp32  # noqa: E402
 from tests.helpers_numerics import bits_equal  # noqa: E402
-from tests.test_nvfp4_native import adversarial, wide  # noqa: E402
+from tests.helpers_triton import run_outside_the_interpreter  # noqa: E402
+from tests.test_nvfp4_native import adversarial, e2m1_tie_rows, wide  # noqa: E402
 
 if not triton_kernels.MODES_AGREE:
     pytest.skip(
@@ -137,18 +134,9 @@ def test_the_element_factor_is_one_over_pts_then_over_s():
 
 @pytest.mark.parametrize("count", [40, pytest.param(300, marks=pytest.mark.slow)])
 def test_elements_on_e2m1_ties_at_many_per_tensor_scales(count):
-    # For random (pts, block amax): elements x with x · ((1/pts)/s) exactly on an E2M1 tie,
-    # where any other order of the factor's two roundings lands an ulp away from the tie.
-    g = torch.Generator().manual_seed(11)
-    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     discriminating = 0
-    for pts in torch.exp2(torch.rand(count, generator=g) * 40 - 20):
-        amax = pts * 6 * torch.exp2(torch.rand((), generator=g) * 14 - 5)
-        s = ((amax / 6) / pts).clamp(2.0**-6, 448).to(torch.float8_e4m3fn).float()
+    for pts, row, s in e2m1_tie_rows(count):
         f = (1.0 / pts) / s
-        x = ties / f
-        x = x[(x * f == ties) & (x <= amax)]
-        row = torch.cat([amax.reshape(1), x, -x, torch.zeros(15 - 2 * len(x))])
         discriminating += not torch.equal(e2m1(row * f), e2m1(row * (1.0 / (pts * s))))
         assert_same(row.reshape(1, 16).to(DEVICE), tensor_scale=float(pts))
     assert discriminating > count // 4
@@ -343,16 +331,7 @@ def test_outside_the_interpreter_errors_and_the_ptx_a_gpu_runs(tmp_path):
     """A CPU tensor without the interpreter is refused clearly; compiled for sm_90 (no GPU
     needed), the kernel divides with div.rn, rounds every product and sum on its own (no FMA
     contraction, no flush to zero) and reads and writes with 16-byte accesses."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", _OUTSIDE_THE_INTERPRETER],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = run_outside_the_interpreter(_OUTSIDE_THE_INTERPRETER, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     import triton
 

@@ -6,11 +6,7 @@ tests/conftest.py sets ``TRITON_INTERPRET=1`` before anything imports triton. Th
 slow, so tensors here stay at a few thousand elements.
 """
 
-import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -31,6 +27,7 @@ from tests.helpers_numerics import (  # noqa: E402
     bits_equal,
     heavy_tailed,
 )
+from tests.helpers_triton import run_outside_the_interpreter  # noqa: E402
 from tests.mx_reference import reference_quantize  # noqa: E402
 
 if not triton_kernels.MODES_AGREE:
@@ -290,11 +287,7 @@ else:
 
 
 def test_clear_errors_without_triton_or_outside_the_interpreter():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", _ERRORS_SCRIPT], cwd=root, env=env, capture_output=True, text=True
-    )
+    done = run_outside_the_interpreter(_ERRORS_SCRIPT)
     assert done.returncode == 0, done.stderr
 
 
@@ -341,14 +334,5 @@ def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     triton = pytest.importorskip("triton")
     if "nvidia" not in triton.backends.backends:
         pytest.skip("triton has no NVIDIA backend here")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", _HOPPER_COMPILE_SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    done = run_outside_the_interpreter(_HOPPER_COMPILE_SCRIPT, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -223,6 +223,22 @@ def _stochastic_seed(generator: torch.Generator | None, device: torch.device) ->
     return torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device)
 
 
+def check_can_run(x: torch.Tensor, what: str, instead: str) -> None:
+    """Raise ``RuntimeError`` unless a Triton kernel (``what``, for the message) can run on ``x``:
+    a CUDA tensor, or any tensor in interpreter mode; ``instead`` names the fallback to offer."""
+    if not MODES_AGREE:
+        raise RuntimeError(
+            "TRITON_INTERPRET changed between `import triton` and the import of "
+            "mxprobe.kernels.triton_kernels; set it before anything imports triton (Lightning and "
+            "torch.compile do)"
+        )
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError(
+            f"{what} needs a CUDA tensor, got one on {x.device}; for CPU tensors set "
+            f"TRITON_INTERPRET=1 before importing mxprobe (slow, meant for tests) or use {instead}"
+        )
+
+
 def _dense_order(x: torch.Tensor) -> list[int] | None:
     """The dims of ``x`` by decreasing stride if that permutation of ``x`` is contiguous (a
     contiguous, transposed or permuted tensor), else ``None``."""
@@ -251,18 +267,7 @@ def quantize_mx_triton(
             ``TRITON_INTERPRET`` was set after triton was imported.
         ValueError: ``block_size`` larger than a Triton tile can hold.
     """
-    if not MODES_AGREE:
-        raise RuntimeError(
-            "TRITON_INTERPRET changed between `import triton` and the import of "
-            "mxprobe.kernels.triton_kernels; set it before anything imports triton (Lightning and "
-            "torch.compile do)"
-        )
-    if not x.is_cuda and not _INTERPRETED:
-        raise RuntimeError(
-            f"backend='triton' needs a CUDA tensor, got one on {x.device}; for CPU tensors set "
-            "TRITON_INTERPRET=1 before importing mxprobe (slow, meant for tests) or use "
-            "backend='torch'"
-        )
+    check_can_run(x, "backend='triton'", "backend='torch'")
     block_pow2 = triton.next_power_of_2(block_size)
     if block_pow2 > _TILE * 16:
         raise ValueError(

@@ -62,12 +62,7 @@ except ImportError as err:  # dispatch imports this module only for the Triton b
         "or use backend='torch'"
     ) from err
 
-from mxprobe.kernels.triton_kernels import (
-    _INTERPRETED,
-    MODES_AGREE,
-    _dense_order,
-    _float_errors_ignored,
-)
+from mxprobe.kernels.triton_kernels import _dense_order, _float_errors_ignored, check_can_run
 
 BLOCK = 16
 TENSOR_MAX = 448.0 * 6.0  # two-level "amax": pts = amax / 2688, as mxprobe.nvfp4.TENSOR_MAX
@@ -269,18 +264,7 @@ def quantize_nvfp4_triton(
             ``TRITON_INTERPRET`` was set after triton was imported.
         ValueError: an unknown ``scale_division``.
     """
-    if not MODES_AGREE:
-        raise RuntimeError(
-            "TRITON_INTERPRET changed between `import triton` and the import of "
-            "mxprobe.kernels.triton_kernels; set it before anything imports triton (Lightning and "
-            "torch.compile do)"
-        )
-    if not x.is_cuda and not _INTERPRETED:
-        raise RuntimeError(
-            f"the Triton NVFP4 kernel needs a CUDA tensor, got one on {x.device}; for CPU "
-            "tensors set TRITON_INTERPRET=1 before importing mxprobe (slow, meant for tests) or "
-            "use backend='auto' or 'torch'"
-        )
+    check_can_run(x, "the Triton NVFP4 kernel", "backend='auto' or 'torch'")
     if scale_division is None:
         scale_division = "reciprocal" if x.is_cuda else "true"
     if scale_division not in SCALE_DIVISIONS:
