@@ -45,6 +45,7 @@ from mxprobe.modules import MxMatmul, MxModule, role_quantizer, snap_parameters
 from mxprobe.scheme import (
     ROLES,
     PrecisionScheme,
+    inert_settings_of,
     matches_glob,
     named_roles,
     parse_scheme,
@@ -241,12 +242,17 @@ def _router_kept(name: str, module: MxModule, overrides: Overrides) -> bool:
 
 def _apply(model: nn.Module, base: PrecisionScheme, overrides: Overrides) -> int:
     modules = list(_mx_modules(model))
-    for pattern in overrides or {}:
+    for pattern, value in (overrides or {}).items():
         if not any(matches_glob(name, pattern) for name, _ in modules):
             raise ValueError(
                 f"override {pattern!r} matches no MX module (names: "
                 f"{[n for n, _ in modules][:8]}); fix the glob or drop the override"
             )
+        # The base was checked by parse_scheme; the settings an override adds are checked here.
+        made = value if isinstance(value, PrecisionScheme) else base.amend(value)
+        inert = inert_settings_of(value, made)
+        if inert:
+            raise ValueError(f"override {pattern!r} = {str(value)!r}: {'; '.join(inert.values())}")
     for name, module in modules:
         # A router follows the base scheme only when an override names it. Kept, it runs its own
         # code unscoped (None), so its float copies of a bf16 weight (DeepSeek-V3) are not refused.
@@ -345,7 +351,7 @@ def _check_settings_apply(change: str, modules: list[tuple[str, MxModule]]) -> N
     of any of ``modules`` once amended (e.g. ``nvgrad=stochastic`` on MX-only modules)."""
     inert = None
     for _, module in modules:
-        found = (module.mx_scheme or PrecisionScheme()).amend(change).inert_settings()
+        found = inert_settings_of(change, (module.mx_scheme or PrecisionScheme()).amend(change))
         inert = found if inert is None else {k: v for k, v in inert.items() if k in found}
     if inert:
         raise ValueError(f"{'; '.join(inert.values())} in any module it amends ({change!r})")

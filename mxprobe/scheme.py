@@ -42,8 +42,11 @@ A setting that no role of a scheme uses would change nothing: ``block``/``scale`
 an MX role, ``nvscale`` an NVFP4 role, ``nvtile`` an NVFP4 weight role, ``nvgrad`` an NVFP4
 gradient role and ``nvrht`` an NVFP4 ``g_wgrad`` or ``a_bp`` (with ``backprop=true``).
 ``convert``/``set_scheme`` refuse such a scheme (``mxfp8_e4m3,nvrht=on``,
-``nvfp4,round=stochastic``), and ``amend_scheme`` (and so a rule, at setup) a change whose
-settings no module it amends would use.
+``nvfp4,round=stochastic``), an override that sets such a setting for the modules it matches,
+and ``amend_scheme`` (and so a rule, at setup) a change whose settings no module it amends
+would use. Only the settings an override or change names count (all of them when it is a
+scheme or starts with a preset): ``bp=bf16`` on ``nvfp4_recipe`` is fine, though it leaves the
+recipe's ``nvgrad``/``nvrht`` unused there.
 
 Per-layer overrides are an ordered mapping ``{glob on the qualified module name: scheme or
 partial string}``; the first matching glob wins and a partial string amends the base scheme.
@@ -529,6 +532,22 @@ def parse_scheme(text_or_scheme: str | PrecisionScheme) -> PrecisionScheme:
         shown = text_or_scheme if isinstance(text_or_scheme, str) else str(scheme)
         raise ValueError(f"{'; '.join(inert.values())} (in scheme {shown!r})")
     return scheme
+
+
+def inert_settings_of(change: str | PrecisionScheme, result: PrecisionScheme) -> dict[str, str]:
+    """:meth:`PrecisionScheme.inert_settings` of ``result``, the scheme ``change`` made (an
+    override of a base or an amendment of a module's scheme), limited to the settings
+    ``change`` itself sets: all of them for a scheme or a string that starts with a preset,
+    else the keys it names. A setting inherited from the base that the change's roles no longer
+    use is not the change's doing (``bp=bf16`` on ``nvfp4_recipe`` leaves ``nvgrad`` unused)."""
+    inert = result.inert_settings()
+    if isinstance(change, PrecisionScheme):
+        return inert
+    preset, changes = _split(change)
+    if preset is not None:
+        return inert
+    named = {key for key, field, *_ in _SETTING_SCOPES if field in changes}
+    return {key: why for key, why in inert.items() if key in named}
 
 
 def matches_glob(name: str, pattern: str) -> bool:

@@ -579,3 +579,26 @@ def test_an_amendment_must_apply_to_some_module_it_amends():
     mxprobe.amend_scheme(model, "bp=nvfp4,nvgrad=stochastic", modules="0")
     mxprobe.amend_scheme(model, "nvrht=on")
     assert model[0].mx_scheme.nvfp4_wgrad_rht == "on" and model[1].mx_scheme.weight == "bf16"
+
+
+def test_an_override_that_sets_a_setting_its_modules_do_not_use_is_refused():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=r"^override '1' = 'nvrht=on': nvrht=on would have no"):
+        mxprobe.convert(model, "mxfp8_e4m3", overrides={"1": "nvrht=on"})
+    assert type(model[1]) is nn.Linear  # refused before anything changed
+    with pytest.raises(ValueError, match="round=stochastic would have no effect"):
+        mxprobe.convert(
+            model, "mxfp8_e4m3", overrides={"1": PrecisionScheme.parse("nvfp4,round=stochastic")}
+        )
+
+
+def test_settings_a_change_inherits_but_does_not_set_are_not_its_doing():
+    """bp=bf16 on NVIDIA's recipe leaves its nvgrad/nvrht unused on those modules: the override
+    or the rule asked for exactly that, so it is accepted (only keys it names are checked)."""
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    mxprobe.convert(model, "nvfp4_recipe", overrides={"1": "bp=bf16"})
+    assert model[1].mx_scheme.grad_wgrad == "bf16" and model[1].mx_scheme.nvfp4_wgrad_rht == "on"
+    mxprobe.amend_scheme(model, "bp=bf16")  # a mid-run switch of the backward to bf16
+    assert model[0].mx_scheme.grad_dgrad == "bf16"
+    with pytest.raises(ValueError, match="nvrht=on would have no effect"):
+        mxprobe.amend_scheme(model, "nvrht=on")  # named, and no amended module uses it
